@@ -1,0 +1,16 @@
+"""mmattn: training-free attention interventions for diffusers pipelines and transformers VLMs."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .api import Handle, apply
+from .configs import SoftPAG
+
+try:
+    __version__ = version("mmattn")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"
+
+# Processor modules register the installers that apply() dispatches to.
+from .processors import perturbation as _perturbation  # noqa: E402,F401
+
+__all__ = ["apply", "Handle", "SoftPAG", "__version__"]

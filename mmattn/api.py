@@ -1,0 +1,67 @@
+"""Public entry points: ``apply(model_or_pipe, methods) -> Handle`` and ``Handle.remove()``.
+
+    with mmattn.apply(pipe, SoftPAG(heads="transformer_blocks.2:0,3", strength=0.5)):
+        image = pipe(prompt).images[0]
+    # processors and forwards are the original objects again: outputs are bit-identical
+
+Each method config type has an installer (registered by its processor module) that validates
+everything first, then changes the model and returns the function that undoes its changes. If any
+method fails, the ones installed before it are undone: nothing is left half-applied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+Installer = Callable[[Any, Any], Callable[[], None]]
+_INSTALLERS: dict[type, Installer] = {}
+
+
+def register_installer(config_type: type):
+    """Decorator: ``installer(target, config) -> undo`` for configs of ``config_type``."""
+
+    def decorator(installer: Installer) -> Installer:
+        _INSTALLERS[config_type] = installer
+        return installer
+
+    return decorator
+
+
+class Handle:
+    """What ``apply`` did; ``remove()`` (or leaving the ``with`` block) restores the originals."""
+
+    def __init__(self, methods: Sequence[Any]):
+        self.methods = tuple(methods)
+        self._undo: list[Callable[[], None]] = []
+
+    def remove(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self._undo else "removed"
+        return f"Handle({', '.join(type(m).__name__ for m in self.methods)}; {state})"
+
+
+def apply(target: Any, methods: Any | Sequence[Any]) -> Handle:
+    """Install one method config or a list of them on a diffusers pipeline or transformers model."""
+    methods = list(methods) if isinstance(methods, (list, tuple)) else [methods]
+    handle = Handle(methods)
+    for method in methods:
+        if type(method) not in _INSTALLERS:
+            known = ", ".join(sorted(t.__name__ for t in _INSTALLERS))
+            raise TypeError(f"{type(method).__name__} is not an mmattn method; known methods: {known}")
+    try:
+        for method in methods:
+            handle._undo.append(_INSTALLERS[type(method)](target, method))
+    except BaseException:
+        handle.remove()
+        raise
+    return handle

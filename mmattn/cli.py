@@ -1,0 +1,165 @@
+"""The ``mmattn`` command line: scripted generation with an intervention, and the tools around it.
+
+    mmattn generate                                   # tiny/sd3 + SoftPAG, outputs under outputs/generate
+    mmattn generate --model tiny/sd3 --heads "transformer_blocks.1:0,2" --strength 0.5 --scale 3 \\
+        --prompt "a red fox" --seed 0 --seed 1 --out outputs/fox
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+
+DEFAULT_MODEL = "tiny/sd3"
+PENDING = {
+    "video": "video generation (Wan, window attention) lands with the window-attention issue",
+    "vqa": "VQA with token pruning and sink steering lands with the VLM issues",
+    "heads": "HeadHunter head search lands with the perturbation-guidance issue",
+    "demo": "the Gradio demo lands with the demo issue",
+    "bench": "benchmarks land with the kernels issue (bench/)",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmattn", description="Training-free attention interventions for diffusion models and VLMs.")
+    parser.add_argument("--version", action="version", version=f"mmattn {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="generate images with an attention intervention; writes images + settings.json")
+    gen.add_argument("--model", default=DEFAULT_MODEL, help=f"model id, local folder or tiny/<name> (default {DEFAULT_MODEL})")
+    gen.add_argument("--prompt", action="append", help="prompt (repeat for several; default: one built-in prompt)")
+    gen.add_argument("--seed", action="append", type=int, help="seed (repeat for several; default 0)")
+    gen.add_argument("--method", choices=("softpag", "none"), default="softpag", help="intervention (default softpag)")
+    gen.add_argument("--heads", help="head selection, e.g. 'transformer_blocks.1:0,2' (default: every head of the middle block)")
+    gen.add_argument("--strength", type=float, default=1.0, help="SoftPAG blend u in [0, 1] (1 = PAG)")
+    gen.add_argument("--scale", type=float, default=3.0, help="perturbation guidance scale s")
+    gen.add_argument("--target", choices=("identity", "uniform"), default="identity")
+    gen.add_argument("--start", type=float, default=0.0, help="first fraction of steps with guidance")
+    gen.add_argument("--stop", type=float, default=1.0, help="fraction of steps where guidance stops")
+    gen.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale w")
+    gen.add_argument("--no-baseline", action="store_true", help="skip the baseline images and the comparison grid")
+    gen.add_argument("--out", default="outputs/generate", help="output folder (default outputs/generate)")
+    gen.set_defaults(run=_generate)
+
+    for name, message in PENDING.items():
+        pending = sub.add_parser(name, help=f"(not yet available) {message}")
+        pending.set_defaults(run=lambda args, message=message, name=name: _pending(name, message))
+    return parser
+
+
+def _pending(name: str, message: str) -> int:
+    print(f"mmattn {name}: not available in this version: {message}", file=sys.stderr)
+    return 2
+
+
+def _default_heads(pipe) -> str:
+    from .adapters import diffusion_family
+
+    layers = list(diffusion_family(pipe).attention_layers(diffusion_family(pipe).denoiser(pipe)))
+    return f"{layers[len(layers) // 2]}:*"
+
+
+def _grid(rows: list[list], labels: list[str]):
+    """Side-by-side picture: one column per label, one row per (prompt, seed)."""
+    from PIL import Image, ImageDraw
+
+    w, h = rows[0][0].size
+    pad = 14
+    grid = Image.new("RGB", (w * len(labels), pad + h * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, label in enumerate(labels):
+        draw.text((c * w + 2, 1), label, fill="black")
+    for r, images in enumerate(rows):
+        for c, image in enumerate(images):
+            grid.paste(image, (c * w, pad + r * h))
+    return grid
+
+
+def _generate(args) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from . import SoftPAG, apply
+    from .hub import load_pipeline, pipeline_defaults
+
+    pipe = load_pipeline(args.model, kinds=("image",))
+    call = pipeline_defaults(args.model)
+    for key, value in (("num_inference_steps", args.steps), ("height", args.height), ("width", args.width),
+                       ("guidance_scale", args.guidance_scale)):
+        if value is not None:
+            call[key] = value
+    method = None
+    if args.method == "softpag":
+        method = SoftPAG(heads=args.heads or _default_heads(pipe), strength=args.strength, scale=args.scale,
+                         target=args.target, start=args.start, stop=args.stop)
+    prompts = args.prompt or ["a photograph of a lighthouse on a cliff at sunset"]
+    seeds = args.seed or [0]
+    out = Path(args.out)
+    variants = ([("baseline", None)] if not args.no_baseline else []) + [(args.method, method)]
+
+    rows, records = [], []
+    jobs = [(p, s) for p in range(len(prompts)) for s in seeds]
+    started = time.perf_counter()
+    for p, seed in tqdm(jobs, desc="generate", unit="image"):
+        row = []
+        for label, config in variants:
+            generator = torch.Generator("cpu").manual_seed(seed)
+            if config is None:
+                image = pipe(prompts[p], generator=generator, **call).images[0]
+            else:
+                with apply(pipe, config):
+                    image = pipe(prompts[p], generator=generator, **call).images[0]
+            path = out / label / f"prompt{p:02d}_seed{seed}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path)
+            records.append({"variant": label, "prompt_index": p, "seed": seed, "file": str(path.relative_to(out))})
+            row.append(image)
+        rows.append(row)
+    if len(variants) > 1:
+        _grid(rows, [label for label, _ in variants]).save(out / "comparison.png")
+    settings = {
+        "mmattn_version": __version__,
+        "model": args.model,
+        "pipeline": type(pipe).__name__,
+        "method": method.to_dict() if method else None,
+        "prompts": prompts,
+        "seeds": seeds,
+        "call": call,
+        "images": records,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    (out / "settings.json").write_text(json.dumps(settings, indent=2))
+    print(f"wrote {len(records)} images, settings.json" + (" and comparison.png" if len(variants) > 1 else "") + f" to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 0
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    from .hub import ModelNotAvailableError
+
+    try:
+        return args.run(args)
+    except (ModelNotAvailableError, ValueError, KeyError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"mmattn {args.command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""mmattn.pipelines: ready-made generation and VQA pipelines."""

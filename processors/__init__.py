@@ -1,0 +1,1 @@
+"""mmattn.processors: attention processors, one module per method family."""
