@@ -71,6 +71,8 @@ def _grid(rows: list[list], labels: list[str]):
     """Side-by-side picture: one column per label, one row per (prompt, seed)."""
     from PIL import Image, ImageDraw
 
+    zoom = max(1, 128 // rows[0][0].width)  # tiny models make tiny images: enlarge them to be seen
+    rows = [[image.resize((image.width * zoom, image.height * zoom), Image.NEAREST) for image in row] for row in rows]
     w, h = rows[0][0].size
     pad = 14
     grid = Image.new("RGB", (w * len(labels), pad + h * len(rows)), "white")
@@ -91,6 +93,7 @@ def _generate(args) -> int:
     from .hub import load_pipeline, pipeline_defaults
 
     pipe = load_pipeline(args.model, kinds=("image",))
+    pipe.set_progress_bar_config(leave=False)
     call = pipeline_defaults(args.model)
     for key, value in (("num_inference_steps", args.steps), ("height", args.height), ("width", args.width),
                        ("guidance_scale", args.guidance_scale)):

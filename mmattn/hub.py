@@ -40,7 +40,7 @@ def load_pipeline(model_id: str, dtype: torch.dtype = torch.float32, kinds=("ima
     from diffusers import DiffusionPipeline
 
     try:
-        return DiffusionPipeline.from_pretrained(model_id, torch_dtype=dtype)
+        return DiffusionPipeline.from_pretrained(model_id, dtype=dtype)
     except OSError as error:
         raise _not_available(model_id, error) from error
 
