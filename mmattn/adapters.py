@@ -11,36 +11,42 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class DiffusionFamily:
-    """How mmattn reaches into one diffusers denoiser class."""
+    """How mmattn reaches into one diffusers denoiser class.
+
+    ``batched_inputs`` are the denoiser arguments with a batch dimension, the latent input first
+    (dicts of tensors, as SDXL's ``added_cond_kwargs``, are expanded entry by entry).
+    ``cfg_calls`` is "batched" when the pipeline runs [uncond, cond] in one forward, "separate"
+    when it calls the denoiser for cond first and then for uncond (Wan).
+    """
 
     name: str
     denoiser_class: str
     denoiser_attr: str
-    block_lists: tuple[str, ...]
+    block_types: tuple[str, ...]
     self_attention: str
     batched_inputs: tuple[str, ...]
+    cfg_calls: str = "batched"
 
     def denoiser(self, pipe):
         return getattr(pipe, self.denoiser_attr)
 
     def attention_layers(self, denoiser) -> dict[str, object]:
-        """{block name as diffusers prints it: its self-attention module}, in model order."""
-        layers = {}
-        for list_name in self.block_lists:
-            for i, block in enumerate(getattr(denoiser, list_name, ())):
-                layers[f"{list_name}.{i}"] = getattr(block, self.self_attention)
-        return layers
+        """{block name as diffusers prints it: the block's self-attention module}, in model order."""
+        return {name: getattr(module, self.self_attention) for name, module in denoiser.named_modules()
+                if type(module).__name__ in self.block_types}
 
 
 DIFFUSION_FAMILIES = (
-    DiffusionFamily(
-        name="sd3",
-        denoiser_class="SD3Transformer2DModel",
-        denoiser_attr="transformer",
-        block_lists=("transformer_blocks",),
-        self_attention="attn",
-        batched_inputs=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"),
-    ),
+    DiffusionFamily("unet", "UNet2DConditionModel", "unet", ("BasicTransformerBlock",), "attn1",
+                    ("sample", "encoder_hidden_states", "timestep", "timestep_cond", "added_cond_kwargs")),
+    DiffusionFamily("sd3", "SD3Transformer2DModel", "transformer", ("JointTransformerBlock",), "attn",
+                    ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")),
+    DiffusionFamily("flux", "FluxTransformer2DModel", "transformer", ("FluxTransformerBlock", "FluxSingleTransformerBlock"), "attn",
+                    ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")),
+    DiffusionFamily("wan", "WanTransformer3DModel", "transformer", ("WanTransformerBlock",), "attn1",
+                    ("hidden_states", "encoder_hidden_states", "timestep", "encoder_hidden_states_image"), cfg_calls="separate"),
+    DiffusionFamily("pixart", "PixArtTransformer2DModel", "transformer", ("BasicTransformerBlock",), "attn1",
+                    ("hidden_states", "encoder_hidden_states", "encoder_attention_mask", "timestep", "added_cond_kwargs")),
 )
 
 
