@@ -19,7 +19,6 @@ DEFAULT_MODEL = "tiny/sd3"
 PENDING = {
     "video": "video generation (Wan, window attention) lands with the window-attention issue",
     "vqa": "VQA with token pruning and sink steering lands with the VLM issues",
-    "heads": "HeadHunter head search lands with the perturbation-guidance issue",
     "demo": "the Gradio demo lands with the demo issue",
     "bench": "benchmarks land with the kernels issue (bench/)",
 }
@@ -48,6 +47,22 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-baseline", action="store_true", help="skip the baseline images and the comparison grid")
     gen.add_argument("--out", default="outputs/generate", help="output folder (default outputs/generate)")
     gen.set_defaults(run=_generate)
+
+    heads = sub.add_parser("heads", help="attention heads: HeadHunter search for SoftPAG")
+    heads_sub = heads.add_subparsers(dest="heads_command", metavar="ACTION", required=True)
+    search = heads_sub.add_parser("search", help="greedy HeadHunter search; writes heads.json with a SoftPAG head spec")
+    search.add_argument("--model", default=DEFAULT_MODEL, help=f"model id, local folder or tiny/<name> (default {DEFAULT_MODEL})")
+    search.add_argument("--objective", default="sharpness", help="sharpness | colorfulness | clip:<CLIP model id>")
+    search.add_argument("--prompt", action="append", help="prompt (repeat; default: two built-in prompts)")
+    search.add_argument("--seed", action="append", type=int, help="seed (repeat; default 0)")
+    search.add_argument("--rounds", type=int, default=1, help="greedy rounds R (default 1)")
+    search.add_argument("--top-k", type=int, default=2, help="heads kept per round k (default 2)")
+    search.add_argument("--layers", help="restrict candidates to a head spec (default: every self-attention head)")
+    search.add_argument("--strength", type=float, default=1.0, help="SoftPAG blend u used while searching")
+    search.add_argument("--scale", type=float, default=3.0, help="perturbation guidance scale s")
+    search.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    search.add_argument("--out", default="outputs/heads", help="output folder: heads.json and checkpoint.json")
+    search.set_defaults(run=_heads_search)
 
     for name, message in PENDING.items():
         pending = sub.add_parser(name, help=f"(not yet available) {message}")
@@ -141,6 +156,24 @@ def _generate(args) -> int:
     }
     (out / "settings.json").write_text(json.dumps(settings, indent=2))
     print(f"wrote {len(records)} images, settings.json" + (" and comparison.png" if len(variants) > 1 else "") + f" to {out}")
+    return 0
+
+
+def _heads_search(args) -> int:
+    from .hub import load_pipeline, pipeline_defaults
+    from .pipelines.head_search import CLIPScore, HeadSearch
+
+    objective = CLIPScore.from_pretrained(args.objective[5:]) if args.objective.startswith("clip:") else args.objective
+    pipe = load_pipeline(args.model, kinds=("image",))
+    call = pipeline_defaults(args.model) | ({"num_inference_steps": args.steps} if args.steps else {})
+    out = Path(args.out)
+    search = HeadSearch(pipe, objective, args.prompt or ["a photograph of a red fox in snow", "a watercolor of a harbour"],
+                        seeds=args.seed or [0], rounds=args.rounds, top_k=args.top_k, strength=args.strength,
+                        scale=args.scale, layers=args.layers, call_kwargs=call, checkpoint=out / "checkpoint.json")
+    result = search.run()
+    (out / "heads.json").write_text(json.dumps({"model": args.model, **result.to_json()}, indent=2))
+    print(f"heads: {result.spec}")
+    print(f"wrote {out / 'heads.json'}; use: mmattn generate --model {args.model} --heads \"{result.spec}\"")
     return 0
 
 

@@ -50,3 +50,19 @@ class SoftPAG:
 
     def to_dict(self) -> dict:
         return {"method": self.name, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class PAG(SoftPAG):
+    """Perturbed-attention guidance (arXiv 2403.17377): identity attention on the selected heads.
+
+    SoftPAG at strength 1. Unlike diffusers' PAG, layers are matched exactly and heads can be chosen.
+    """
+
+    name = "pag"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.strength != 1.0 or self.target != "identity":
+            raise ValueError(f"PAG is SoftPAG with strength=1 and target='identity'; got strength={self.strength}, "
+                             f"target={self.target!r}: use SoftPAG for other settings")

@@ -16,7 +16,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from mmattn.adapters import diffusion_family
 from mmattn.api import register_installer
-from mmattn.configs import SoftPAG
+from mmattn.configs import PAG, SoftPAG
 from mmattn.guidance import GuidedDenoiser, PerturbationState
 from mmattn.heads import resolve_heads
 
@@ -208,6 +208,7 @@ PROCESSORS = {
 }
 
 
+@register_installer(PAG)
 @register_installer(SoftPAG)
 def install_softpag(pipe, config: SoftPAG):
     """Swap the selected layers' processors and wrap the denoiser for the guidance term."""

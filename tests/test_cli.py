@@ -62,3 +62,15 @@ def test_generate_writes_images_and_settings(tmp_path):
         assert Image.open(out / name).size == (32, 32)
     assert (out / "comparison.png").exists()
     assert Image.open(out / "softpag/prompt00_seed0.png").tobytes() != Image.open(out / "baseline/prompt00_seed0.png").tobytes()
+
+
+@pytest.mark.slow
+def test_heads_search_writes_a_spec_generate_accepts(tmp_path):
+    out = tmp_path / "heads"
+    result = cli("heads", "search", "--layers", "transformer_blocks.1:*", "--rounds", "1", "--top-k", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((out / "heads.json").read_text())
+    assert saved["model"] == "tiny/sd3" and len(saved["chosen"]) == 2
+    assert saved["spec"].startswith("transformer_blocks.1:") and (out / "checkpoint.json").exists()
+    generated = cli("generate", "--heads", saved["spec"], "--no-baseline", "--out", str(tmp_path / "gen"))
+    assert generated.returncode == 0, generated.stderr

@@ -78,7 +78,7 @@ def llama_tokenizer(special_tokens: Sequence[str] = (), **kwargs):
     """
     from transformers import LlamaTokenizer
 
-    extra = [t for t in special_tokens]
+    extra = list(special_tokens)
     vocab = llama_byte_vocab([*extra, *_named_special_tokens(kwargs)])
     kwargs.setdefault("add_bos_token", True)
     kwargs.setdefault("add_eos_token", False)
@@ -98,3 +98,41 @@ def qwen2_tokenizer(special_tokens: Sequence[str] = (), **kwargs):
     vocab = byte_level_vocab(["<|endoftext|>", *extra, *_named_special_tokens(kwargs)])
     kwargs.setdefault("padding_side", "left")
     return Qwen2Tokenizer(vocab=vocab, merges=[], extra_special_tokens=extra, **kwargs)
+
+
+def gemma_byte_vocab(special_tokens: Sequence[str] = ()) -> dict[str, int]:
+    """Gemma vocabulary: ``<pad>``, ``<eos>``, ``<bos>``, ``<unk>``, ``<mask>`` (ids 0-4, as in Gemma), the
+    256 byte-fallback pieces ``<0x00>``...``<0xFF>``, ``▁`` (Gemma's normalizer writes spaces as ``▁``),
+    ``\\n``, printable ASCII, then ``special_tokens``.
+
+    With no merges every character is its own piece and any other character falls back to its UTF-8
+    bytes, so encoding and decoding are lossless.
+    """
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
+    for byte in range(256):
+        vocab[f"<0x{byte:02X}>"] = len(vocab)
+    vocab.setdefault("\u2581", len(vocab))
+    vocab.setdefault("\n", len(vocab))
+    for char in string.printable:
+        if not char.isspace():
+            vocab.setdefault(char, len(vocab))
+    for token in special_tokens:
+        vocab.setdefault(token, len(vocab))
+    return vocab
+
+
+def gemma_tokenizer(special_tokens: Sequence[str] = (), **kwargs):
+    """A ``GemmaTokenizer`` over :func:`gemma_byte_vocab` (adds ``<bos>``, pads with ``<pad>`` on the left).
+
+    ``special_tokens`` and the values of ``*_token`` keyword arguments (``boi_token="<start_of_image>"``,
+    ``image_token="<image>"``: the latter become tokenizer attributes, as on the hub) are appended to the
+    vocabulary and never split.
+    """
+    from transformers import GemmaTokenizer
+
+    extra = list(special_tokens)
+    vocab = gemma_byte_vocab([*extra, *_named_special_tokens(kwargs)])
+    kwargs.setdefault("add_bos_token", True)
+    kwargs.setdefault("add_eos_token", False)
+    kwargs.setdefault("padding_side", "left")
+    return GemmaTokenizer(vocab=vocab, merges=[], extra_special_tokens=extra, **kwargs)
