@@ -23,7 +23,9 @@ class SoftPAG:
     HeadHunter / SoftPAG (arXiv 2506.10978), generalising PAG (arXiv 2403.17377). In the perturbed
     branch each selected head's attention map becomes ``(1-u)·A + u·T`` with T the identity
     (``target="identity"``: output ``(1-u)·attn + u·V``, PAG at u=1) or the uniform map
-    (``target="uniform"``: output ``(1-u)·attn + u·mean(V)``, SoftUG). Guidance adds
+    (``target="uniform"``: output ``(1-u)·attn + u·mean(V)``, SoftUG). ``scope="joint"`` perturbs
+    the whole joint [image, text] sequence; ``scope="image"`` (SD3) perturbs only the image×image
+    block as diffusers' SD3 PAG does: image queries see themselves and all text keys. Guidance adds
     ``scale·(ε_c − ε_perturbed)`` between ``start`` and ``stop`` (fractions of the denoising steps).
     No N×N matrix is formed: the blend acts on the fused attention output.
     """
@@ -34,6 +36,7 @@ class SoftPAG:
     target: str = "identity"
     start: float = 0.0
     stop: float = 1.0
+    scope: str = "joint"
 
     name = "softpag"
 
@@ -45,6 +48,10 @@ class SoftPAG:
         _check_range("stop", self.stop, 0.0, 1.0)
         if self.target not in ("identity", "uniform"):
             raise ValueError(f"target={self.target!r}: expected 'identity' or 'uniform'")
+        if self.scope not in ("joint", "image"):
+            raise ValueError(f"scope={self.scope!r}: expected 'joint' or 'image'")
+        if self.scope == "image" and self.target != "identity":
+            raise ValueError(f"scope='image' perturbs with the identity map; got target={self.target!r}")
         if self.stop < self.start:
             raise ValueError(f"stop={self.stop} is before start={self.start}: expected start <= stop")
 

@@ -99,8 +99,33 @@ class SoftPAGAttnProcessor(_SoftPAGProcessor):
 class SoftPAGJointAttnProcessor(_SoftPAGProcessor):
     """diffusers' ``JointAttnProcessor2_0`` (SD3 joint [image, text] attention) plus SoftPAG.
 
-    The identity/uniform target acts over the whole joint sequence of the perturbed rows.
+    ``scope="joint"``: the target acts over the whole joint sequence of the perturbed rows.
+    ``scope="image"``: image queries attend to themselves and to all text keys (the image×image
+    block becomes the identity, as in diffusers' SD3 PAG); computed from the self score and the
+    image×text scores with one shared max, never an N×N matrix. Text rows are unchanged.
     """
+
+    def __init__(self, *args, scope: str = "joint", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scope = scope
+
+    def blend_image_block(self, out, query, key, value, n_image):
+        """Perturbed rows, selected heads, image queries: (1-u)·attn + u·attn(self ∪ text keys)."""
+        if self.state.rows is None or self.strength == 0.0:
+            return
+        rows, heads = self.state.rows, self.heads.to(out.device)
+        q, k, v = (t[rows][:, heads] for t in (query, key, value))
+        q_img, k_img, v_img = q[:, :, :n_image], k[:, :, :n_image], v[:, :, :n_image]
+        k_txt, v_txt = k[:, :, n_image:], v[:, :, n_image:]
+        scale = q.shape[-1] ** -0.5
+        s_self = (q_img * k_img).sum(-1, keepdim=True) * scale
+        s_txt = q_img @ k_txt.transpose(-1, -2) * scale
+        m = torch.maximum(s_self, s_txt.amax(-1, keepdim=True))
+        w_self, w_txt = torch.exp(s_self - m), torch.exp(s_txt - m)
+        o = (w_self * v_img + w_txt @ v_txt) / (w_self + w_txt.sum(-1, keepdim=True))
+        current = out[rows][:, heads]
+        current[:, :, :n_image] = torch.lerp(current[:, :, :n_image], o.to(out.dtype), self.strength)
+        out[rows, heads] = current
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         batch, n_image = hidden_states.shape[:2]
@@ -122,7 +147,10 @@ class SoftPAGJointAttnProcessor(_SoftPAGProcessor):
             query, key, value = torch.cat([query, q_ctx], 2), torch.cat([key, k_ctx], 2), torch.cat([value, v_ctx], 2)
 
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-        self.blend(out, value)
+        if self.scope == "image" and encoder_hidden_states is not None:
+            self.blend_image_block(out, query, key, value, n_image)
+        else:
+            self.blend(out, value)
         out = out.transpose(1, 2).reshape(batch, -1, out.shape[1] * out.shape[3]).to(query.dtype)
 
         if encoder_hidden_states is not None:
@@ -218,11 +246,14 @@ def install_softpag(pipe, config: SoftPAG):
     selection = resolve_heads(config.heads, {name: attn.heads for name, attn in layers.items()})
     if isinstance(denoiser.__dict__.get("forward"), GuidedDenoiser):
         raise ValueError("a perturbation-guidance method is already applied to this pipeline; remove() it first")
+    if config.scope != "joint" and family.name != "sd3":
+        raise ValueError(f"scope={config.scope!r} is supported on sd3 only; this pipeline is {family.name}")
 
     state = PerturbationState()
     originals = {name: layers[name].processor for name in selection}
+    extra = {"scope": config.scope} if family.name == "sd3" else {}
     for name, heads in selection.items():
-        layers[name].set_processor(PROCESSORS[family.name](heads, config.strength, config.target, state, originals[name]))
+        layers[name].set_processor(PROCESSORS[family.name](heads, config.strength, config.target, state, originals[name], **extra))
     wrapper = GuidedDenoiser(pipe, denoiser, family, state, config.scale, config.start, config.stop)
 
     def undo() -> None:

@@ -39,7 +39,7 @@ def middle_layer(pipe):
     return layers[len(layers) // 2]
 
 
-def eager_joint_attention(attn, x, ctx, heads, u, target, rows):
+def eager_joint_attention(attn, x, ctx, heads, u, target, rows, scope="joint"):
     """Oracle: materialise A per head, blend the perturbed rows' selected heads, then A·V."""
     b, n = x.shape[:2]
 
@@ -52,25 +52,34 @@ def eager_joint_attention(attn, x, ctx, heads, u, target, rows):
     q = torch.cat([norm(attn.norm_q, split(attn.to_q(x))), norm(attn.norm_added_q, split(attn.add_q_proj(ctx)))], 2)
     k = torch.cat([norm(attn.norm_k, split(attn.to_k(x))), norm(attn.norm_added_k, split(attn.add_k_proj(ctx)))], 2)
     v = torch.cat([split(attn.to_v(x)), split(attn.add_v_proj(ctx))], 2)
-    a = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    a = torch.softmax(scores, dim=-1)
     size = a.shape[-1]
-    t = torch.eye(size) if target == "identity" else torch.full((size, size), 1.0 / size)
+    if scope == "image":  # image rows: identity within the image block, text keys as they are
+        mask = torch.zeros(size, size)
+        mask[:n, :n] = float("-inf")
+        mask[:n, :n].fill_diagonal_(0)
+        t = torch.softmax(scores + mask, dim=-1)
+        t[:, :, n:] = a[:, :, n:]
+    else:
+        t = torch.eye(size) if target == "identity" else torch.full((size, size), 1.0 / size)
     for h in heads:
-        a[rows, h] = (1 - u) * a[rows, h] + u * t
+        a[rows, h] = (1 - u) * a[rows, h] + u * (t[rows, h] if scope == "image" else t)
     o = (a @ v).transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1])
     out, ctx_out = o[:, :n], o[:, n:]
     return attn.to_out[0](out), (attn.to_add_out(ctx_out) if not attn.context_pre_only else ctx_out)
 
 
-@pytest.mark.parametrize("u, target, heads", [(1.0, "identity", (0, 3)), (0.4, "identity", (1,)), (0.7, "uniform", (0, 1, 2, 3))])
-def test_processor_matches_eager_oracle(sd3, u, target, heads):
+@pytest.mark.parametrize("u, target, heads, scope", [(1.0, "identity", (0, 3), "joint"), (0.4, "identity", (1,), "joint"),
+                                                     (0.7, "uniform", (0, 1, 2, 3), "joint"), (0.6, "identity", (0, 2), "image")])
+def test_processor_matches_eager_oracle(sd3, u, target, heads, scope):
     attn = sd3.transformer.transformer_blocks[1].attn
     g = torch.Generator().manual_seed(1)
     x, ctx = torch.randn(3, 17, 32, generator=g), torch.randn(3, 9, 32, generator=g)
     state = PerturbationState(rows=slice(1, 3))
     with torch.no_grad():
-        got = SoftPAGJointAttnProcessor(heads, u, target, state)(attn, x, ctx)
-        want = eager_joint_attention(attn, x, ctx, heads, u, target, slice(1, 3))
+        got = SoftPAGJointAttnProcessor(heads, u, target, state, scope=scope)(attn, x, ctx)
+        want = eager_joint_attention(attn, x, ctx, heads, u, target, slice(1, 3), scope)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
     # rows outside the perturbed slice are the unmodified attention
@@ -255,3 +264,26 @@ def test_wan_uncond_call_passes_through():
     finally:
         handle.remove()
     assert seen == [2, 1, 2, 1]  # 2 steps x (cond + perturbed batched, then uncond alone)
+
+
+@pytest.mark.slow
+def test_sd3_image_scope_pag_equals_diffusers_sd3_pag_pipeline(sd3):
+    """PAG on the image×image block of every head == StableDiffusion3PAGPipeline for the same layer."""
+    from diffusers import StableDiffusion3PAGPipeline
+
+    pag = StableDiffusion3PAGPipeline.from_pipe(sd3, pag_applied_layers=["blocks.1"])
+    call = tiny_spec("tiny/sd3").defaults | {"output_type": "pt"}
+    want = pag("a red fox", generator=torch.Generator().manual_seed(0), pag_scale=3.0, **call).images
+    with mmattn.apply(sd3, SoftPAG(heads="transformer_blocks.1", strength=1.0, scale=3.0, scope="image")):
+        got = run(sd3)
+    with mmattn.apply(sd3, SoftPAG(heads="transformer_blocks.1", strength=1.0, scale=3.0)):
+        joint = run(sd3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert (joint - want).abs().max() > 1e-3  # the joint scope is a different perturbation
+
+
+def test_image_scope_only_on_sd3():
+    with pytest.raises(ValueError, match="scope='image' is supported on sd3 only; this pipeline is flux"):
+        mmattn.apply(pipe_for("tiny/flux"), SoftPAG(heads="transformer_blocks.0", scope="image"))
+    with pytest.raises(ValueError, match="scope='image' perturbs with the identity map"):
+        SoftPAG(heads="transformer_blocks.0", scope="image", target="uniform")
