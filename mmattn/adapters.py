@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class DiffusionFamily:
@@ -16,7 +18,8 @@ class DiffusionFamily:
     ``batched_inputs`` are the denoiser arguments with a batch dimension, the latent input first
     (dicts of tensors, as SDXL's ``added_cond_kwargs``, are expanded entry by entry).
     ``cfg_calls`` is "batched" when the pipeline runs [uncond, cond] in one forward, "separate"
-    when it calls the denoiser for cond first and then for uncond (Wan).
+    when it calls the denoiser for cond first and then for uncond (Wan). ``block_outputs`` names
+    what a block returns, in order; ``text_first`` says joint sequences put text before image.
     """
 
     name: str
@@ -26,23 +29,45 @@ class DiffusionFamily:
     self_attention: str
     batched_inputs: tuple[str, ...]
     cfg_calls: str = "batched"
+    block_outputs: tuple[str, ...] = ("hidden_states",)
+    text_first: bool = False
 
     def denoiser(self, pipe):
         return getattr(pipe, self.denoiser_attr)
 
+    def blocks(self, denoiser) -> dict[str, torch.nn.Module]:
+        """{block name as diffusers prints it: block}, in model order."""
+        return {name: module for name, module in denoiser.named_modules() if type(module).__name__ in self.block_types}
+
+    def token_grid(self, denoiser, inputs: dict) -> tuple[int, int, int] | None:
+        """(frames, rows, cols) of the image tokens at the denoiser's first token resolution."""
+        if self.name == "flux":
+            ids = inputs.get("img_ids")
+            if ids is None:
+                return None
+            ids = ids[0] if ids.ndim == 3 else ids
+            return 1, int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+        latent = inputs[self.batched_inputs[0]]
+        patch = getattr(denoiser.config, "patch_size", None) or 1
+        if latent.ndim == 5:  # (B, C, F, H, W) video latents
+            pt, ph, pw = patch if isinstance(patch, (tuple, list)) else (1, patch, patch)
+            return latent.shape[2] // pt, latent.shape[3] // ph, latent.shape[4] // pw
+        return 1, latent.shape[2] // patch, latent.shape[3] // patch
+
     def attention_layers(self, denoiser) -> dict[str, object]:
         """{block name as diffusers prints it: the block's self-attention module}, in model order."""
-        return {name: getattr(module, self.self_attention) for name, module in denoiser.named_modules()
-                if type(module).__name__ in self.block_types}
+        return {name: getattr(block, self.self_attention) for name, block in self.blocks(denoiser).items()}
 
 
 DIFFUSION_FAMILIES = (
     DiffusionFamily("unet", "UNet2DConditionModel", "unet", ("BasicTransformerBlock",), "attn1",
                     ("sample", "encoder_hidden_states", "timestep", "timestep_cond", "added_cond_kwargs")),
     DiffusionFamily("sd3", "SD3Transformer2DModel", "transformer", ("JointTransformerBlock",), "attn",
-                    ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")),
+                    ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"),
+                    block_outputs=("encoder_hidden_states", "hidden_states")),
     DiffusionFamily("flux", "FluxTransformer2DModel", "transformer", ("FluxTransformerBlock", "FluxSingleTransformerBlock"), "attn",
-                    ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")),
+                    ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance"),
+                    block_outputs=("encoder_hidden_states", "hidden_states"), text_first=True),
     DiffusionFamily("wan", "WanTransformer3DModel", "transformer", ("WanTransformerBlock",), "attn1",
                     ("hidden_states", "encoder_hidden_states", "timestep", "encoder_hidden_states_image"), cfg_calls="separate"),
     DiffusionFamily("pixart", "PixArtTransformer2DModel", "transformer", ("BasicTransformerBlock",), "attn1",

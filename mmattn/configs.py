@@ -16,8 +16,24 @@ def _check_range(name: str, value: float, lo: float, hi: float) -> None:
         raise ValueError(f"{name}={value!r} is out of range: expected a number in [{lo}, {hi}]")
 
 
+def _check_window(start: float, stop: float) -> None:
+    _check_range("start", start, 0.0, 1.0)
+    _check_range("stop", stop, 0.0, 1.0)
+    if stop < start:
+        raise ValueError(f"stop={stop} is before start={start}: expected start <= stop")
+
+
+class _Method:
+    """Common to method configs: a name and a JSON-ready description."""
+
+    name = "method"
+
+    def to_dict(self) -> dict:
+        return {"method": self.name, **asdict(self)}
+
+
 @dataclass(frozen=True)
-class SoftPAG:
+class SoftPAG(_Method):
     """Soft perturbed-attention guidance on selected heads.
 
     HeadHunter / SoftPAG (arXiv 2506.10978), generalising PAG (arXiv 2403.17377). In the perturbed
@@ -44,19 +60,13 @@ class SoftPAG:
         parse_heads(self.heads)
         _check_range("strength", self.strength, 0.0, 1.0)
         _check_range("scale", self.scale, 0.0, 100.0)
-        _check_range("start", self.start, 0.0, 1.0)
-        _check_range("stop", self.stop, 0.0, 1.0)
+        _check_window(self.start, self.stop)
         if self.target not in ("identity", "uniform"):
             raise ValueError(f"target={self.target!r}: expected 'identity' or 'uniform'")
         if self.scope not in ("joint", "image"):
             raise ValueError(f"scope={self.scope!r}: expected 'joint' or 'image'")
         if self.scope == "image" and self.target != "identity":
             raise ValueError(f"scope='image' perturbs with the identity map; got target={self.target!r}")
-        if self.stop < self.start:
-            raise ValueError(f"stop={self.stop} is before start={self.start}: expected start <= stop")
-
-    def to_dict(self) -> dict:
-        return {"method": self.name, **asdict(self)}
 
 
 @dataclass(frozen=True)
@@ -73,3 +83,79 @@ class PAG(SoftPAG):
         if self.strength != 1.0 or self.target != "identity":
             raise ValueError(f"PAG is SoftPAG with strength=1 and target='identity'; got strength={self.strength}, "
                              f"target={self.target!r}: use SoftPAG for other settings")
+
+
+@dataclass(frozen=True)
+class SEG(_Method):
+    """Smoothed energy guidance (arXiv 2408.00760): blur the image-token queries of the selected heads.
+
+    The blur is a Gaussian of width ``sigma`` (in tokens) over the spatial token grid (rows and
+    columns; per frame for video), with reflect padding; ``sigma=inf`` replaces every query by the
+    mean query. Text tokens of joint attention are not blurred. Guidance adds
+    ``scale·(ε_c − ε_blurred)``. The paper blurs whole layers: select all heads (``layer:*``) for that.
+    """
+
+    heads: str
+    sigma: float = 10.0
+    scale: float = 3.0
+    start: float = 0.0
+    stop: float = 1.0
+
+    name = "seg"
+
+    def __post_init__(self) -> None:
+        parse_heads(self.heads)
+        if not isinstance(self.sigma, (int, float)) or not self.sigma > 0:
+            raise ValueError(f"sigma={self.sigma!r} is out of range: expected a number > 0 (inf: mean query)")
+        _check_range("scale", self.scale, 0.0, 100.0)
+        _check_window(self.start, self.stop)
+
+
+@dataclass(frozen=True)
+class SLG(_Method):
+    """Skip-layer guidance (as in Stable Diffusion 3.5): the perturbed branch skips whole blocks.
+
+    A skipped block passes its inputs through unchanged (``heads`` names blocks; head indices are
+    ignored). Guidance adds ``scale·(ε_c − ε_skip)`` between ``start`` and ``stop``; SD3.5 uses
+    blocks 7-9, scale 2.8, start 0.01, stop 0.2.
+    """
+
+    layers: str
+    scale: float = 2.8
+    start: float = 0.01
+    stop: float = 0.2
+
+    name = "slg"
+
+    def __post_init__(self) -> None:
+        parse_heads(self.layers)
+        _check_range("scale", self.scale, 0.0, 100.0)
+        _check_window(self.start, self.stop)
+
+
+@dataclass(frozen=True)
+class STG(_Method):
+    """Spatiotemporal skip guidance (arXiv 2411.18664) for video (and image) diffusion.
+
+    ``mode="attention"`` makes the selected layers' self-attention the identity (output = V);
+    ``mode="residual"`` skips the selected blocks. ``rescale`` r in [0, 1] rescales the guided
+    prediction: ε ← ε·(r·std(ε_c)/std(ε) + 1 − r). Wan computes uncond in a separate call, so
+    there rescale needs guidance_scale <= 1 (no CFG).
+    """
+
+    layers: str
+    mode: str = "attention"
+    scale: float = 1.0
+    rescale: float = 0.0
+    start: float = 0.0
+    stop: float = 1.0
+
+    name = "stg"
+
+    def __post_init__(self) -> None:
+        parse_heads(self.layers)
+        if self.mode not in ("attention", "residual"):
+            raise ValueError(f"mode={self.mode!r}: expected 'attention' or 'residual'")
+        _check_range("scale", self.scale, 0.0, 100.0)
+        _check_range("rescale", self.rescale, 0.0, 1.0)
+        _check_window(self.start, self.stop)

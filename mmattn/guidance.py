@@ -1,28 +1,45 @@
 """Guidance math for perturbation methods, applied by wrapping a pipeline's denoiser.
 
-The wrapper appends a perturbed copy of the conditional rows to the denoiser's batch, so one forward
-computes [uncond, cond, perturbed] (or [cond, perturbed] without CFG), and hands the pipeline the
-conditional rows shifted so that the pipeline's own CFG step yields
+Each perturbation method applied to a pipeline is one *branch* k with scale s_k and a window
+[start, stop) of the schedule. The wrapper appends one copy of the conditional rows per active
+branch to the denoiser's batch, so a single forward computes [uncond, cond, pert_1, ..., pert_K]
+(no uncond without CFG), and hands the pipeline conditional rows shifted so that its own CFG step
+yields
 
-    ε = ε_u + w·(ε_c − ε_u) + s·(ε_c − ε_p)        (it returns ε_c + (s/w)·(ε_c − ε_p) as "cond")
+    ε = ε_u + w·(ε_c − ε_u) + Σ_k s_k·(ε_c − ε_k)      (it returns ε_c + Σ_k (s_k/w)·(ε_c − ε_k))
 
-and, without CFG (e.g. guidance-distilled Flux), ε = ε_c + s·(ε_c − ε_p). Pipelines that call the
-denoiser separately for cond and uncond (Wan) get the perturbed branch batched into the cond call.
+and, without CFG (e.g. guidance-distilled Flux), ε = ε_c + Σ_k s_k·(ε_c − ε_k). Pipelines that call
+the denoiser separately for cond and uncond (Wan) get the branches batched into the cond call.
+An optional rescale r (STG, arXiv 2411.18664) replaces ε by ε·(r·std(ε_c)/std(ε) + 1 − r).
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 
-@dataclass
-class PerturbationState:
-    """Shared by a model's processors: which batch rows are the perturbed branch right now."""
+@dataclass(eq=False)
+class Branch:
+    """One perturbed branch: its guidance term, and its batch rows while a forward runs."""
 
+    scale: float
+    start: float
+    stop: float
+    rescale: float = 0.0
     rows: slice | None = None
+
+
+@dataclass
+class CallInfo:
+    """What processors may need to know about the current denoiser call."""
+
+    latent_shape: tuple[int, ...] = ()
+    text_tokens: int = 0
+    token_grid: tuple[int, int, int] | None = None  # (frames, rows, cols) of image tokens, when known
+    branches: list[Branch] = field(default_factory=list)
 
 
 def step_index(scheduler, timestep) -> tuple[int, int]:
@@ -38,67 +55,114 @@ def step_index(scheduler, timestep) -> tuple[int, int]:
     return index, len(timesteps)
 
 
-def _expand(x, n: int, b: int):
-    """Append the last ``b`` of ``n`` batch rows to ``x`` (tensors with a batch dim, dicts of them)."""
+def _expand(x, n: int, b: int, copies: int):
+    """Append ``copies`` copies of the last ``b`` of ``n`` batch rows (tensors, dicts of tensors)."""
     if isinstance(x, dict):
-        return {k: _expand(v, n, b) for k, v in x.items()}
+        return {k: _expand(v, n, b, copies) for k, v in x.items()}
     if isinstance(x, torch.Tensor) and x.ndim > 0 and x.shape[0] == n:
-        return torch.cat([x, x[n - b:]])
+        return torch.cat([x] + [x[n - b:]] * copies)
     return x
 
 
-class GuidedDenoiser:
-    """Replaces ``denoiser.forward`` with a perturbed-guidance forward; ``restore()`` undoes it exactly."""
+def _rescale(eps: torch.Tensor, eps_cond: torch.Tensor, r: float) -> torch.Tensor:
+    dims = tuple(range(1, eps.ndim))
+    return eps * (r * eps_cond.std(dim=dims, keepdim=True) / eps.std(dim=dims, keepdim=True) + 1 - r)
 
-    def __init__(self, pipe, denoiser: torch.nn.Module, family, state: PerturbationState,
-                 scale: float, start: float, stop: float):
-        self.pipe, self.denoiser, self.family, self.state = pipe, denoiser, family, state
-        self.scale, self.start, self.stop = scale, start, stop
+
+class GuidedDenoiser:
+    """Replaces ``denoiser.forward`` with a perturbed-guidance forward shared by all branches.
+
+    ``attach`` returns the pipeline's wrapper (creating it on first use); ``detach`` removes a
+    branch and, with the last one, restores the original forward exactly.
+    """
+
+    def __init__(self, pipe, denoiser: torch.nn.Module, family):
+        self.pipe, self.denoiser, self.family = pipe, denoiser, family
+        self.info = CallInfo()
         self._forward = denoiser.forward
         self._signature = inspect.signature(self._forward)
         self._step, self._calls_in_step = None, 0
         denoiser.forward = self
 
-    def restore(self) -> None:
-        if self.denoiser.__dict__.get("forward") is self:
+    @classmethod
+    def attach(cls, pipe, family) -> GuidedDenoiser:
+        denoiser = family.denoiser(pipe)
+        current = denoiser.__dict__.get("forward")
+        return current if isinstance(current, cls) else cls(pipe, denoiser, family)
+
+    def add_branch(self, branch: Branch) -> None:
+        if branch.rescale and any(b.rescale for b in self.info.branches):
+            raise ValueError("only one applied method may set rescale; remove() the other first")
+        self.info.branches.append(branch)
+
+    def detach(self, branch: Branch) -> None:
+        self.info.branches.remove(branch)
+        self.release()
+
+    def release(self) -> None:
+        """With no branch left, put the original forward back."""
+        if not self.info.branches and self.denoiser.__dict__.get("forward") is self:
             del self.denoiser.forward
 
     def _cfg(self) -> bool:
         return bool(getattr(self.pipe, "do_classifier_free_guidance", False))
 
-    def _active(self, inputs) -> bool:
-        """Inside [start, stop) of the schedule, and (separate CFG calls) this is the step's cond call."""
+    def _active(self, inputs) -> list[Branch]:
+        """Branches inside their [start, stop); none on the uncond call of separate-CFG pipelines."""
         index, total = step_index(self.pipe.scheduler, inputs.get("timestep", 0))
-        key = (index, total)
-        self._calls_in_step = self._calls_in_step + 1 if key == self._step else 0
-        self._step = key
+        self._calls_in_step = self._calls_in_step + 1 if (index, total) == self._step else 0
+        self._step = (index, total)
         if self.family.cfg_calls == "separate" and self._cfg() and self._calls_in_step % 2 == 1:
-            return False  # the uncond call of this step
-        if self.scale == 0.0 or inputs.get("skip_layers") is not None:
-            return False
-        return self.start <= index / total < self.stop
+            return []
+        if inputs.get("skip_layers") is not None:
+            return []
+        return [b for b in self.info.branches if b.scale != 0.0 and b.start <= index / total < b.stop]
+
+    def _describe_call(self, inputs) -> None:
+        latent = inputs[self.family.batched_inputs[0]]
+        text = inputs.get("encoder_hidden_states")
+        self.info.latent_shape = tuple(latent.shape)
+        self.info.text_tokens = text.shape[1] if isinstance(text, torch.Tensor) and text.ndim == 3 else 0
+        self.info.token_grid = self.family.token_grid(self.denoiser, inputs)
 
     def __call__(self, *args, **kwargs):
         bound = self._signature.bind(*args, **kwargs)
         inputs = bound.arguments
-        if not self._active(inputs):
+        active = self._active(inputs)
+        if not active:
             return self._forward(*args, **kwargs)
+        batched_cfg = self._cfg() and self.family.cfg_calls == "batched"
+        if self._cfg() and not batched_cfg and any(branch.rescale for branch in active):
+            raise ValueError(f"rescale needs the uncond prediction, which {type(self.pipe).__name__} computes in a "
+                             "separate call: use rescale=0 or guidance_scale <= 1")
+        self._describe_call(inputs)
         n = inputs[self.family.batched_inputs[0]].shape[0]
-        cfg = self._cfg() and self.family.cfg_calls == "batched"
-        b = n // 2 if cfg else n
+        b = n // 2 if batched_cfg else n
         for name in self.family.batched_inputs:
             if name in inputs:
-                inputs[name] = _expand(inputs[name], n, b)
-        self.state.rows = slice(n, n + b)
+                inputs[name] = _expand(inputs[name], n, b, len(active))
+        for i, branch in enumerate(active):
+            branch.rows = slice(n + i * b, n + (i + 1) * b)
         try:
             output = self._forward(*bound.args, **bound.kwargs)
         finally:
-            self.state.rows = None
+            for branch in active:
+                branch.rows = None
         sample = output[0] if isinstance(output, tuple) else output.sample
-        main, perturbed = sample[:n], sample[n:]
+        main = sample[:n]
         cond = main[n - b:]
-        weight = self.scale / self.pipe.guidance_scale if self._cfg() else self.scale
-        main = torch.cat([main[: n - b], cond + weight * (cond - perturbed)])
+        delta = sum(branch.scale * (cond - sample[n + i * b: n + (i + 1) * b]) for i, branch in enumerate(active))
+        rescale = max(branch.rescale for branch in active)
+        w = self.pipe.guidance_scale if self._cfg() else 1.0
+        if not rescale:
+            new_cond = cond + delta / w
+        elif batched_cfg:  # rescale the final ε, then hand back the cond that makes the pipeline produce it
+            uncond = main[: n - b]
+            guided = _rescale(uncond + w * (cond - uncond) + delta, cond, rescale)
+            new_cond = uncond + (guided - uncond) / w
+        else:  # no CFG: the pipeline uses this prediction as it is
+            new_cond = _rescale(cond + delta, cond, rescale)
+        main = torch.cat([main[: n - b], new_cond])
         if isinstance(output, tuple):
             return (main, *output[1:])
         output.sample = main

@@ -1,13 +1,19 @@
-"""Head-level perturbation processors (SoftPAG / PAG / SoftUG), one per diffusers attention family.
+"""Head-level perturbation processors (SoftPAG / PAG / SoftUG, SEG, STG) and block skips (SLG, STG).
+
+One processor class per diffusers attention family mirrors the original's computation exactly and
+applies *ops* to the rows of perturbed branches (``Branch.rows``): query ops before attention (SEG's
+blur), output ops after it (SoftPAG's blend). Several methods can share a layer; each is one op.
 
 SoftPAG's blend needs no kernel: with ``A' = (1-u)·A + u·I`` and ``I·V = V``, a head's output is
-``(1-u)·attn(Q,K,V) + u·V``; the uniform target gives ``(1-u)·attn + u·mean_k(V)``. The blend acts
-on the fused attention output of the perturbed batch rows only (``PerturbationState.rows``); other
-rows and heads keep the exact computation of the processor they replace. Families whose originals
-call ``dispatch_attention_fn`` (Flux, Wan) keep doing so, with the user's backend choice.
+``(1-u)·attn(Q,K,V) + u·V``; the uniform target gives ``(1-u)·attn + u·mean_k(V)``. Families whose
+originals call ``dispatch_attention_fn`` (Flux, Wan) keep doing so, with the user's backend choice.
 """
 
 from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,45 +22,119 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from mmattn.adapters import diffusion_family
 from mmattn.api import register_installer
-from mmattn.configs import PAG, SoftPAG
-from mmattn.guidance import GuidedDenoiser, PerturbationState
+from mmattn.configs import PAG, SEG, SLG, STG, SoftPAG
+from mmattn.guidance import Branch, CallInfo, GuidedDenoiser
 from mmattn.heads import resolve_heads
 
 
-def blend_heads(out: torch.Tensor, value: torch.Tensor, state: PerturbationState, heads: torch.Tensor,
-                strength: float, target: str, head_dim: int = 1) -> None:
-    """In place on ``out``: perturbed rows, selected heads become (1-u)·out + u·target(V).
+@dataclass(eq=False)
+class HeadOp:
+    """One method acting in one layer on one branch's rows and some heads.
 
-    ``head_dim`` is the axis of heads: 1 for (B, H, N, D), 2 for (B, N, H, D).
+    kind "blend": out ← (1-u)·out + u·target, target "identity" (V), "uniform" (mean V) or
+    "image_block" (SD3 image×image identity); kind "blur": image-token queries blurred with sigma.
     """
-    if state.rows is None or strength == 0.0:
-        return
-    if head_dim == 2:
-        out, value = out.transpose(1, 2), value.transpose(1, 2)  # views: writes land in the original
-    heads = heads.to(out.device)
-    v = value[state.rows][:, heads]
-    if target == "uniform":
+
+    branch: Branch
+    heads: torch.Tensor
+    kind: str
+    strength: float = 1.0
+    target: str = "identity"
+    sigma: float = 0.0
+
+
+def _heads_axis_first(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """A (B, H, N, D) view of ``x`` whose heads are on axis ``head_dim`` (1 or 2)."""
+    return x if head_dim == 1 else x.transpose(1, 2)
+
+
+def blend(out: torch.Tensor, value: torch.Tensor, op: HeadOp, head_dim: int = 1) -> None:
+    """In place on ``out``: the op's rows and heads become (1-u)·out + u·target(V)."""
+    out, value = _heads_axis_first(out, head_dim), _heads_axis_first(value, head_dim)
+    rows, heads = op.branch.rows, op.heads.to(out.device)
+    v = value[rows][:, heads]
+    if op.target == "uniform":
         v = v.mean(dim=2, keepdim=True)
-    o = out[state.rows][:, heads]
-    out[state.rows, heads] = torch.lerp(o, v.to(o.dtype).expand_as(o), strength)
+    o = out[rows][:, heads]
+    out[rows, heads] = torch.lerp(o, v.to(o.dtype).expand_as(o), op.strength)
 
 
-class _SoftPAGProcessor:
-    """Common state: selected heads, blend strength u, target, and the model's shared state."""
+def gaussian_blur_tokens(x: torch.Tensor, grid: tuple[int, int, int], sigma: float) -> torch.Tensor:
+    """Blur (B, H, N, D) tokens laid out row-major as (frames, rows, cols) over rows and cols.
 
-    def __init__(self, heads: tuple[int, ...], strength: float, target: str, state: PerturbationState, original=None):
-        self.heads = torch.tensor(heads, dtype=torch.long)
-        self.strength, self.target, self.state = strength, target, state
+    Separable Gaussian, kernel ceil(6σ) rounded up to odd and clipped to the grid, reflect padding;
+    σ = inf gives the mean over each frame.
+    """
+    b, h, n, d = x.shape
+    frames, rows, cols = grid
+    x = x.reshape(b * h, frames, rows, cols, d)
+    if math.isinf(sigma):
+        return x.mean(dim=(2, 3), keepdim=True).expand_as(x).reshape(b, h, n, d)
+    planes = x.permute(0, 1, 4, 2, 3).reshape(-1, 1, rows, cols)  # one plane per (head, frame, channel)
+    for axis, length in ((2, rows), (3, cols)):
+        size = min(math.ceil(6 * sigma) | 1, 2 * length - 1)
+        radius = size // 2
+        taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2)
+        kernel = (taps / taps.sum()).to(planes.dtype)
+        if radius:
+            pad = (0, 0, radius, radius) if axis == 2 else (radius, radius, 0, 0)
+            padded = F.pad(planes, pad, mode="reflect")  # radius < length by the clip above
+            weight = kernel.view(1, 1, -1, 1) if axis == 2 else kernel.view(1, 1, 1, -1)
+            planes = F.conv2d(padded, weight)
+    x = planes.reshape(b * h, frames, d, rows, cols).permute(0, 1, 3, 4, 2)
+    return x.reshape(b, h, n, d)
+
+
+def layer_grid(info: CallInfo, n_tokens: int) -> tuple[int, int, int]:
+    """The (frames, rows, cols) of a layer's ``n_tokens`` image tokens: the call's grid downsampled."""
+    if info.token_grid is None:
+        raise ValueError("SEG needs the image token grid, which this call does not reveal")
+    frames, rows, cols = info.token_grid
+    for factor in (1, 2, 4, 8, 16, 32, 64):
+        grid = (frames, -(-rows // factor), -(-cols // factor))
+        if grid[0] * grid[1] * grid[2] == n_tokens:
+            return grid
+    raise ValueError(f"cannot lay {n_tokens} image tokens on a grid derived from {info.token_grid}")
+
+
+class _PerturbedProcessor:
+    """Common part: the original processor, the ops on this layer, and the call's information."""
+
+    def __init__(self, original, info: CallInfo):
+        self.original, self.info, self.ops = original, info, []
         # dispatch-based families: keep the attention backend the user chose on the original
         self._attention_backend = getattr(original, "_attention_backend", None)
         self._parallel_config = getattr(original, "_parallel_config", None)
 
-    def blend(self, out, value, head_dim=1):
-        blend_heads(out, value, self.state, self.heads, self.strength, self.target, head_dim)
+    def _active(self, kind: str):
+        return [op for op in self.ops if op.kind == kind and op.branch.rows is not None]
+
+    def perturb_query(self, query: torch.Tensor, image: slice, head_dim: int = 1) -> torch.Tensor:
+        """SEG: blur the image-token queries of each blur op's rows and heads."""
+        ops = self._active("blur")
+        if not ops:
+            return query
+        query = query.clone()
+        q = _heads_axis_first(query, head_dim)
+        for op in ops:
+            rows, heads = op.branch.rows, op.heads.to(q.device)
+            selected = q[rows][:, heads]
+            tokens = selected[:, :, image]
+            selected[:, :, image] = gaussian_blur_tokens(tokens, layer_grid(self.info, tokens.shape[2]), op.sigma)
+            q[rows, heads] = selected
+        return query
+
+    def perturb_output(self, out, query, key, value, head_dim: int = 1, n_image: int | None = None) -> None:
+        """SoftPAG / PAG / STG-attention: blend each op's rows and heads toward its target."""
+        for op in self._active("blend"):
+            if op.target == "image_block":
+                _blend_image_block(out, query, key, value, op, n_image)
+            else:
+                blend(out, value, op, head_dim)
 
 
-class SoftPAGAttnProcessor(_SoftPAGProcessor):
-    """diffusers' ``AttnProcessor2_0`` self-attention (SD/SDXL UNet, PixArt ``attn1``) plus SoftPAG."""
+class PerturbedAttnProcessor(_PerturbedProcessor):
+    """diffusers' ``AttnProcessor2_0`` self-attention (SD/SDXL UNet, PixArt ``attn1``) plus perturbation ops."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         residual = hidden_states
@@ -83,9 +163,10 @@ class SoftPAGAttnProcessor(_SoftPAGProcessor):
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
+        query = self.perturb_query(query, slice(None))
 
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
-        self.blend(out, value)
+        self.perturb_output(out, query, key, value)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
 
         out = attn.to_out[1](attn.to_out[0](out))
@@ -96,36 +177,13 @@ class SoftPAGAttnProcessor(_SoftPAGProcessor):
         return out / attn.rescale_output_factor
 
 
-class SoftPAGJointAttnProcessor(_SoftPAGProcessor):
-    """diffusers' ``JointAttnProcessor2_0`` (SD3 joint [image, text] attention) plus SoftPAG.
+class PerturbedJointAttnProcessor(_PerturbedProcessor):
+    """diffusers' ``JointAttnProcessor2_0`` (SD3 joint [image, text] attention) plus perturbation ops.
 
-    ``scope="joint"``: the target acts over the whole joint sequence of the perturbed rows.
-    ``scope="image"``: image queries attend to themselves and to all text keys (the image×image
-    block becomes the identity, as in diffusers' SD3 PAG); computed from the self score and the
-    image×text scores with one shared max, never an N×N matrix. Text rows are unchanged.
+    Blend targets act over the whole joint sequence of the perturbed rows, except "image_block":
+    image queries attend to themselves and to all text keys (the image×image block becomes the
+    identity, as in diffusers' SD3 PAG), text rows unchanged.
     """
-
-    def __init__(self, *args, scope: str = "joint", **kwargs):
-        super().__init__(*args, **kwargs)
-        self.scope = scope
-
-    def blend_image_block(self, out, query, key, value, n_image):
-        """Perturbed rows, selected heads, image queries: (1-u)·attn + u·attn(self ∪ text keys)."""
-        if self.state.rows is None or self.strength == 0.0:
-            return
-        rows, heads = self.state.rows, self.heads.to(out.device)
-        q, k, v = (t[rows][:, heads] for t in (query, key, value))
-        q_img, k_img, v_img = q[:, :, :n_image], k[:, :, :n_image], v[:, :, :n_image]
-        k_txt, v_txt = k[:, :, n_image:], v[:, :, n_image:]
-        scale = q.shape[-1] ** -0.5
-        s_self = (q_img * k_img).sum(-1, keepdim=True) * scale
-        s_txt = q_img @ k_txt.transpose(-1, -2) * scale
-        m = torch.maximum(s_self, s_txt.amax(-1, keepdim=True))
-        w_self, w_txt = torch.exp(s_self - m), torch.exp(s_txt - m)
-        o = (w_self * v_img + w_txt @ v_txt) / (w_self + w_txt.sum(-1, keepdim=True))
-        current = out[rows][:, heads]
-        current[:, :, :n_image] = torch.lerp(current[:, :, :n_image], o.to(out.dtype), self.strength)
-        out[rows, heads] = current
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         batch, n_image = hidden_states.shape[:2]
@@ -145,12 +203,10 @@ class SoftPAGJointAttnProcessor(_SoftPAGProcessor):
             if attn.norm_added_k is not None:
                 k_ctx = attn.norm_added_k(k_ctx)
             query, key, value = torch.cat([query, q_ctx], 2), torch.cat([key, k_ctx], 2), torch.cat([value, v_ctx], 2)
+        query = self.perturb_query(query, slice(0, n_image))
 
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-        if self.scope == "image" and encoder_hidden_states is not None:
-            self.blend_image_block(out, query, key, value, n_image)
-        else:
-            self.blend(out, value)
+        self.perturb_output(out, query, key, value, n_image=n_image)
         out = out.transpose(1, 2).reshape(batch, -1, out.shape[1] * out.shape[3]).to(query.dtype)
 
         if encoder_hidden_states is not None:
@@ -161,8 +217,8 @@ class SoftPAGJointAttnProcessor(_SoftPAGProcessor):
         return (out, ctx) if encoder_hidden_states is not None else out
 
 
-class SoftPAGFluxAttnProcessor(_SoftPAGProcessor):
-    """diffusers' ``FluxAttnProcessor`` ([text, image] double-stream, pre-concatenated single-stream) plus SoftPAG."""
+class PerturbedFluxAttnProcessor(_PerturbedProcessor):
+    """diffusers' ``FluxAttnProcessor`` ([text, image] double-stream, pre-concatenated single-stream) plus perturbation ops."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if attn.fused_projections:
@@ -183,10 +239,11 @@ class SoftPAGFluxAttnProcessor(_SoftPAGProcessor):
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        query = self.perturb_query(query, slice(self.info.text_tokens, None), head_dim=2)
 
         out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
                                     parallel_config=self._parallel_config)
-        self.blend(out, value, head_dim=2)
+        self.perturb_output(out, query, key, value, head_dim=2)
         out = out.flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is None:
@@ -197,8 +254,8 @@ class SoftPAGFluxAttnProcessor(_SoftPAGProcessor):
         return out, attn.to_add_out(ctx.contiguous())
 
 
-class SoftPAGWanAttnProcessor(_SoftPAGProcessor):
-    """diffusers' ``WanAttnProcessor`` self-attention (``attn1``, 3D RoPE) plus SoftPAG."""
+class PerturbedWanAttnProcessor(_PerturbedProcessor):
+    """diffusers' ``WanAttnProcessor`` self-attention (``attn1``, 3D RoPE) plus perturbation ops."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if attn.fused_projections:
@@ -209,12 +266,33 @@ class SoftPAGWanAttnProcessor(_SoftPAGProcessor):
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
         if rotary_emb is not None:
             query, key = _wan_rotary(query, *rotary_emb), _wan_rotary(key, *rotary_emb)
+        query = self.perturb_query(query, slice(None), head_dim=2)
 
         out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
                                     backend=self._attention_backend, parallel_config=self._parallel_config)
-        self.blend(out, value, head_dim=2)
+        self.perturb_output(out, query, key, value, head_dim=2)
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
+
+
+def _blend_image_block(out, query, key, value, op: HeadOp, n_image: int) -> None:
+    """Image queries of the op's rows and heads: (1-u)·attn + u·attn(self ∪ text keys), in place.
+
+    Computed from the self score and the image×text scores with one shared max: no N×N matrix.
+    """
+    rows, heads = op.branch.rows, op.heads.to(out.device)
+    q, k, v = (t[rows][:, heads] for t in (query, key, value))
+    q_img, k_img, v_img = q[:, :, :n_image], k[:, :, :n_image], v[:, :, :n_image]
+    k_txt, v_txt = k[:, :, n_image:], v[:, :, n_image:]
+    scale = q.shape[-1] ** -0.5
+    s_self = (q_img * k_img).sum(-1, keepdim=True) * scale
+    s_txt = q_img @ k_txt.transpose(-1, -2) * scale
+    m = torch.maximum(s_self, s_txt.amax(-1, keepdim=True))
+    w_self, w_txt = torch.exp(s_self - m), torch.exp(s_txt - m)
+    o = (w_self * v_img + w_txt @ v_txt) / (w_self + w_txt.sum(-1, keepdim=True))
+    current = out[rows][:, heads]
+    current[:, :, :n_image] = torch.lerp(current[:, :, :n_image], o.to(out.dtype), op.strength)
+    out[rows, heads] = current
 
 
 def _wan_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -228,37 +306,99 @@ def _wan_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 
 PROCESSORS = {
-    "unet": SoftPAGAttnProcessor,
-    "pixart": SoftPAGAttnProcessor,
-    "sd3": SoftPAGJointAttnProcessor,
-    "flux": SoftPAGFluxAttnProcessor,
-    "wan": SoftPAGWanAttnProcessor,
+    "unet": PerturbedAttnProcessor,
+    "pixart": PerturbedAttnProcessor,
+    "sd3": PerturbedJointAttnProcessor,
+    "flux": PerturbedFluxAttnProcessor,
+    "wan": PerturbedWanAttnProcessor,
 }
+
+
+def _skip_block_hook(family, branch: Branch):
+    """Forward hook: the branch's rows of each block output become the block's matching input."""
+
+    def hook(module, args, kwargs, output):
+        if branch.rows is None:
+            return output
+        inputs = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+        outputs = output if isinstance(output, tuple) else (output,)
+        skipped = []
+        for name, out in zip(family.block_outputs, outputs):
+            x = inputs.get(name)
+            if out is not None and isinstance(x, torch.Tensor):
+                out = out.clone()
+                out[branch.rows] = x[branch.rows].to(out.dtype)
+            skipped.append(out)
+        return tuple(skipped) if isinstance(output, tuple) else skipped[0]
+
+    return hook
+
+
+def install_perturbation(pipe, spec: str, branch: Branch, make_op=None, skip_blocks: bool = False):
+    """Validate, then add one guidance branch: head ops on the selected layers and/or block skips.
+
+    ``make_op(branch, heads) -> HeadOp`` builds the op for one layer's selected heads. Returns undo.
+    """
+    family = diffusion_family(pipe)
+    denoiser = family.denoiser(pipe)
+    attention = family.attention_layers(denoiser)
+    selection = resolve_heads(spec, {name: attn.heads for name, attn in attention.items()})
+    guided = GuidedDenoiser.attach(pipe, family)
+    try:
+        guided.add_branch(branch)
+    except ValueError:
+        guided.release()
+        raise
+
+    installed, hooks = [], []
+    for name, heads in selection.items():
+        if make_op is not None:
+            attn = attention[name]
+            if not isinstance(attn.processor, _PerturbedProcessor):
+                attn.set_processor(PROCESSORS[family.name](attn.processor, guided.info))
+            op = make_op(branch, torch.tensor(heads, dtype=torch.long))
+            attn.processor.ops.append(op)
+            installed.append((attn, op))
+        if skip_blocks:
+            block = family.blocks(denoiser)[name]
+            hooks.append(block.register_forward_hook(_skip_block_hook(family, branch), with_kwargs=True))
+
+    def undo() -> None:
+        for hook in hooks:
+            hook.remove()
+        for attn, op in installed:
+            attn.processor.ops.remove(op)
+            if not attn.processor.ops:
+                attn.set_processor(attn.processor.original)
+        guided.detach(branch)
+
+    return undo
 
 
 @register_installer(PAG)
 @register_installer(SoftPAG)
 def install_softpag(pipe, config: SoftPAG):
-    """Swap the selected layers' processors and wrap the denoiser for the guidance term."""
-    family = diffusion_family(pipe)
-    denoiser = family.denoiser(pipe)
-    layers = family.attention_layers(denoiser)
-    selection = resolve_heads(config.heads, {name: attn.heads for name, attn in layers.items()})
-    if isinstance(denoiser.__dict__.get("forward"), GuidedDenoiser):
-        raise ValueError("a perturbation-guidance method is already applied to this pipeline; remove() it first")
-    if config.scope != "joint" and family.name != "sd3":
-        raise ValueError(f"scope={config.scope!r} is supported on sd3 only; this pipeline is {family.name}")
+    if config.scope == "image" and diffusion_family(pipe).name != "sd3":
+        raise ValueError(f"scope={config.scope!r} is supported on sd3 only; this pipeline is {diffusion_family(pipe).name}")
+    target = "image_block" if config.scope == "image" else config.target
+    return install_perturbation(pipe, config.heads, Branch(config.scale, config.start, config.stop),
+                                lambda branch, heads: HeadOp(branch, heads, "blend", config.strength, target))
 
-    state = PerturbationState()
-    originals = {name: layers[name].processor for name in selection}
-    extra = {"scope": config.scope} if family.name == "sd3" else {}
-    for name, heads in selection.items():
-        layers[name].set_processor(PROCESSORS[family.name](heads, config.strength, config.target, state, originals[name], **extra))
-    wrapper = GuidedDenoiser(pipe, denoiser, family, state, config.scale, config.start, config.stop)
 
-    def undo() -> None:
-        wrapper.restore()
-        for name, processor in originals.items():
-            layers[name].set_processor(processor)
+@register_installer(SEG)
+def install_seg(pipe, config: SEG):
+    return install_perturbation(pipe, config.heads, Branch(config.scale, config.start, config.stop),
+                                lambda branch, heads: HeadOp(branch, heads, "blur", sigma=config.sigma))
 
-    return undo
+
+@register_installer(SLG)
+def install_slg(pipe, config: SLG):
+    return install_perturbation(pipe, config.layers, Branch(config.scale, config.start, config.stop), skip_blocks=True)
+
+
+@register_installer(STG)
+def install_stg(pipe, config: STG):
+    branch = Branch(config.scale, config.start, config.stop, config.rescale)
+    if config.mode == "residual":
+        return install_perturbation(pipe, config.layers, branch, skip_blocks=True)
+    return install_perturbation(pipe, config.layers, branch, lambda b, heads: HeadOp(b, heads, "blend", 1.0, "identity"))

@@ -6,8 +6,9 @@ from diffusers import StableDiffusionPAGPipeline
 
 import mmattn
 from mmattn import SoftPAG
-from mmattn.guidance import PerturbationState
-from mmattn.processors.perturbation import SoftPAGJointAttnProcessor
+from mmattn import PAG, SEG, SLG, STG
+from mmattn.guidance import Branch, CallInfo
+from mmattn.processors.perturbation import PROCESSORS, HeadOp, gaussian_blur_tokens
 from mmattn.adapters import diffusion_family
 from mmattn.testing import build_tiny, tiny_spec
 
@@ -39,7 +40,14 @@ def middle_layer(pipe):
     return layers[len(layers) // 2]
 
 
-def eager_joint_attention(attn, x, ctx, heads, u, target, rows, scope="joint"):
+def with_op(family, original, heads, rows, kind="blend", grid=None, **op):
+    """A family's perturbed processor with one op on ``heads`` for batch ``rows``."""
+    processor = PROCESSORS[family](original, CallInfo(token_grid=grid))
+    processor.ops.append(HeadOp(Branch(1.0, 0.0, 1.0, rows=rows), torch.tensor(heads), kind, **op))
+    return processor
+
+
+def eager_joint_attention(attn, x, ctx, heads, u, target, rows, scope="joint", query_fn=None):
     """Oracle: materialise A per head, blend the perturbed rows' selected heads, then A·V."""
     b, n = x.shape[:2]
 
@@ -52,6 +60,8 @@ def eager_joint_attention(attn, x, ctx, heads, u, target, rows, scope="joint"):
     q = torch.cat([norm(attn.norm_q, split(attn.to_q(x))), norm(attn.norm_added_q, split(attn.add_q_proj(ctx)))], 2)
     k = torch.cat([norm(attn.norm_k, split(attn.to_k(x))), norm(attn.norm_added_k, split(attn.add_k_proj(ctx)))], 2)
     v = torch.cat([split(attn.to_v(x)), split(attn.add_v_proj(ctx))], 2)
+    if query_fn is not None:
+        q = query_fn(q)
     scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
     a = torch.softmax(scores, dim=-1)
     size = a.shape[-1]
@@ -76,9 +86,9 @@ def test_processor_matches_eager_oracle(sd3, u, target, heads, scope):
     attn = sd3.transformer.transformer_blocks[1].attn
     g = torch.Generator().manual_seed(1)
     x, ctx = torch.randn(3, 17, 32, generator=g), torch.randn(3, 9, 32, generator=g)
-    state = PerturbationState(rows=slice(1, 3))
+    processor = with_op("sd3", attn.processor, heads, slice(1, 3), strength=u, target="image_block" if scope == "image" else target)
     with torch.no_grad():
-        got = SoftPAGJointAttnProcessor(heads, u, target, state, scope=scope)(attn, x, ctx)
+        got = processor(attn, x, ctx)
         want = eager_joint_attention(attn, x, ctx, heads, u, target, slice(1, 3), scope)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
@@ -86,6 +96,43 @@ def test_processor_matches_eager_oracle(sd3, u, target, heads, scope):
     with torch.no_grad():
         plain = eager_joint_attention(attn, x, ctx, heads, 0.0, target, slice(0, 0))
     torch.testing.assert_close(got[0][:1], plain[0][:1], atol=2e-5, rtol=1e-4)
+
+
+def test_seg_processor_matches_eager_oracle_with_torchvision_blur(sd3):
+    """SEG on a non-square 3x4 token grid: our separable blur == torchvision's gaussian_blur (reflect)."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    attn = sd3.transformer.transformer_blocks[1].attn
+    g = torch.Generator().manual_seed(3)
+    x, ctx = torch.randn(2, 12, 32, generator=g), torch.randn(2, 9, 32, generator=g)
+    heads, rows, sigma = (1, 2), slice(1, 2), 1.0
+
+    def blur_query(q):
+        q = q.clone()
+        for h in heads:
+            planes = q[rows, h, :12].reshape(1, 3, 4, -1).permute(0, 3, 1, 2)  # (1, D, rows=3, cols=4)
+            blurred = gaussian_blur(planes, kernel_size=[7, 5], sigma=[sigma, sigma])
+            q[rows, h, :12] = blurred.permute(0, 2, 3, 1).reshape(1, 12, -1)
+        return q
+
+    processor = with_op("sd3", attn.processor, heads, rows, kind="blur", grid=(1, 3, 4), sigma=sigma)
+    with torch.no_grad():
+        got = processor(attn, x, ctx)
+        want = eager_joint_attention(attn, x, ctx, heads, 0.0, "identity", rows, query_fn=blur_query)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_blur_of_infinite_sigma_is_the_mean_and_direction_is_right():
+    grid = (2, 3, 5)  # frames, rows, cols
+    x = torch.randn(1, 2, 30, 4)
+    mean = gaussian_blur_tokens(x, grid, float("inf"))
+    torch.testing.assert_close(mean, x.view(1, 2, 2, 15, 4).mean(3, keepdim=True).expand(1, 2, 2, 15, 4).reshape(1, 2, 30, 4))
+    # a pattern constant along rows (varies only with the column) stays constant along rows after blurring
+    cols = torch.arange(5.0).view(1, 1, 1, 1, 5, 1).expand(1, 1, 2, 3, 5, 1).reshape(1, 1, 30, 1)
+    blurred = gaussian_blur_tokens(cols, grid, 1.0).view(2, 3, 5)
+    assert torch.allclose(blurred, blurred[:, :1].expand(2, 3, 5))
+    assert not torch.allclose(blurred, cols.view(2, 3, 5))
 
 
 def test_guided_denoiser_combines_three_branches(sd3):
@@ -101,11 +148,11 @@ def test_guided_denoiser_combines_three_branches(sd3):
         eps_u, eps_c = tr(**kwargs)[0].chunk(2)
         with mmattn.apply(sd3, SoftPAG(heads="transformer_blocks.1:0,2", strength=0.8, scale=2.0)):
             guided = tr(**kwargs)[0]
-            state = tr.transformer_blocks[1].attn.processor.state
-            state.rows = slice(0, 1)  # perturb the single conditional row, run alone
+            branch = tr.transformer_blocks[1].attn.processor.ops[0].branch
+            branch.rows = slice(0, 1)  # perturb the single conditional row, run alone
             cond_only = {k: (v[1:] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
             eps_p = tr.forward._forward(**cond_only)[0]  # the unwrapped forward, perturbed rows = all
-            state.rows = None
+            branch.rows = None
     torch.testing.assert_close(guided[:1], eps_u, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(guided[1:], eps_c + (2.0 / 5.0) * (eps_c - eps_p), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(eps_p, eps_c, atol=1e-4)
@@ -177,7 +224,7 @@ def test_unperturbed_rows_equal_the_original_processor(name):
         hook.remove()
     args, kwargs = calls[0]
     original = attn.processor
-    ours = mmattn.processors.perturbation.PROCESSORS[family.name]((0, 1), 1.0, "identity", PerturbationState(), original)
+    ours = with_op(family.name, original, (0, 1), None)
     with torch.no_grad():
         want, got = original(attn, *args, **kwargs), ours(attn, *args, **kwargs)
     for a, b in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
@@ -213,7 +260,7 @@ def test_dispatch_families_match_patched_diffusers_oracle(monkeypatch, name, mod
 
     for attn, args, kwargs in calls[:: max(1, len(calls) // 4)]:
         batch = (kwargs.get("hidden_states", args[0] if args else None)).shape[0]
-        ours = mmattn.processors.perturbation.PROCESSORS[family.name](heads, u, target, PerturbationState(rows=slice(0, batch)), attn.processor)
+        ours = with_op(family.name, attn.processor, heads, slice(0, batch), strength=u, target=target)
         with torch.no_grad():
             got = ours(attn, *args, **kwargs)
             monkeypatch.setattr(diffusers_module, "dispatch_attention_fn", blended)
@@ -287,3 +334,109 @@ def test_image_scope_only_on_sd3():
         mmattn.apply(pipe_for("tiny/flux"), SoftPAG(heads="transformer_blocks.0", scope="image"))
     with pytest.raises(ValueError, match="scope='image' perturbs with the identity map"):
         SoftPAG(heads="transformer_blocks.0", scope="image", target="uniform")
+
+
+def sd3_inputs(batch=2, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(batch, 16, 4, 4, generator=g), timestep=torch.full((batch,), 500.0),
+                encoder_hidden_states=torch.randn(batch, 13, 64, generator=g),
+                pooled_projections=torch.randn(batch, 64, generator=g), return_dict=False)
+
+
+def perturbed_prediction(pipe, config, cond_only):
+    """ε of the conditional row under one method alone: its branch's rows cover the whole batch."""
+    tr = pipe.transformer
+    with mmattn.apply(pipe, config):
+        branch = tr.forward.info.branches[0]
+        branch.rows = slice(0, cond_only["hidden_states"].shape[0])
+        try:
+            return tr.forward._forward(**cond_only)[0]
+        finally:
+            branch.rows = None
+
+
+@pytest.mark.parametrize("rescale", [0.0, 0.7])
+def test_several_methods_combine_in_one_forward(sd3, rescale):
+    """[u, c, p1, p2] in one call == ε_u + w(ε_c − ε_u) + s1(ε_c − ε_1) + s2(ε_c − ε_2), rescaled like STG."""
+    tr = sd3.transformer
+    kwargs = sd3_inputs()
+    sd3._guidance_scale, w = 4.0, 4.0
+    sd3.scheduler.set_timesteps(4)
+    pag = PAG(heads="transformer_blocks.1:0,2", scale=2.0)
+    stg = STG(layers="transformer_blocks.2", mode="residual", scale=1.5, rescale=rescale)
+    cond_only = {k: (v[1:] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    with torch.no_grad():
+        eps_u, eps_c = tr(**kwargs)[0].chunk(2)
+        eps_1 = perturbed_prediction(sd3, pag, cond_only)
+        eps_2 = perturbed_prediction(sd3, stg, cond_only)
+        with mmattn.apply(sd3, [pag, stg]):
+            guided_u, guided_c = tr(**kwargs)[0].chunk(2)
+    final = guided_u + w * (guided_c - guided_u)
+    want = eps_u + w * (eps_c - eps_u) + 2.0 * (eps_c - eps_1) + 1.5 * (eps_c - eps_2)
+    if rescale:
+        factor = rescale * eps_c.std(dim=(1, 2, 3), keepdim=True) / want.std(dim=(1, 2, 3), keepdim=True) + 1 - rescale
+        want = want * factor
+    torch.testing.assert_close(guided_u, eps_u, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(final, want, atol=1e-4, rtol=1e-4)
+    assert "forward" not in tr.__dict__
+
+
+@pytest.mark.slow
+def test_slg_equals_diffusers_sd3_skip_layer_guidance(sd3):
+    """SLG on transformer_blocks.1 == StableDiffusion3Pipeline(skip_guidance_layers=[1]) with the same window."""
+    call = tiny_spec("tiny/sd3").defaults | {"output_type": "pt", "num_inference_steps": 10}
+    want = sd3("a red fox", generator=torch.Generator().manual_seed(0), skip_guidance_layers=[1],
+               skip_layer_guidance_scale=2.8, skip_layer_guidance_start=0.01, skip_layer_guidance_stop=0.2, **call).images
+    baseline = sd3("a red fox", generator=torch.Generator().manual_seed(0), **call).images
+    with mmattn.apply(sd3, SLG(layers="transformer_blocks.1", scale=2.8, start=0.01, stop=0.2)):
+        got = sd3("a red fox", generator=torch.Generator().manual_seed(0), **call).images
+    assert (want - baseline).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_method_runs_changes_output_and_restores(name):
+    pipe = pipe_for(name)
+    layer = middle_layer(pipe)
+    baseline = run(pipe, name)
+    configs = [SEG(heads=f"{layer}:*", sigma=2.0), SEG(heads=f"{layer}:0,1", sigma=float("inf")),
+               SLG(layers=layer, start=0.0, stop=1.0), STG(layers=layer, mode="residual"), STG(layers=layer, mode="attention"),
+               [PAG(heads=layer), SEG(heads=layer, sigma=1.0), STG(layers=layer, mode="residual", scale=0.5)]]
+    for config in configs:
+        with mmattn.apply(pipe, config):
+            out = run(pipe, name)
+        assert (out - baseline).abs().max() > 1e-4, config
+    assert torch.equal(run(pipe, name), baseline)
+    assert "forward" not in diffusion_family(pipe).denoiser(pipe).__dict__
+
+
+def test_stg_attention_mode_is_pag_on_every_head(sd3):
+    with mmattn.apply(sd3, STG(layers="transformer_blocks.1", scale=2.0)):
+        a = run(sd3)
+    with mmattn.apply(sd3, PAG(heads="transformer_blocks.1:*", scale=2.0)):
+        b = run(sd3)
+    assert torch.equal(a, b)
+
+
+def test_rescale_conflicts_and_wan_cfg_fail_clearly(sd3):
+    before = dict(sd3.transformer.attn_processors)
+    with pytest.raises(ValueError, match="only one applied method may set rescale"):
+        mmattn.apply(sd3, [STG(layers="transformer_blocks.1", rescale=0.5), STG(layers="transformer_blocks.2", rescale=0.5)])
+    assert dict(sd3.transformer.attn_processors) == before and "forward" not in sd3.transformer.__dict__
+    wan = pipe_for("tiny/wan")
+    with mmattn.apply(wan, STG(layers="blocks.1", rescale=0.5)):
+        with pytest.raises(ValueError, match="rescale needs the uncond prediction, which WanPipeline computes in a separate call"):
+            run(wan, "tiny/wan")
+        run(wan, "tiny/wan", guidance_scale=1.0)  # without CFG rescale works
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: SEG(heads="transformer_blocks.0", sigma=0), r"sigma=0 is out of range: expected a number > 0"),
+    (lambda: SLG(layers="transformer_blocks.0", start=0.5, stop=0.1), r"stop=0.1 is before start=0.5"),
+    (lambda: STG(layers="transformer_blocks.0", mode="temporal"), r"mode='temporal': expected 'attention' or 'residual'"),
+    (lambda: STG(layers="transformer_blocks.0", rescale=2), r"rescale=2 is out of range: expected a number in \[0.0, 1.0\]"),
+])
+def test_new_config_validation(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
