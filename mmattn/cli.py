@@ -33,13 +33,18 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default=DEFAULT_MODEL, help=f"model id, local folder or tiny/<name> (default {DEFAULT_MODEL})")
     gen.add_argument("--prompt", action="append", help="prompt (repeat for several; default: one built-in prompt)")
     gen.add_argument("--seed", action="append", type=int, help="seed (repeat for several; default 0)")
-    gen.add_argument("--method", choices=("softpag", "none"), default="softpag", help="intervention (default softpag)")
-    gen.add_argument("--heads", help="head selection, e.g. 'transformer_blocks.1:0,2' (default: every head of the middle block)")
-    gen.add_argument("--strength", type=float, default=1.0, help="SoftPAG blend u in [0, 1] (1 = PAG)")
-    gen.add_argument("--scale", type=float, default=3.0, help="perturbation guidance scale s")
-    gen.add_argument("--target", choices=("identity", "uniform"), default="identity")
-    gen.add_argument("--start", type=float, default=0.0, help="first fraction of steps with guidance")
-    gen.add_argument("--stop", type=float, default=1.0, help="fraction of steps where guidance stops")
+    gen.add_argument("--method", choices=("softpag", "pag", "seg", "slg", "stg", "none"), default="softpag",
+                     help="intervention (default softpag)")
+    gen.add_argument("--heads", help="head or layer selection, e.g. 'transformer_blocks.1:0,2' (default: the middle block)")
+    gen.add_argument("--strength", type=float, default=1.0, help="softpag: blend u in [0, 1] (1 = PAG)")
+    gen.add_argument("--target", choices=("identity", "uniform"), default="identity", help="softpag: target map")
+    gen.add_argument("--scope", choices=("joint", "image"), default="joint", help="softpag/pag: 'image' = SD3 image block only")
+    gen.add_argument("--sigma", type=float, default=10.0, help="seg: query blur width in tokens (inf: mean query)")
+    gen.add_argument("--mode", choices=("attention", "residual"), default="attention", help="stg: what is skipped")
+    gen.add_argument("--rescale", type=float, default=0.0, help="stg: rescale r in [0, 1]")
+    gen.add_argument("--scale", type=float, help="perturbation guidance scale s (default: the method's)")
+    gen.add_argument("--start", type=float, help="first fraction of steps with guidance (default: the method's)")
+    gen.add_argument("--stop", type=float, help="fraction of steps where guidance stops (default: the method's)")
     gen.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     gen.add_argument("--height", type=int)
     gen.add_argument("--width", type=int)
@@ -82,6 +87,25 @@ def _default_heads(pipe) -> str:
     return f"{layers[len(layers) // 2]}:*"
 
 
+def _method(args, pipe):
+    """The method config the generate arguments describe (None for --method none)."""
+    from . import PAG, SEG, SLG, STG, SoftPAG
+
+    if args.method == "none":
+        return None
+    spec = args.heads or _default_heads(pipe)
+    common = {k: v for k, v in (("scale", args.scale), ("start", args.start), ("stop", args.stop)) if v is not None}
+    if args.method == "softpag":
+        return SoftPAG(heads=spec, strength=args.strength, target=args.target, scope=args.scope, **common)
+    if args.method == "pag":
+        return PAG(heads=spec, scope=args.scope, **common)
+    if args.method == "seg":
+        return SEG(heads=spec, sigma=args.sigma, **common)
+    if args.method == "slg":
+        return SLG(layers=spec, **common)
+    return STG(layers=spec, mode=args.mode, rescale=args.rescale, **common)
+
+
 def _grid(rows: list[list], labels: list[str]):
     """Side-by-side picture: one column per label, one row per (prompt, seed)."""
     from PIL import Image, ImageDraw
@@ -104,7 +128,7 @@ def _generate(args) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from . import SoftPAG, apply
+    from . import apply
     from .hub import load_pipeline, pipeline_defaults
 
     pipe = load_pipeline(args.model, kinds=("image",))
@@ -114,10 +138,7 @@ def _generate(args) -> int:
                        ("guidance_scale", args.guidance_scale)):
         if value is not None:
             call[key] = value
-    method = None
-    if args.method == "softpag":
-        method = SoftPAG(heads=args.heads or _default_heads(pipe), strength=args.strength, scale=args.scale,
-                         target=args.target, start=args.start, stop=args.stop)
+    method = _method(args, pipe)
     prompts = args.prompt or ["a photograph of a lighthouse on a cliff at sunset"]
     seeds = args.seed or [0]
     out = Path(args.out)

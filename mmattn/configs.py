@@ -6,6 +6,7 @@ hooks on a model. Errors name the field, the value and the valid range.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from .heads import parse_heads
@@ -29,7 +30,9 @@ class _Method:
     name = "method"
 
     def to_dict(self) -> dict:
-        return {"method": self.name, **asdict(self)}
+        """Settings for JSON: non-finite numbers (SEG's sigma=inf) are written as strings."""
+        fields = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
+        return {"method": self.name, **fields}
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,19 @@ def test_bad_setting_names_field_and_range():
     assert "strength=2.0 is out of range: expected a number in [0.0, 1.0]" in result.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("args, expected", [
+    (["--method", "seg", "--sigma", "inf"], {"method": "seg", "sigma": "inf", "scale": 3.0}),
+    (["--method", "stg", "--mode", "residual", "--rescale", "0.5"], {"method": "stg", "mode": "residual", "rescale": 0.5}),
+    (["--method", "slg", "--start", "0"], {"method": "slg", "start": 0.0, "stop": 0.2}),
+])
+def test_generate_other_methods(tmp_path, args, expected):
+    result = cli("generate", "--no-baseline", "--out", str(tmp_path), *args)
+    assert result.returncode == 0, result.stderr
+    method = json.loads((tmp_path / "settings.json").read_text())["method"]
+    assert expected.items() <= method.items(), method
+
+
 def test_pending_subcommand_says_so():
     result = cli("vqa")
     assert result.returncode == 2 and "not available in this version" in result.stderr
@@ -53,7 +66,7 @@ def test_generate_writes_images_and_settings(tmp_path):
     settings = json.loads((out / "settings.json").read_text())
     assert settings["model"] == "tiny/sd3" and settings["pipeline"] == "StableDiffusion3Pipeline"
     assert settings["method"] == {"method": "softpag", "heads": "transformer_blocks.1:0,2", "strength": 0.5, "scale": 3.0,
-                                  "target": "identity", "start": 0.0, "stop": 1.0}
+                                  "target": "identity", "start": 0.0, "stop": 1.0, "scope": "joint"}
     files = sorted(r["file"] for r in settings["images"])
     assert files == ["baseline/prompt00_seed0.png", "baseline/prompt00_seed3.png", "softpag/prompt00_seed0.png", "softpag/prompt00_seed3.png"]
     from PIL import Image
