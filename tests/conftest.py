@@ -1,6 +1,16 @@
-"""Test-wide settings: no model hub, deterministic CPU runs."""
+"""Test-wide settings: no model hub; Triton kernels in the interpreter where there is no CUDA.
+
+Triton reads TRITON_INTERPRET when it decorates functions (triton.language helpers included, at its
+first import), and transformers/diffusers import triton, so the switch is set here, before any test
+module is imported.
+"""
 
 import os
+import sys
+
+import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")

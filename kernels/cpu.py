@@ -1,0 +1,186 @@
+"""CPU path: flash-style attention over chunks with torch matmuls, memory O(chunk x N), never N x N.
+
+Queries are processed a chunk at a time against key chunks with an online softmax (running max ``m``,
+mass ``l``, unnormalised output ``acc``). With a :class:`BlockMask`, each query block gathers only the key
+blocks it visits; full blocks go unmasked, partial blocks use their dense tile. GQA is handled by viewing
+queries as (B, Hkv, Hq // Hkv, N, D) so a kv head is shared by broadcasting, never copied per query head.
+Plain attention is the one-group case of grouped attention. Everything is computed in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .mask import BlockMask
+
+Q_CHUNK = 256
+KV_CHUNK = 4096
+
+
+def _split_heads(q, hkv):
+    """(B, Hq, N, D) -> (B, Hkv, Hq // Hkv, N, D)."""
+    b, hq, n, d = q.shape
+    return q.reshape(b, hkv, hq // hkv, n, d)
+
+
+def _bias(visible):
+    """Additive mask: 0 where visible, -inf elsewhere (adding is far cheaper than masked_fill on CPU)."""
+    return torch.zeros(visible.shape, device=visible.device).masked_fill_(~visible, -math.inf)
+
+
+class _State:
+    """Online-softmax state for one query chunk q5 (B, Hkv, R, n, D): max m, mass l and acc per group."""
+
+    def __init__(self, qc, groups):
+        self.q = qc.reshape(*qc.shape[:2], -1, qc.shape[-1])  # (B, Hkv, R*n, D): one matmul for all R heads
+        shape = qc.shape[:-1]
+        self.m = torch.full(shape, -math.inf, device=qc.device)
+        self.l = torch.zeros((groups, *shape), device=qc.device)
+        self.acc = torch.zeros((groups, *qc.shape), device=qc.device)
+
+    def update(self, kt, v, bias, gid):
+        """Fold in keys kt (B,Hkv,D,L), values v (B,Hkv,L,D), bias (n,L) or None, group ids (B,L) or None."""
+        s4 = self.q @ kt
+        s = s4.view(*self.m.shape, -1)
+        if bias is not None:
+            s += bias
+        m_new = torch.maximum(self.m, s.amax(-1))
+        m_safe = torch.where(torch.isneginf(m_new), 0.0, m_new)
+        alpha = torch.exp(self.m - m_safe)
+        p = s.sub_(m_safe[..., None]).exp_()
+        self.m = m_new
+        self.l.mul_(alpha)
+        self.acc.mul_(alpha[..., None])
+        if gid is None:
+            self.l[0] += p.sum(-1)
+            self.acc[0] += (s4 @ v).view(self.acc.shape[1:])
+            return
+        for g in range(self.l.shape[0]):
+            pg = p * (gid == g)[:, None, None, None, :]
+            self.l[g] += pg.sum(-1)
+            self.acc[g] += (pg.view(s4.shape) @ v).view(self.acc.shape[1:])
+
+
+def _forward(q, k, v, scale, causal, block_mask, key_groups, groups):
+    """acc (G,B,Hq,Nq,D), mass (G,B,Hq,Nq), max (B,Hq,Nq) in fp32 for 4D inputs."""
+    b, hq, nq, d = q.shape
+    q5 = _split_heads(q.float() * scale, k.shape[1])
+    kt, vf = k.float().transpose(-1, -2), v.float()
+    acc = torch.empty(groups, *q5.shape, device=q.device)
+    mass = torch.empty(groups, *q5.shape[:-1], device=q.device)
+    m = torch.empty(q5.shape[:-1], device=q.device)
+    if block_mask is None:
+        _dense(q5, kt, vf, causal, key_groups, groups, acc, mass, m)
+    else:
+        _sparse(q5, kt, vf, causal, block_mask, key_groups, groups, acc, mass, m)
+    return acc.reshape(groups, b, hq, nq, d), mass.reshape(groups, b, hq, nq), m.reshape(b, hq, nq)
+
+
+def _dense(q5, kt, v, causal, key_groups, groups, acc, mass, m):
+    """Causal: keys before the query chunk go unmasked; only the chunk's own diagonal square gets a bias."""
+    nq, nk = q5.shape[3], v.shape[2]
+    for q0 in range(0, nq, Q_CHUNK):
+        q1 = min(nq, q0 + Q_CHUNK)
+        state = _State(q5[:, :, :, q0:q1], groups)
+        end = min(q0, nk) if causal else nk
+        spans = [(k0, min(k0 + KV_CHUNK, end), None) for k0 in range(0, end, KV_CHUNK)]
+        if causal and q0 < nk:
+            diagonal = torch.arange(q0, q1, device=v.device)[:, None] >= torch.arange(q0, min(q1, nk), device=v.device)
+            spans.append((q0, min(q1, nk), _bias(diagonal)))
+        for k0, k1, bias in spans:
+            state.update(kt[..., k0:k1], v[:, :, k0:k1], bias, None if key_groups is None else key_groups[:, k0:k1])
+        acc[..., q0:q1, :], mass[..., q0:q1], m[..., q0:q1] = state.acc, state.l, state.m
+
+
+def _sparse(q5, kt, v, causal, bm: BlockMask, key_groups, groups, acc, mass, m):
+    """Block-sparse: one mask (batch, head) slice at a time, each query block against its gathered key blocks."""
+    mb, mh = bm.full_counts.shape[:2]
+    rep = q5.shape[2]
+    for i in range(mb):
+        for j in range(mh):
+            bs = slice(i, i + 1) if mb > 1 else slice(None)
+            kh = slice(j // rep, j // rep + 1) if mh > 1 else slice(None)
+            rh = slice(j % rep, j % rep + 1) if mh > 1 else slice(None)
+            parts = (bm.full_counts[i, j], bm.full_indices[i, j], bm.partial_counts[i, j],
+                     bm.partial_indices[i, j], bm.partial_mask[i, j])
+            _sparse_one(q5[bs, kh, rh], kt[bs, kh], v[bs, kh], causal, bm, parts,
+                        None if key_groups is None else key_groups[bs], groups,
+                        acc[:, bs, kh, rh], mass[:, bs, kh, rh], m[bs, kh, rh])
+
+
+def _sparse_one(q5, kt, v, causal, bm, parts, key_groups, groups, acc, mass, m):
+    full_counts, full_indices, partial_counts, partial_indices = (t.tolist() for t in parts[:4])
+    partial_mask = parts[4]
+    nq, nk, bq, bk = q5.shape[3], v.shape[2], bm.block_q, bm.block_kv
+    device = q5.device
+    offs_k = torch.arange(bk, device=device)
+    for qb in range(bm.num_q_blocks):
+        q0, q1 = qb * bq, min(nq, (qb + 1) * bq)
+        state = _State(q5[:, :, :, q0:q1], groups)
+        nf, npart = full_counts[qb], partial_counts[qb]
+        blocks = full_indices[qb][:nf] + partial_indices[qb][:npart]
+        if blocks:
+            pos = (torch.tensor(blocks, device=device)[:, None] * bk + offs_k).flatten()
+            visible = None
+            if npart or causal or pos[-1] >= nk:
+                visible = torch.ones(q1 - q0, len(blocks) * bk, dtype=torch.bool, device=device)
+                if npart:
+                    tiles = partial_mask[qb, :npart, : q1 - q0]
+                    visible[:, nf * bk:] = tiles.permute(1, 0, 2).reshape(q1 - q0, npart * bk)
+                visible &= pos < nk
+                if causal:
+                    visible &= torch.arange(q0, q1, device=device)[:, None] >= pos
+            pos = pos.clamp_max(nk - 1)
+            for c0 in range(0, pos.numel(), KV_CHUNK):
+                sel = pos[c0: c0 + KV_CHUNK]
+                bias = None if visible is None else _bias(visible[:, c0: c0 + KV_CHUNK])
+                gid = None if key_groups is None else key_groups.index_select(1, sel)
+                state.update(kt.index_select(3, sel), v.index_select(2, sel), bias, gid)
+        acc[..., q0:q1, :], mass[..., q0:q1], m[..., q0:q1] = state.acc, state.l, state.m
+
+
+def _lse(mass, m):
+    return torch.where(mass > 0, m + mass.log(), -math.inf)
+
+
+def attention(q, k, v, *, scale, causal=False, block_mask=None, return_lse=False):
+    acc, mass, m = _forward(q, k, v, scale, causal, block_mask, None, 1)
+    l = mass[0]
+    out = (acc[0] / torch.where(l > 0, l, 1.0)[..., None]).to(q.dtype)
+    return (out, _lse(l, m)) if return_lse else out
+
+
+def grouped_attention(q, k, v, key_groups, *, num_groups, scale, causal=False, block_mask=None):
+    acc, mass, m = _forward(q, k, v, scale, causal, block_mask, key_groups, num_groups)
+    return acc, mass, m, _lse(mass.sum(0), m)
+
+
+def row_probs(q_rows, k, lse_rows, *, scale, causal=False, q_positions=None):
+    hkv = k.shape[1]
+    s = (_split_heads(q_rows.float() * scale, hkv) @ k.float()[:, :, None].transpose(-1, -2)).flatten(1, 2)
+    if causal:
+        s.masked_fill_(q_positions[:, None] < torch.arange(k.shape[2], device=k.device), -math.inf)
+    lse = lse_rows.float()[..., None]
+    return torch.where(torch.isneginf(lse), 0.0, s.sub_(lse).exp_())
+
+
+def column_sums(q, k, lse, query_mask, *, scale, causal=False):
+    """Sum over the selected query rows only, in a fixed order (deterministic)."""
+    b, hq, nq, _ = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    out = torch.zeros(b, hkv, hq // hkv, nk, device=q.device)
+    kt = k.float().transpose(-1, -2)[:, :, None]
+    for i in range(b):
+        rows = query_mask[i].nonzero().flatten()
+        for r0 in range(0, rows.numel(), Q_CHUNK):
+            idx = rows[r0: r0 + Q_CHUNK]
+            qc = _split_heads(q[i: i + 1, :, idx].float() * scale, hkv)
+            s = qc @ kt[i: i + 1]
+            if causal:
+                s.masked_fill_(idx[:, None] < torch.arange(nk, device=q.device), -math.inf)
+            lse_c = _split_heads(lse[i: i + 1, :, idx, None].float(), hkv)
+            p = torch.where(torch.isneginf(lse_c), 0.0, s.sub_(lse_c).exp_())
+            out[i] += p.sum(-2)[0]
+    return out.reshape(b, hq, nk)
