@@ -4,7 +4,8 @@ Queries are processed a chunk at a time against key chunks with an online softma
 mass ``l``, unnormalised output ``acc``). With a :class:`BlockMask`, each query block gathers only the key
 blocks it visits; full blocks go unmasked, partial blocks use their dense tile. GQA is handled by viewing
 queries as (B, Hkv, Hq // Hkv, N, D) so a kv head is shared by broadcasting, never copied per query head.
-Plain attention is the one-group case of grouped attention. Everything is computed in fp32.
+Plain attention is the one-group case of grouped attention; computed in fp32. Plain dense or causal
+attention without a block mask goes to torch's fused flash kernel for CPU, which is also chunked.
 """
 
 from __future__ import annotations
@@ -146,6 +147,12 @@ def _lse(mass, m):
 
 
 def attention(q, k, v, *, scale, causal=False, block_mask=None, return_lse=False):
+    if block_mask is None and k.shape[2] > 0:
+        # Dense or causal: torch's fused flash kernel for CPU is memory-bounded too and returns the LSE.
+        rep = q.shape[1] // k.shape[1]
+        k, v = (t.repeat_interleave(rep, dim=1) if rep > 1 else t for t in (k, v))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+        return (out, lse) if return_lse else out
     acc, mass, m = _forward(q, k, v, scale, causal, block_mask, None, 1)
     l = mass[0]
     out = (acc[0] / torch.where(l > 0, l, 1.0)[..., None]).to(q.dtype)
