@@ -48,6 +48,11 @@ __all__ = ["build_sd", "build_sd3", "build_flux", "build_wan", "build_pixart"]
 T5_MAX_LENGTH = 64
 
 
+def _call_defaults(guidance_scale: float, **extra) -> dict:
+    """Pipeline call arguments that suit the tiny models: 32x32 px, 2 denoising steps, then ``extra``."""
+    return {"height": 32, "width": 32, "num_inference_steps": 2, "guidance_scale": guidance_scale, **extra}
+
+
 def _clip_config(hidden_size: int, projection_dim: int | None = None) -> CLIPTextConfig:
     """CLIP text encoder over ``clip_tokenizer()``'s 514 ids, 77 positions, 2 layers."""
     tokenizer = clip_tokenizer()
@@ -142,7 +147,7 @@ def _finish(pipe: DiffusionPipeline, dtype: torch.dtype) -> DiffusionPipeline:
     "tiny/sd",
     kind="image",
     architecture="StableDiffusionPipeline (UNet2DConditionModel, CLIP ViT-L-style text encoder)",
-    defaults={"height": 32, "width": 32, "num_inference_steps": 2, "guidance_scale": 7.5},
+    defaults=_call_defaults(guidance_scale=7.5),
 )
 def build_sd(dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
     """SD 1.x layout: cross-attention in every down/up block and in the mid block."""
@@ -185,13 +190,7 @@ def build_sd(dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
     "tiny/sd3",
     kind="image",
     architecture="StableDiffusion3Pipeline (SD3Transformer2DModel MMDiT, CLIP-L + CLIP-G + T5)",
-    defaults={
-        "height": 32,
-        "width": 32,
-        "num_inference_steps": 2,
-        "guidance_scale": 5.0,
-        "max_sequence_length": T5_MAX_LENGTH,
-    },
+    defaults=_call_defaults(guidance_scale=5.0, max_sequence_length=T5_MAX_LENGTH),
 )
 def build_sd3(dtype: torch.dtype = torch.float32) -> StableDiffusion3Pipeline:
     """SD3-medium layout: joint attention over [image; CLIP (77) + T5 tokens], 4 blocks of 4 heads x 8."""
@@ -228,13 +227,7 @@ def build_sd3(dtype: torch.dtype = torch.float32) -> StableDiffusion3Pipeline:
     "tiny/flux",
     kind="image",
     architecture="FluxPipeline (FluxTransformer2DModel, guidance-distilled like FLUX.1-dev, CLIP-L + T5)",
-    defaults={
-        "height": 32,
-        "width": 32,
-        "num_inference_steps": 2,
-        "guidance_scale": 3.5,
-        "max_sequence_length": T5_MAX_LENGTH,
-    },
+    defaults=_call_defaults(guidance_scale=3.5, max_sequence_length=T5_MAX_LENGTH),
 )
 def build_flux(dtype: torch.dtype = torch.float32) -> FluxPipeline:
     """FLUX.1-dev layout: 2 double-stream + 2 single-stream blocks of 4 heads x 16, 3-axis RoPE."""
@@ -275,14 +268,7 @@ def build_flux(dtype: torch.dtype = torch.float32) -> FluxPipeline:
     "tiny/wan",
     kind="video",
     architecture="WanPipeline (WanTransformer3DModel, Wan 2.1 T2V, causal 3D VAE, UMT5)",
-    defaults={
-        "height": 32,
-        "width": 32,
-        "num_frames": 5,
-        "num_inference_steps": 2,
-        "guidance_scale": 5.0,
-        "max_sequence_length": T5_MAX_LENGTH,
-    },
+    defaults=_call_defaults(guidance_scale=5.0, num_frames=5, max_sequence_length=T5_MAX_LENGTH),
 )
 def build_wan(dtype: torch.dtype = torch.float32) -> WanPipeline:
     """Wan 2.1 T2V layout: VAE compresses 4x in space and 2x in time, so 5 frames at 32x32 give
@@ -326,15 +312,12 @@ def build_wan(dtype: torch.dtype = torch.float32) -> WanPipeline:
     "tiny/pixart",
     kind="image",
     architecture="PixArtSigmaPipeline (PixArtTransformer2DModel, adaLN-single DiT, T5)",
-    defaults={
-        "height": 32,
-        "width": 32,
-        "num_inference_steps": 2,
-        "guidance_scale": 4.5,
-        "max_sequence_length": T5_MAX_LENGTH,
-        "use_resolution_binning": False,  # the real bins are 256-2048 px
-        "clean_caption": False,  # needs beautifulsoup4 and ftfy
-    },
+    defaults=_call_defaults(
+        guidance_scale=4.5,
+        max_sequence_length=T5_MAX_LENGTH,
+        use_resolution_binning=False,  # the real bins are 256-2048 px
+        clean_caption=False,  # needs beautifulsoup4 and ftfy
+    ),
 )
 def build_pixart(dtype: torch.dtype = torch.float32) -> PixArtSigmaPipeline:
     """PixArt-Sigma layout: self-attention, cross-attention to T5, learned sigma; 2 blocks of 4 heads x 8."""

@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from . import TinyVLM, register_tiny
+from ._vlm import finish_vlm, special_token_ids
 from .tokenizers import gemma_tokenizer
 
 __all__ = [
@@ -88,19 +89,6 @@ def _siglip(image_size: int, patch_size: int) -> dict:
     )
 
 
-def _finish(model, tokenizer, dtype: torch.dtype, eos_token_id):
-    """Generation ids from the tokenizer; eval mode, sdpa, the requested dtype, CPU."""
-    generation_config = model.generation_config
-    generation_config.bos_token_id = tokenizer.bos_token_id
-    generation_config.eos_token_id = eos_token_id
-    generation_config.pad_token_id = tokenizer.pad_token_id
-    # a random LM may sample the placeholder; real checkpoints never do, and code that locates
-    # image tokens by id in the generated sequence must not find any there
-    generation_config.suppress_tokens = [model.config.image_token_id]
-    model.set_attn_implementation("sdpa")
-    return model.to(device="cpu", dtype=dtype).eval()
-
-
 @register_tiny("tiny/gemma3", "vlm", "Gemma3ForConditionalGeneration")
 def build_gemma3(dtype: torch.dtype = torch.float32) -> TinyVLM:
     """Gemma 3: 16 soft tokens per image; 3 LM layers (sliding, sliding, full), 4 heads, 2 KV heads."""
@@ -110,8 +98,8 @@ def build_gemma3(dtype: torch.dtype = torch.float32) -> TinyVLM:
         eoi_token="<end_of_image>",
         image_token="<image_soft_token>",
         model_max_length=2048,
+        chat_template=GEMMA3_CHAT_TEMPLATE,
     )
-    tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
     image_processor = Gemma3ImageProcessor(
         size={"height": GEMMA3_IMAGE_SIZE, "width": GEMMA3_IMAGE_SIZE},
         image_mean=[0.5, 0.5, 0.5],
@@ -137,9 +125,7 @@ def build_gemma3(dtype: torch.dtype = torch.float32) -> TinyVLM:
         head_dim=16,
         query_pre_attn_scalar=16,
         max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=[tokenizer.eos_token_id, end_of_turn],
-        pad_token_id=tokenizer.pad_token_id,
+        **special_token_ids(tokenizer, eos_token_id=[tokenizer.eos_token_id, end_of_turn]),
     )
     config = Gemma3Config(
         text_config=text_config,
@@ -151,7 +137,7 @@ def build_gemma3(dtype: torch.dtype = torch.float32) -> TinyVLM:
         tie_word_embeddings=True,
     )
     model = Gemma3ForConditionalGeneration(config)
-    return TinyVLM(_finish(model, tokenizer, dtype, [tokenizer.eos_token_id, end_of_turn]), processor)
+    return TinyVLM(finish_vlm(model, tokenizer, dtype, eos_token_id=[tokenizer.eos_token_id, end_of_turn]), processor)
 
 
 @register_tiny("tiny/paligemma", "vlm", "PaliGemmaForConditionalGeneration")
@@ -177,9 +163,7 @@ def build_paligemma(dtype: torch.dtype = torch.float32) -> TinyVLM:
         num_key_value_heads=1,
         head_dim=16,
         max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **special_token_ids(tokenizer),
     )
     config = PaliGemmaConfig(
         text_config=text_config,
@@ -189,5 +173,4 @@ def build_paligemma(dtype: torch.dtype = torch.float32) -> TinyVLM:
         projection_dim=hidden_size,
         hidden_size=hidden_size,
     )
-    model = PaliGemmaForConditionalGeneration(config)
-    return TinyVLM(_finish(model, tokenizer, dtype, tokenizer.eos_token_id), processor)
+    return TinyVLM(finish_vlm(PaliGemmaForConditionalGeneration(config), tokenizer, dtype), processor)

@@ -28,6 +28,7 @@ from transformers import (
 from transformers.utils import is_num2words_available
 
 from . import TinyVLM, register_tiny
+from ._vlm import finish_vlm, special_token_ids
 from .tokenizers import byte_level_vocab
 
 __all__ = [
@@ -86,7 +87,7 @@ SMOLVLM_CHAT_TEMPLATE = (
 
 def smolvlm_tokenizer() -> GPT2Tokenizer:
     """Byte-level BPE tokenizer (the SmolLM2 kind) with SmolVLM's special tokens; no BOS added."""
-    tokenizer = GPT2Tokenizer(
+    return GPT2Tokenizer(
         vocab=byte_level_vocab(_SPECIAL_TOKENS),
         merges=[],
         unk_token="<|endoftext|>",
@@ -101,9 +102,8 @@ def smolvlm_tokenizer() -> GPT2Tokenizer:
         end_of_utterance_token="<end_of_utterance>",
         padding_side="left",
         model_max_length=2048,
+        chat_template=SMOLVLM_CHAT_TEMPLATE,
     )
-    tokenizer.chat_template = SMOLVLM_CHAT_TEMPLATE
-    return tokenizer
 
 
 def _image_processor_kwargs() -> dict:
@@ -130,9 +130,7 @@ def _config_kwargs(tokenizer) -> dict:
         max_position_embeddings=1024,
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **special_token_ids(tokenizer),
     )
     vision_config = dict(
         hidden_size=32,
@@ -150,20 +148,6 @@ def _config_kwargs(tokenizer) -> dict:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-
-
-def _finish(model, tokenizer, dtype: torch.dtype):
-    """Generation ids from the tokenizer; eval mode, sdpa, the requested dtype, CPU."""
-    text_generation_config = getattr(model.model.text_model, "generation_config", None)
-    for generation_config in filter(None, (model.generation_config, text_generation_config)):
-        generation_config.bos_token_id = tokenizer.bos_token_id
-        generation_config.eos_token_id = tokenizer.eos_token_id
-        generation_config.pad_token_id = tokenizer.pad_token_id
-        # a random LM may sample the placeholder; real checkpoints never do, and code that locates
-        # image tokens by id in the generated sequence must not find any there
-        generation_config.suppress_tokens = [model.config.image_token_id]
-    model.set_attn_implementation("sdpa")
-    return model.to(device="cpu", dtype=dtype).eval()
 
 
 def _smolvlm_processor(tokenizer):
@@ -205,7 +189,7 @@ def build_smolvlm(dtype: torch.dtype = torch.float32) -> TinyVLM:
     processor = _smolvlm_processor(tokenizer)
     config = SmolVLMConfig(**_config_kwargs(tokenizer))
     model = SmolVLMForConditionalGeneration(config)
-    return TinyVLM(_finish(model, tokenizer, dtype), processor)
+    return TinyVLM(finish_vlm(model, tokenizer, dtype), processor)
 
 
 @register_tiny("tiny/idefics3", "vlm", "Idefics3ForConditionalGeneration")
@@ -220,4 +204,4 @@ def build_idefics3(dtype: torch.dtype = torch.float32) -> TinyVLM:
     )
     config = Idefics3Config(**_config_kwargs(tokenizer))
     model = Idefics3ForConditionalGeneration(config)
-    return TinyVLM(_finish(model, tokenizer, dtype), processor)
+    return TinyVLM(finish_vlm(model, tokenizer, dtype), processor)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from . import TinyVLM, register_tiny
+from ._vlm import finish_vlm, special_token_ids
 from .tokenizers import llama_tokenizer, qwen2_tokenizer
 
 __all__ = ["build_llava", "build_llava_onevision", "LLAVA_CHAT_TEMPLATE", "LLAVA_ONEVISION_CHAT_TEMPLATE"]
@@ -74,18 +75,6 @@ _TEXT = dict(
 _VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 
 
-def _finish(model, tokenizer, dtype: torch.dtype, *, bos_token_id, eos_token_id, suppress: list[int]):
-    """Eval mode, dtype, and a greedy generation config that pads, stops and never emits placeholders."""
-    model = model.to(dtype=dtype).eval()
-    gen = model.generation_config
-    gen.pad_token_id = tokenizer.pad_token_id
-    gen.eos_token_id = eos_token_id
-    gen.bos_token_id = bos_token_id
-    gen.do_sample = False
-    gen.suppress_tokens = suppress
-    return model
-
-
 @register_tiny(
     "tiny/llava",
     "vlm",
@@ -104,8 +93,7 @@ def build_llava(dtype: torch.dtype = torch.float32) -> TinyVLM:
     )
 
     image_size, patch_size = 64, 8
-    tokenizer = llama_tokenizer(image_token="<image>", pad_token="<pad>")
-    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
+    tokenizer = llama_tokenizer(image_token="<image>", pad_token="<pad>", chat_template=LLAVA_CHAT_TEMPLATE)
 
     vision_config = CLIPVisionConfig(
         **_VISION, image_size=image_size, patch_size=patch_size, projection_dim=32, hidden_act="quick_gelu"
@@ -115,9 +103,7 @@ def build_llava(dtype: torch.dtype = torch.float32) -> TinyVLM:
         vocab_size=len(tokenizer),
         hidden_act="silu",
         rms_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **special_token_ids(tokenizer),
         tie_word_embeddings=False,
     )
     config = LlavaConfig(
@@ -132,15 +118,7 @@ def build_llava(dtype: torch.dtype = torch.float32) -> TinyVLM:
         attn_implementation="sdpa",
     )
     config.pad_token_id = tokenizer.pad_token_id
-    model = LlavaForConditionalGeneration(config)
-    model = _finish(
-        model,
-        tokenizer,
-        dtype,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        suppress=[config.image_token_id],
-    )
+    model = finish_vlm(LlavaForConditionalGeneration(config), tokenizer, dtype)
 
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size},
@@ -181,9 +159,12 @@ def build_llava_onevision(dtype: torch.dtype = torch.float32) -> TinyVLM:
     tile, patch_size = 32, 8
     grid_pinpoints = [[tile * h, tile * w] for h in (1, 2) for w in (1, 2)]
     tokenizer = qwen2_tokenizer(
-        _QWEN2_CHAT_TOKENS, image_token="<image>", video_token="<video>", eos_token="<|im_end|>"
+        _QWEN2_CHAT_TOKENS,
+        image_token="<image>",
+        video_token="<video>",
+        eos_token="<|im_end|>",
+        chat_template=LLAVA_ONEVISION_CHAT_TEMPLATE,
     )
-    tokenizer.chat_template = LLAVA_ONEVISION_CHAT_TEMPLATE
     endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")
 
     vision_config = SiglipVisionConfig(
@@ -198,9 +179,7 @@ def build_llava_onevision(dtype: torch.dtype = torch.float32) -> TinyVLM:
         vocab_size=len(tokenizer),
         hidden_act="silu",
         rms_norm_eps=1e-6,
-        bos_token_id=endoftext,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **special_token_ids(tokenizer, bos_token_id=endoftext),
         tie_word_embeddings=False,
     )
     config = LlavaOnevisionConfig(
@@ -217,14 +196,7 @@ def build_llava_onevision(dtype: torch.dtype = torch.float32) -> TinyVLM:
     )
     config.pad_token_id = tokenizer.pad_token_id
     model = LlavaOnevisionForConditionalGeneration(config)
-    model = _finish(
-        model,
-        tokenizer,
-        dtype,
-        bos_token_id=endoftext,
-        eos_token_id=[tokenizer.eos_token_id, endoftext],
-        suppress=[config.image_token_id, config.video_token_id],
-    )
+    model = finish_vlm(model, tokenizer, dtype, bos_token_id=endoftext, eos_token_id=[tokenizer.eos_token_id, endoftext])
 
     image_processor = LlavaOnevisionImageProcessor(
         size={"height": tile, "width": tile}, image_grid_pinpoints=grid_pinpoints, do_pad=True

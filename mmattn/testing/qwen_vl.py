@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import TinyVLM, register_tiny
+from ._vlm import finish_vlm, special_token_ids
 from .tokenizers import qwen2_tokenizer
 
 __all__ = ["build_qwen2_vl", "build_qwen2_5_vl", "QWEN_VL_CHAT_TEMPLATE", "QWEN_VL_SPECIAL_TOKENS"]
@@ -86,87 +87,40 @@ _TEXT = dict(
 )
 
 
-def _tokenizer():
-    tokenizer = qwen2_tokenizer(QWEN_VL_SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tokenizer.chat_template = QWEN_VL_CHAT_TEMPLATE
-    return tokenizer
+def _build(dtype: torch.dtype, config_cls, model_cls, processor_cls, vision_config: dict) -> TinyVLM:
+    """The parts both Qwen-VL generations share: tokenizer, M-RoPE text model, placeholder ids, processors."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-
-def _token_ids(tokenizer) -> dict:
+    tokenizer = qwen2_tokenizer(
+        QWEN_VL_SPECIAL_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=QWEN_VL_CHAT_TEMPLATE
+    )
     ids = tokenizer.convert_tokens_to_ids
-    return dict(
+    endoftext = ids("<|endoftext|>")
+    text_config = dict(
+        _TEXT,
+        rope_parameters=dict(_TEXT["rope_parameters"]),  # the config edits it in place
+        vocab_size=len(tokenizer),
+        **special_token_ids(tokenizer, bos_token_id=endoftext),
+    )
+    config = config_cls(
+        text_config=text_config,
+        vision_config=vision_config,
         image_token_id=ids("<|image_pad|>"),
         video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"),
         vision_end_token_id=ids("<|vision_end|>"),
+        attn_implementation="sdpa",
     )
-
-
-def _text_kwargs(tokenizer) -> dict:
-    return dict(
-        _TEXT,
-        rope_parameters=dict(_TEXT["rope_parameters"]),  # the config edits it in place
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    model = finish_vlm(
+        model_cls(config), tokenizer, dtype, bos_token_id=endoftext, eos_token_id=[tokenizer.eos_token_id, endoftext]
     )
-
-
-def _processors():
-    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     common = dict(patch_size=PATCH_SIZE, temporal_patch_size=TEMPORAL_PATCH_SIZE, merge_size=MERGE_SIZE)
-    image_processor = Qwen2VLImageProcessor(
-        min_pixels=IMAGE_MIN_PIXELS, max_pixels=IMAGE_MAX_PIXELS, **common
-    )
+    image_processor = Qwen2VLImageProcessor(min_pixels=IMAGE_MIN_PIXELS, max_pixels=IMAGE_MAX_PIXELS, **common)
     video_processor = Qwen2VLVideoProcessor(
         min_pixels=VIDEO_MIN_PIXELS, max_pixels=VIDEO_MAX_PIXELS, cap_pixels_per_frame=False, **common
     )
-    return image_processor, video_processor
-
-
-def _finish(model, tokenizer, dtype: torch.dtype):
-    """Eval mode, dtype, and a greedy generation config that pads, stops and never emits placeholders."""
-    model = model.to(dtype=dtype).eval()
-    gen = model.generation_config
-    endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    gen.bos_token_id = endoftext
-    gen.pad_token_id = tokenizer.pad_token_id
-    gen.eos_token_id = [tokenizer.eos_token_id, endoftext]
-    gen.do_sample = False
-    gen.suppress_tokens = [model.config.image_token_id, model.config.video_token_id]
-    return model
-
-
-@register_tiny("tiny/qwen2-vl", "vlm", "Qwen2VLForConditionalGeneration", defaults=_GENERATE_DEFAULTS)
-def build_qwen2_vl(dtype: torch.dtype = torch.float32) -> TinyVLM:
-    """Qwen2-VL: ViT with 2D rotary embeddings + 2x2 patch merger, Qwen2 text model with M-RoPE."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
-
-    tokenizer = _tokenizer()
-    text_kwargs = _text_kwargs(tokenizer)
-    vision_config = dict(
-        depth=2,
-        embed_dim=32,
-        hidden_size=text_kwargs["hidden_size"],  # the merger projects to the text width
-        mlp_ratio=2,
-        num_heads=2,
-        hidden_act="quick_gelu",
-        patch_size=PATCH_SIZE,
-        spatial_merge_size=MERGE_SIZE,
-        temporal_patch_size=TEMPORAL_PATCH_SIZE,
-    )
-    config = Qwen2VLConfig(
-        text_config=text_kwargs,
-        vision_config=vision_config,
-        **_token_ids(tokenizer),
-        attn_implementation="sdpa",
-    )
-    model = _finish(Qwen2VLForConditionalGeneration(config), tokenizer, dtype)
-
-    image_processor, video_processor = _processors()
-    processor = Qwen2VLProcessor(
+    processor = processor_cls(
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=video_processor,
@@ -175,20 +129,37 @@ def build_qwen2_vl(dtype: torch.dtype = torch.float32) -> TinyVLM:
     return TinyVLM(model, processor)
 
 
+@register_tiny("tiny/qwen2-vl", "vlm", "Qwen2VLForConditionalGeneration", defaults=_GENERATE_DEFAULTS)
+def build_qwen2_vl(dtype: torch.dtype = torch.float32) -> TinyVLM:
+    """Qwen2-VL: ViT with 2D rotary embeddings + 2x2 patch merger, Qwen2 text model with M-RoPE."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+    vision_config = dict(
+        depth=2,
+        embed_dim=32,
+        hidden_size=_TEXT["hidden_size"],  # the merger projects to the text width
+        mlp_ratio=2,
+        num_heads=2,
+        hidden_act="quick_gelu",
+        patch_size=PATCH_SIZE,
+        spatial_merge_size=MERGE_SIZE,
+        temporal_patch_size=TEMPORAL_PATCH_SIZE,
+    )
+    return _build(dtype, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, vision_config)
+
+
 @register_tiny("tiny/qwen2.5-vl", "vlm", "Qwen2_5_VLForConditionalGeneration", defaults=_GENERATE_DEFAULTS)
 def build_qwen2_5_vl(dtype: torch.dtype = torch.float32) -> TinyVLM:
     """Qwen2.5-VL: windowed-attention ViT (SwiGLU, RMSNorm) + patch merger, Qwen2 text model with M-RoPE."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
-    tokenizer = _tokenizer()
-    text_kwargs = _text_kwargs(tokenizer)
     vision_config = dict(
         depth=2,
         hidden_size=32,
         intermediate_size=64,
         num_heads=2,
         hidden_act="silu",
-        out_hidden_size=text_kwargs["hidden_size"],
+        out_hidden_size=_TEXT["hidden_size"],
         patch_size=PATCH_SIZE,
         spatial_merge_size=MERGE_SIZE,
         temporal_patch_size=TEMPORAL_PATCH_SIZE,
@@ -198,19 +169,4 @@ def build_qwen2_5_vl(dtype: torch.dtype = torch.float32) -> TinyVLM:
         fullatt_block_indexes=[1],
         tokens_per_second=2,
     )
-    config = Qwen2_5_VLConfig(
-        text_config=text_kwargs,
-        vision_config=vision_config,
-        **_token_ids(tokenizer),
-        attn_implementation="sdpa",
-    )
-    model = _finish(Qwen2_5_VLForConditionalGeneration(config), tokenizer, dtype)
-
-    image_processor, video_processor = _processors()
-    processor = Qwen2_5_VLProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=video_processor,
-        chat_template=QWEN_VL_CHAT_TEMPLATE,
-    )
-    return TinyVLM(model, processor)
+    return _build(dtype, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, vision_config)

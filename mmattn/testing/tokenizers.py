@@ -50,23 +50,51 @@ def _named_special_tokens(kwargs: dict) -> list[str]:
     return [str(v) for k, v in kwargs.items() if k.endswith("_token") and v is not None]
 
 
-def llama_byte_vocab(special_tokens: Sequence[str] = ()) -> dict[str, int]:
-    """SentencePiece-BPE (Llama) vocabulary: ``<unk>``, ``<s>``, ``</s>`` (ids 0-2), the 256 byte-fallback
-    pieces ``<0x00>``...``<0xFF>``, the word-boundary piece ``▁``, printable ASCII, then ``special_tokens``.
+def _byte_fallback_vocab(leading: Sequence[str], pieces: Sequence[str], special_tokens: Sequence[str]) -> dict[str, int]:
+    """SentencePiece-BPE vocabulary: ``leading`` (ids 0...), the 256 byte-fallback pieces ``<0x00>``...``<0xFF>``,
+    ``pieces``, printable ASCII, then ``special_tokens``.
 
     With no merges every character is its own piece and any other character falls back to its UTF-8
     bytes, so encoding and decoding are lossless.
     """
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab = {token: i for i, token in enumerate(leading)}
     for byte in range(256):
         vocab[f"<0x{byte:02X}>"] = len(vocab)
-    vocab.setdefault("\u2581", len(vocab))
-    for char in string.printable:
-        if not char.isspace():
-            vocab.setdefault(char, len(vocab))
-    for token in special_tokens:
+    printable = [char for char in string.printable if not char.isspace()]
+    for token in [*pieces, *printable, *special_tokens]:
         vocab.setdefault(token, len(vocab))
     return vocab
+
+
+def llama_byte_vocab(special_tokens: Sequence[str] = ()) -> dict[str, int]:
+    """Llama vocabulary: ``<unk>``, ``<s>``, ``</s>`` (ids 0-2), the 256 byte-fallback pieces, the
+    word-boundary piece ``▁``, printable ASCII, then ``special_tokens`` (see :func:`_byte_fallback_vocab`)."""
+    return _byte_fallback_vocab(("<unk>", "<s>", "</s>"), ("\u2581",), special_tokens)
+
+
+def gemma_byte_vocab(special_tokens: Sequence[str] = ()) -> dict[str, int]:
+    """Gemma vocabulary: ``<pad>``, ``<eos>``, ``<bos>``, ``<unk>``, ``<mask>`` (ids 0-4, as in Gemma), the
+    256 byte-fallback pieces, ``▁`` (Gemma's normalizer writes spaces as ``▁``), ``\\n``, printable ASCII,
+    then ``special_tokens`` (see :func:`_byte_fallback_vocab`)."""
+    return _byte_fallback_vocab(("<pad>", "<eos>", "<bos>", "<unk>", "<mask>"), ("\u2581", "\n"), special_tokens)
+
+
+def _tokenizer(cls, vocab_of, special_tokens: Sequence[str], kwargs: dict, **defaults):
+    """``cls`` over ``vocab_of(special_tokens + the values of *_token kwargs)``, with no merges.
+
+    ``special_tokens`` become ``extra_special_tokens`` (never split); ``*_token`` keyword arguments
+    (``pad_token="<pad>"``, ``image_token="<image>"``: the latter become tokenizer attributes, as on
+    the hub) are added to the vocabulary too. ``defaults`` fill keyword arguments the caller left out.
+    """
+    extra = list(special_tokens)
+    vocab = vocab_of([*extra, *_named_special_tokens(kwargs)])
+    for key, value in defaults.items():
+        kwargs.setdefault(key, value)
+    return cls(vocab=vocab, merges=[], extra_special_tokens=extra, **kwargs)
+
+
+# SentencePiece tokenizers (Llama, Gemma) add a BOS and no EOS; all tiny tokenizers pad on the left.
+_BOS_LEFT_PADDED = dict(add_bos_token=True, add_eos_token=False, padding_side="left")
 
 
 def llama_tokenizer(special_tokens: Sequence[str] = (), **kwargs):
@@ -78,12 +106,7 @@ def llama_tokenizer(special_tokens: Sequence[str] = (), **kwargs):
     """
     from transformers import LlamaTokenizer
 
-    extra = list(special_tokens)
-    vocab = llama_byte_vocab([*extra, *_named_special_tokens(kwargs)])
-    kwargs.setdefault("add_bos_token", True)
-    kwargs.setdefault("add_eos_token", False)
-    kwargs.setdefault("padding_side", "left")
-    return LlamaTokenizer(vocab=vocab, merges=[], extra_special_tokens=extra, **kwargs)
+    return _tokenizer(LlamaTokenizer, llama_byte_vocab, special_tokens, kwargs, **_BOS_LEFT_PADDED)
 
 
 def qwen2_tokenizer(special_tokens: Sequence[str] = (), **kwargs):
@@ -94,31 +117,11 @@ def qwen2_tokenizer(special_tokens: Sequence[str] = (), **kwargs):
     """
     from transformers import Qwen2Tokenizer
 
+    def vocab_of(tokens):
+        return byte_level_vocab(["<|endoftext|>", *tokens])
+
     extra = [t for t in special_tokens if t != "<|endoftext|>"]
-    vocab = byte_level_vocab(["<|endoftext|>", *extra, *_named_special_tokens(kwargs)])
-    kwargs.setdefault("padding_side", "left")
-    return Qwen2Tokenizer(vocab=vocab, merges=[], extra_special_tokens=extra, **kwargs)
-
-
-def gemma_byte_vocab(special_tokens: Sequence[str] = ()) -> dict[str, int]:
-    """Gemma vocabulary: ``<pad>``, ``<eos>``, ``<bos>``, ``<unk>``, ``<mask>`` (ids 0-4, as in Gemma), the
-    256 byte-fallback pieces ``<0x00>``...``<0xFF>``, ``▁`` (Gemma's normalizer writes spaces as ``▁``),
-    ``\\n``, printable ASCII, then ``special_tokens``.
-
-    With no merges every character is its own piece and any other character falls back to its UTF-8
-    bytes, so encoding and decoding are lossless.
-    """
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
-    for byte in range(256):
-        vocab[f"<0x{byte:02X}>"] = len(vocab)
-    vocab.setdefault("\u2581", len(vocab))
-    vocab.setdefault("\n", len(vocab))
-    for char in string.printable:
-        if not char.isspace():
-            vocab.setdefault(char, len(vocab))
-    for token in special_tokens:
-        vocab.setdefault(token, len(vocab))
-    return vocab
+    return _tokenizer(Qwen2Tokenizer, vocab_of, extra, kwargs, padding_side="left")
 
 
 def gemma_tokenizer(special_tokens: Sequence[str] = (), **kwargs):
@@ -130,9 +133,4 @@ def gemma_tokenizer(special_tokens: Sequence[str] = (), **kwargs):
     """
     from transformers import GemmaTokenizer
 
-    extra = list(special_tokens)
-    vocab = gemma_byte_vocab([*extra, *_named_special_tokens(kwargs)])
-    kwargs.setdefault("add_bos_token", True)
-    kwargs.setdefault("add_eos_token", False)
-    kwargs.setdefault("padding_side", "left")
-    return GemmaTokenizer(vocab=vocab, merges=[], extra_special_tokens=extra, **kwargs)
+    return _tokenizer(GemmaTokenizer, gemma_byte_vocab, special_tokens, kwargs, **_BOS_LEFT_PADDED)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from mmattn.testing import TinyVLM, build_tiny, tiny_names, tiny_spec
 from mmattn.testing.gemma import (
@@ -14,16 +12,12 @@ from mmattn.testing.gemma import (
     GEMMA3_SLIDING_WINDOW,
     PALIGEMMA_IMAGE_TOKENS,
 )
+from mmattn.testing.media import random_image
 
 MODELS = ["tiny/gemma3", "tiny/paligemma"]
 ARCHITECTURES = {"tiny/gemma3": "Gemma3ForConditionalGeneration", "tiny/paligemma": "PaliGemmaForConditionalGeneration"}
 IMAGE_TOKENS = {"tiny/gemma3": GEMMA3_IMAGE_TOKENS, "tiny/paligemma": PALIGEMMA_IMAGE_TOKENS}
 QUESTIONS = ["What is this?", "Describe the picture in every detail, please."]
-
-
-def make_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def prompt_for(name: str, processor, question: str) -> str:
@@ -32,10 +26,6 @@ def prompt_for(name: str, processor, question: str) -> str:
         return f"<image>answer en {question}"
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     return processor.apply_chat_template(conversation, add_generation_prompt=True)
-
-
-def image_token_counts(vlm: TinyVLM, inputs) -> list[int]:
-    return (inputs["input_ids"] == vlm.model.config.image_token_id).sum(dim=1).tolist()
 
 
 def consumed_token_counts(vlm: TinyVLM, inputs) -> list[int]:
@@ -51,27 +41,18 @@ def name(request):
     return request.param
 
 
-@pytest.fixture(scope="module")
-def vlm(name) -> TinyVLM:
-    return build_tiny(name)
-
-
 def test_registered():
     assert set(MODELS) <= set(tiny_names("vlm"))
     for model_name in MODELS:
         assert tiny_spec(model_name).architecture == ARCHITECTURES[model_name]
 
 
-def test_model_and_processor(name, vlm):
+def test_model_and_processor(name, vlm, checks):
     model, processor = vlm.model, vlm.processor
     tokenizer = processor.tokenizer
     config = model.config
+    checks.assert_ready(name, vlm)
     assert type(model).__name__ == ARCHITECTURES[name]
-    assert not model.training
-    assert {p.device.type for p in model.parameters()} == {"cpu"}
-    assert {p.dtype for p in model.parameters()} == {torch.float32}
-    assert config._attn_implementation == "sdpa"
-    assert config.text_config._attn_implementation == "sdpa"
     assert config.vision_config.model_type == "siglip_vision_model"
 
     # the config's placeholder id is the one the processor expands to (Gemma 3 expands <start_of_image>)
@@ -136,7 +117,7 @@ def test_gemma3_chat_template():
         "<start_of_turn>user\nLook:<start_of_image><end_of_turn>\n<start_of_turn>model\n"
     )
     # one <bos> whichever way the prompt is tokenized
-    image = make_image(40, 30)
+    image = random_image(40, 30)
     inputs = processor(text=[prompt], images=[[image]], return_tensors="pt")
     conversation = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is this?"}]}]
     tokenized = processor.apply_chat_template(
@@ -152,7 +133,7 @@ def test_gemma3_image_span():
     processor = vlm.processor
     tokenizer = processor.tokenizer
     inputs = processor(
-        text=[prompt_for("tiny/gemma3", processor, "What is this?")], images=[[make_image(80, 40)]], return_tensors="pt"
+        text=[prompt_for("tiny/gemma3", processor, "What is this?")], images=[[random_image(80, 40)]], return_tensors="pt"
     )
     tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())
     start = tokens.index("<start_of_image>") + 1
@@ -168,7 +149,7 @@ def test_gemma3_layer_type_masks():
     vlm = build_tiny("tiny/gemma3")
     model, processor = vlm.model, vlm.processor
     inputs = processor(
-        text=[prompt_for("tiny/gemma3", processor, "What is this?")], images=[[make_image(40, 40)]], return_tensors="pt"
+        text=[prompt_for("tiny/gemma3", processor, "What is this?")], images=[[random_image(40, 40)]], return_tensors="pt"
     )
     seen = {}
 
@@ -194,7 +175,7 @@ def test_paligemma_prompts():
     vlm = build_tiny("tiny/paligemma")
     processor, config = vlm.processor, vlm.model.config
     tokenizer = processor.tokenizer
-    image = make_image(80, 40)
+    image = random_image(80, 40)
     with_placeholder = processor(text=["<image>answer en What is this?"], images=[image], return_tensors="pt")
     plain = processor(text=["answer en What is this?"], images=[image], return_tensors="pt")
     assert torch.equal(with_placeholder["input_ids"], plain["input_ids"])
@@ -214,79 +195,44 @@ def test_paligemma_prompts():
     assert tuple(plain["pixel_values"].shape) == (1, 3, 32, 32)
 
 
-def test_generate_batch_of_one(name, vlm):
-    model, processor = vlm.model, vlm.processor
+def test_generate_batch_of_one(name, vlm, checks):
+    processor = vlm.processor
     inputs = processor(
-        text=[prompt_for(name, processor, QUESTIONS[0])], images=[[make_image(80, 40)]], return_tensors="pt"
+        text=[prompt_for(name, processor, QUESTIONS[0])], images=[[random_image(80, 40)]], return_tensors="pt"
     )
-    assert image_token_counts(vlm, inputs) == consumed_token_counts(vlm, inputs) == [IMAGE_TOKENS[name]]
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    prompt_len = inputs["input_ids"].shape[1]
-    assert out.shape[0] == 1 and prompt_len < out.shape[1] <= prompt_len + 4
-    assert torch.equal(out[:, :prompt_len], inputs["input_ids"])
-    answer = processor.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
-    assert len(answer) == 1 and isinstance(answer[0], str)
-    assert not (out[:, prompt_len:] == model.config.image_token_id).any()
+    assert checks.image_token_counts(vlm, inputs) == consumed_token_counts(vlm, inputs) == [IMAGE_TOKENS[name]]
+    answer = checks.check_generated(vlm, inputs, checks.generate(vlm, inputs))
+    assert len(answer) == 1
 
 
-def test_generate_padded_batch(name, vlm):
-    model, processor = vlm.model, vlm.processor
+def test_generate_padded_batch(name, vlm, checks):
+    processor = vlm.processor
     tokenizer = processor.tokenizer
     prompts = [prompt_for(name, processor, q) for q in QUESTIONS]
-    images = [[make_image(80, 40, seed=1)], [make_image(50, 50, seed=2)]]
+    images = [[random_image(80, 40, seed=1)], [random_image(50, 50, seed=2)]]
     inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt")
-    assert image_token_counts(vlm, inputs) == consumed_token_counts(vlm, inputs) == [IMAGE_TOKENS[name]] * 2
-    lengths = inputs["attention_mask"].sum(dim=1)
-    assert lengths[0] != lengths[1]
-    short = int(lengths.argmin())
-    pad = inputs["input_ids"].shape[1] - int(lengths[short])
-    assert (inputs["input_ids"][short, :pad] == tokenizer.pad_token_id).all()
-    assert (inputs["attention_mask"][short, :pad] == 0).all()
+    assert checks.image_token_counts(vlm, inputs) == consumed_token_counts(vlm, inputs) == [IMAGE_TOKENS[name]] * 2
+    pads = checks.left_padding(inputs, tokenizer.pad_token_id)
+    assert pads[0] != pads[1]
 
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    prompt_len = inputs["input_ids"].shape[1]
-    assert out.shape[0] == 2 and prompt_len < out.shape[1] <= prompt_len + 4
-    answers = processor.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
-    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    answers = checks.check_generated(vlm, inputs, checks.generate(vlm, inputs))
+    assert len(answers) == 2
 
     # left padding does not change a sample's next-token logits
-    with torch.no_grad():
-        batched = model(**inputs).logits[:, -1]
-        for i in range(2):
-            alone = processor(text=[prompts[i]], images=[images[i]], return_tensors="pt")
-            torch.testing.assert_close(model(**alone).logits[0, -1], batched[i], atol=1e-4, rtol=1e-4)
+    checks.assert_padding_invariant(vlm, inputs, prompts, images)
 
 
-def test_deterministic_per_seed(name):
-    first, again, other = build_tiny(name, seed=0), build_tiny(name, seed=0), build_tiny(name, seed=1)
-    state, state_again, state_other = (v.model.state_dict() for v in (first, again, other))
-    assert state.keys() == state_again.keys() == state_other.keys()
-    assert all(torch.equal(state[k], state_again[k]) for k in state)
-    assert any(not torch.equal(state[k], state_other[k]) for k in state)
+def test_deterministic_per_seed(name, checks):
+    def make_inputs(processor):
+        prompts = [prompt_for(name, processor, q) for q in QUESTIONS]
+        images = [[random_image(80, 40)], [random_image(40, 80)]]
+        return processor(text=prompts, images=images, padding=True, return_tensors="pt")
 
-    processor = first.processor
-    inputs = processor(
-        text=[prompt_for(name, processor, q) for q in QUESTIONS],
-        images=[[make_image(80, 40)], [make_image(40, 80)]],
-        padding=True,
-        return_tensors="pt",
-    )
-    with torch.no_grad():
-        out = first.model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        out_again = again.model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert torch.equal(out, out_again)
+    checks.assert_seeded(name, make_inputs)
 
 
-def test_dtype(name):
-    vlm = build_tiny(name, dtype=torch.bfloat16)
-    assert {p.dtype for p in vlm.model.parameters()} == {torch.bfloat16}
-    reference = build_tiny(name)
-    for key, value in vlm.model.state_dict().items():
-        assert torch.equal(value, reference.model.state_dict()[key].to(torch.bfloat16)), key
-    processor = vlm.processor
-    inputs = processor(text=[prompt_for(name, processor, "What?")], images=[[make_image(40, 40)]], return_tensors="pt")
-    with torch.no_grad():
-        logits = vlm.model(**inputs).logits
-    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+def test_dtype(name, checks):
+    def make_inputs(processor):
+        return processor(text=[prompt_for(name, processor, "What?")], images=[[random_image(40, 40)]], return_tensors="pt")
+
+    checks.assert_bfloat16(name, make_inputs)

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from mmattn.testing import TinyVLM, build_tiny, tiny_names, tiny_spec
 from mmattn.testing.idefics import TILE, TOKENS_PER_TILE
+from mmattn.testing.media import random_image
 
 MODELS = ["tiny/smolvlm", "tiny/idefics3"]
 ARCHITECTURES = {"tiny/smolvlm": "SmolVLMForConditionalGeneration", "tiny/idefics3": "Idefics3ForConditionalGeneration"}
 QUESTIONS = ["What is this?", "Describe the picture in every detail, please."]
-
-
-def make_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def chat_prompt(processor, question: str) -> str:
@@ -28,10 +22,6 @@ def chat_prompt(processor, question: str) -> str:
 def expected_tokens(rows: int, cols: int) -> int:
     """Image tokens of an image split into rows x cols tiles (plus the global view)."""
     return (rows * cols + 1) * TOKENS_PER_TILE if rows else TOKENS_PER_TILE
-
-
-def image_token_counts(vlm: TinyVLM, inputs) -> list[int]:
-    return (inputs["input_ids"] == vlm.model.config.image_token_id).sum(dim=1).tolist()
 
 
 def consumed_token_counts(vlm: TinyVLM, inputs) -> list[int]:
@@ -50,26 +40,17 @@ def name(request):
     return request.param
 
 
-@pytest.fixture(scope="module")
-def vlm(name) -> TinyVLM:
-    return build_tiny(name)
-
-
 def test_registered():
     assert set(MODELS) <= set(tiny_names("vlm"))
     for model_name in MODELS:
         assert tiny_spec(model_name).architecture == ARCHITECTURES[model_name]
 
 
-def test_model_and_processor(name, vlm):
+def test_model_and_processor(name, vlm, checks):
     model, processor = vlm.model, vlm.processor
     tokenizer = processor.tokenizer
+    checks.assert_ready(name, vlm)
     assert type(model).__name__ == ARCHITECTURES[name]
-    assert not model.training
-    assert {p.device.type for p in model.parameters()} == {"cpu"}
-    assert {p.dtype for p in model.parameters()} == {torch.float32}
-    assert model.config._attn_implementation == "sdpa"
-    assert model.config.text_config._attn_implementation == "sdpa"
 
     # the placeholder id of the config is the tokenizer's <image>, which the processor expands
     assert model.config.image_token_id == tokenizer.convert_tokens_to_ids("<image>")
@@ -129,13 +110,13 @@ def test_chat_template(vlm):
     [((80, 40), 1, 2), ((30, 70), 2, 1), ((50, 50), 2, 2), ((2 * TILE, TILE), 1, 2)],
     ids=["wide", "tall", "square", "exact"],
 )
-def test_image_split_into_tiles(vlm, size, rows, cols):
+def test_image_split_into_tiles(vlm, size, rows, cols, checks):
     processor = vlm.processor
     tokenizer = processor.tokenizer
-    inputs = processor(text=[chat_prompt(processor, "What is this?")], images=[[make_image(*size)]], return_tensors="pt")
+    inputs = processor(text=[chat_prompt(processor, "What is this?")], images=[[random_image(*size)]], return_tensors="pt")
     tiles = rows * cols + 1
     assert tuple(inputs["pixel_values"].shape) == (1, tiles, 3, TILE, TILE)
-    assert image_token_counts(vlm, inputs) == [expected_tokens(rows, cols)]
+    assert checks.image_token_counts(vlm, inputs) == [expected_tokens(rows, cols)]
     assert consumed_token_counts(vlm, inputs) == [expected_tokens(rows, cols)]
     tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())
     # one <fake_token_around_image> opens each tile, one closes the global view
@@ -151,87 +132,54 @@ def test_image_split_into_tiles(vlm, size, rows, cols):
         assert tokens[start + TOKENS_PER_TILE] != "<image>"
 
 
-def test_generate_batch_of_one(vlm):
-    model, processor = vlm.model, vlm.processor
+def test_generate_batch_of_one(vlm, checks):
+    processor = vlm.processor
     inputs = processor(
-        text=[chat_prompt(processor, QUESTIONS[0])], images=[[make_image(80, 40)]], return_tensors="pt"
+        text=[chat_prompt(processor, QUESTIONS[0])], images=[[random_image(80, 40)]], return_tensors="pt"
     )
-    assert image_token_counts(vlm, inputs) == consumed_token_counts(vlm, inputs) == [expected_tokens(1, 2)]
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    prompt_len = inputs["input_ids"].shape[1]
-    assert out.shape == (1, prompt_len + 4)
-    assert torch.equal(out[:, :prompt_len], inputs["input_ids"])
-    answer = processor.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
-    assert len(answer) == 1 and isinstance(answer[0], str)
-    assert not (out[:, prompt_len:] == model.config.image_token_id).any()
+    assert checks.image_token_counts(vlm, inputs) == consumed_token_counts(vlm, inputs) == [expected_tokens(1, 2)]
+    answer = checks.check_generated(vlm, inputs, checks.generate(vlm, inputs), exact_length=True)
+    assert len(answer) == 1
 
 
-def test_generate_padded_batch(vlm):
-    model, processor = vlm.model, vlm.processor
+def test_generate_padded_batch(vlm, checks):
+    processor = vlm.processor
     tokenizer = processor.tokenizer
     prompts = [chat_prompt(processor, q) for q in QUESTIONS]
-    images = [[make_image(80, 40, seed=1)], [make_image(50, 50, seed=2)]]
+    images = [[random_image(80, 40, seed=1)], [random_image(50, 50, seed=2)]]
     inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt")
     counts = [expected_tokens(1, 2), expected_tokens(2, 2)]
-    assert image_token_counts(vlm, inputs) == consumed_token_counts(vlm, inputs) == counts
+    assert checks.image_token_counts(vlm, inputs) == consumed_token_counts(vlm, inputs) == counts
     # pixel_values pad the first sample's 3 tiles to the second one's 5 with all-zero tiles
     assert tuple(inputs["pixel_values"].shape) == (2, 5, 3, TILE, TILE)
     # the prompts differ in length: the shorter one is padded on the left
-    lengths = inputs["attention_mask"].sum(dim=1)
-    assert lengths[0] != lengths[1]
-    short = int(lengths.argmin())
-    pad = inputs["input_ids"].shape[1] - int(lengths[short])
-    assert (inputs["input_ids"][short, :pad] == tokenizer.pad_token_id).all()
-    assert (inputs["attention_mask"][short, :pad] == 0).all()
+    pads = checks.left_padding(inputs, tokenizer.pad_token_id)
+    assert pads[0] != pads[1]
+    short = pads.index(max(pads))
+    pad = pads[short]
     assert inputs["input_ids"][short, pad] == tokenizer.bos_token_id
 
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    prompt_len = inputs["input_ids"].shape[1]
-    assert out.shape == (2, prompt_len + 4)
-    answers = processor.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
-    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    answers = checks.check_generated(vlm, inputs, checks.generate(vlm, inputs), exact_length=True)
+    assert len(answers) == 2
 
     # left padding does not change a sample's next-token logits
-    with torch.no_grad():
-        batched = model(**inputs).logits[:, -1]
-        for i in range(2):
-            alone = processor(text=[prompts[i]], images=[images[i]], return_tensors="pt")
-            torch.testing.assert_close(model(**alone).logits[0, -1], batched[i], atol=1e-4, rtol=1e-4)
+    checks.assert_padding_invariant(vlm, inputs, prompts, images)
 
 
-def test_deterministic_per_seed(name):
-    first, again, other = build_tiny(name, seed=0), build_tiny(name, seed=0), build_tiny(name, seed=1)
-    state, state_again, state_other = (v.model.state_dict() for v in (first, again, other))
-    assert state.keys() == state_again.keys() == state_other.keys()
-    assert all(torch.equal(state[k], state_again[k]) for k in state)
-    assert any(not torch.equal(state[k], state_other[k]) for k in state)
+def test_deterministic_per_seed(name, checks):
+    def make_inputs(processor):
+        prompts = [chat_prompt(processor, q) for q in QUESTIONS]
+        images = [[random_image(80, 40)], [random_image(40, 80)]]
+        return processor(text=prompts, images=images, padding=True, return_tensors="pt")
 
-    processor = first.processor
-    inputs = processor(
-        text=[chat_prompt(processor, q) for q in QUESTIONS],
-        images=[[make_image(80, 40)], [make_image(40, 80)]],
-        padding=True,
-        return_tensors="pt",
-    )
-    with torch.no_grad():
-        out = first.model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        out_again = again.model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert torch.equal(out, out_again)
+    checks.assert_seeded(name, make_inputs)
 
 
-def test_dtype(name):
-    vlm = build_tiny(name, dtype=torch.bfloat16)
-    assert {p.dtype for p in vlm.model.parameters()} == {torch.bfloat16}
-    reference = build_tiny(name)
-    for key, value in vlm.model.state_dict().items():
-        assert torch.equal(value, reference.model.state_dict()[key].to(torch.bfloat16)), key
-    processor = vlm.processor
-    inputs = processor(text=[chat_prompt(processor, "What?")], images=[[make_image(40, 40)]], return_tensors="pt")
-    with torch.no_grad():
-        logits = vlm.model(**inputs).logits
-    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+def test_dtype(name, checks):
+    def make_inputs(processor):
+        return processor(text=[chat_prompt(processor, "What?")], images=[[random_image(40, 40)]], return_tensors="pt")
+
+    checks.assert_bfloat16(name, make_inputs)
 
 
 def test_smolvlm_processor_without_num2words(monkeypatch):
@@ -246,7 +194,7 @@ def test_smolvlm_processor_without_num2words(monkeypatch):
     fallback = build_tiny("tiny/smolvlm")
     assert type(fallback.processor) is Idefics3Processor
     texts = [chat_prompt(usual.processor, q) for q in QUESTIONS]
-    images = [[make_image(80, 40)], [make_image(50, 50)]]
+    images = [[random_image(80, 40)], [random_image(50, 50)]]
     expected = usual.processor(text=texts, images=images, padding=True, return_tensors="pt")
     got = fallback.processor(text=texts, images=images, padding=True, return_tensors="pt")
     assert expected.keys() == got.keys()

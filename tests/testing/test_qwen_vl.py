@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from mmattn.testing import TinyVLM, build_tiny, tiny_names, tiny_spec
+from mmattn.testing import TinyVLM, tiny_names, tiny_spec
+from mmattn.testing.media import random_image, random_video
 
 NAMES = ["tiny/qwen2-vl", "tiny/qwen2.5-vl"]
-MAX_NEW_TOKENS = 4
 MERGE = 4  # 2x2 patches per LLM token
 
 QUESTION = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
@@ -26,24 +25,15 @@ LONG_QUESTION = [
 VIDEO_QUESTION = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
 
 
-def make_image(height: int, width: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def make_video(frames: int, height: int, width: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
+def question_inputs(processor):
+    """QUESTION about a 64x48 image, through the chat template and the processor."""
+    prompt = processor.apply_chat_template(QUESTION, add_generation_prompt=True)
+    return processor(text=[prompt], images=[random_image(64, 48, seed=1)], return_tensors="pt")
 
 
 @pytest.fixture(scope="module", params=NAMES)
 def name(request) -> str:
     return request.param
-
-
-@pytest.fixture(scope="module")
-def vlm(name) -> TinyVLM:
-    return build_tiny(name)
 
 
 def features_per_item(vlm: TinyVLM, inputs, modality: str = "image") -> list[int]:
@@ -56,21 +46,6 @@ def features_per_item(vlm: TinyVLM, inputs, modality: str = "image") -> list[int
     return [f.shape[0] for f in out.pooler_output]
 
 
-def generate(vlm: TinyVLM, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return vlm.model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-
-
-def check_generated(vlm: TinyVLM, inputs, out: torch.Tensor) -> list[str]:
-    prompt_len = inputs["input_ids"].shape[1]
-    assert out.shape[0] == inputs["input_ids"].shape[0]
-    assert prompt_len < out.shape[1] <= prompt_len + MAX_NEW_TOKENS
-    assert torch.equal(out[:, :prompt_len], inputs["input_ids"])
-    texts = vlm.processor.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
-    assert len(texts) == out.shape[0] and all(isinstance(t, str) for t in texts)
-    return texts
-
-
 def test_registered():
     names = tiny_names("vlm")
     for name in NAMES:
@@ -80,17 +55,11 @@ def test_registered():
         assert spec.defaults.get("max_new_tokens")
 
 
-def test_model_and_processor_agree(name, vlm):
+def test_model_and_processor_agree(name, vlm, checks):
     model, processor = vlm.model, vlm.processor
     tokenizer = processor.tokenizer
     config = model.config
-    assert type(model).__name__ == tiny_spec(name).architecture
-    assert not model.training
-    assert next(model.parameters()).device.type == "cpu"
-    assert model.dtype == torch.float32
-    assert config._attn_implementation == "sdpa"
-    assert config.text_config._attn_implementation == "sdpa"
-    assert config.vision_config._attn_implementation == "sdpa"
+    checks.assert_ready(name, vlm)
 
     # Placeholder and delimiter ids in the config are the tokenizer's.
     ids = tokenizer.convert_tokens_to_ids
@@ -142,11 +111,11 @@ def test_chat_template(vlm):
     assert rendered.endswith("<|im_start|>assistant\nHello<|im_end|>\n")
 
 
-@pytest.mark.parametrize("size", [(48, 64), (200, 150), (300, 300)])
-def test_generate_one_image(vlm, size):
+@pytest.mark.parametrize("size", [(64, 48), (150, 200), (300, 300)])  # width, height
+def test_generate_one_image(vlm, size, checks):
     processor, config = vlm.processor, vlm.model.config
     prompt = processor.apply_chat_template(QUESTION, add_generation_prompt=True)
-    inputs = processor(text=[prompt], images=[make_image(*size, seed=1)], return_tensors="pt")
+    inputs = processor(text=[prompt], images=[random_image(*size, seed=1)], return_tensors="pt")
     assert {"mm_token_type_ids", "pixel_values", "image_grid_thw"} <= set(inputs)
     n_image_tokens = int((inputs["input_ids"] == config.image_token_id).sum())
     grid = inputs["image_grid_thw"]
@@ -157,12 +126,12 @@ def test_generate_one_image(vlm, size):
     assert features_per_item(vlm, inputs) == [n_image_tokens]
     assert int((inputs["mm_token_type_ids"] == 1).sum()) == n_image_tokens
 
-    check_generated(vlm, inputs, generate(vlm, inputs))
+    checks.check_generated(vlm, inputs, checks.generate(vlm, inputs))
 
 
-def test_chat_template_tokenize(vlm):
+def test_chat_template_tokenize(vlm, checks):
     processor = vlm.processor
-    image = make_image(48, 64, seed=1)
+    image = random_image(64, 48, seed=1)
     content = [{"type": "image", "image": image}, {"type": "text", "text": "What is this?"}]
     chat = [{"role": "user", "content": content}]
     direct = processor.apply_chat_template(
@@ -171,95 +140,71 @@ def test_chat_template_tokenize(vlm):
     prompt = processor.apply_chat_template(QUESTION, add_generation_prompt=True)
     inputs = processor(text=[prompt], images=[image], return_tensors="pt")
     assert torch.equal(direct["input_ids"], inputs["input_ids"])
-    check_generated(vlm, direct, generate(vlm, direct))
+    checks.check_generated(vlm, direct, checks.generate(vlm, direct))
 
 
-def test_generate_padded_batch(vlm):
+def test_generate_padded_batch(vlm, checks):
     processor, model = vlm.processor, vlm.model
     short = processor.apply_chat_template(QUESTION, add_generation_prompt=True)
     long = processor.apply_chat_template(LONG_QUESTION, add_generation_prompt=True)
-    images = [make_image(48, 64, seed=1), make_image(200, 150, seed=2)]
+    images = [random_image(64, 48, seed=1), random_image(150, 200, seed=2)]
     inputs = processor(text=[short, long], images=images, padding=True, return_tensors="pt")
 
-    mask = inputs["attention_mask"]
-    assert mask.shape[0] == 2 and mask[1].all() and not mask[0].all()
-    assert mask[0, 0] == 0 and mask[0, -1] == 1  # left padding
-    assert (inputs["input_ids"][0][mask[0] == 0] == processor.tokenizer.pad_token_id).all()
+    pads = checks.left_padding(inputs, processor.tokenizer.pad_token_id)
+    assert len(pads) == 2 and pads[0] > 0 and pads[1] == 0  # the short prompt is padded on the left
 
     per_row = (inputs["input_ids"] == model.config.image_token_id).sum(-1).tolist()
     assert per_row[0] != per_row[1]  # images of different sizes get different token counts
     assert features_per_item(vlm, inputs) == per_row
     assert per_row == (inputs["image_grid_thw"].prod(-1) // MERGE).tolist()
 
-    texts = check_generated(vlm, inputs, generate(vlm, inputs))
+    texts = checks.check_generated(vlm, inputs, checks.generate(vlm, inputs))
     assert len(texts) == 2
 
     # Padding (and M-RoPE positions under it) does not change the answer.
-    single = processor(text=[short], images=images[:1], return_tensors="pt")
-    with torch.no_grad():
-        batch_logits = model(**inputs).logits[0, -1]
-        single_logits = model(**single).logits[0, -1]
-    torch.testing.assert_close(batch_logits, single_logits, atol=1e-4, rtol=1e-4)
+    checks.assert_padding_invariant(vlm, inputs, [short, long], images)
 
 
-def test_multi_image_prompt(vlm):
+def test_multi_image_prompt(vlm, checks):
     processor, model = vlm.processor, vlm.model
     content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare."}]
     chat = [{"role": "user", "content": content}]
     prompt = processor.apply_chat_template(chat, add_generation_prompt=True)
-    images = [[make_image(48, 64, 1), make_image(200, 150, 2)]]  # one prompt, two images
+    images = [[random_image(64, 48, 1), random_image(150, 200, 2)]]  # one prompt, two images
     inputs = processor(text=[prompt], images=images, return_tensors="pt")
     features = features_per_item(vlm, inputs)
     assert len(features) == 2
     assert sum(features) == int((inputs["input_ids"] == model.config.image_token_id).sum())
-    check_generated(vlm, inputs, generate(vlm, inputs))
+    checks.check_generated(vlm, inputs, checks.generate(vlm, inputs))
 
 
-def test_video(vlm):
+def test_video(vlm, checks):
     processor, model = vlm.processor, vlm.model
     prompt = processor.apply_chat_template(VIDEO_QUESTION, add_generation_prompt=True)
-    inputs = processor(text=[prompt], videos=[make_video(4, 96, 128, seed=3)], return_tensors="pt")
+    inputs = processor(text=[prompt], videos=[random_video(4, 128, 96, seed=3)], return_tensors="pt")
     grid = inputs["video_grid_thw"]
     assert grid.shape == (1, 3) and grid[0, 0] == 2  # 4 frames / temporal patch 2
     n_video_tokens = int((inputs["input_ids"] == model.config.video_token_id).sum())
     assert n_video_tokens == int(grid.prod()) // MERGE
     assert 8 <= n_video_tokens <= 32
     assert features_per_item(vlm, inputs, "video") == [n_video_tokens]
-    check_generated(vlm, inputs, generate(vlm, inputs))
+    checks.check_generated(vlm, inputs, checks.generate(vlm, inputs))
 
     # A padded batch mixing a video prompt and a (longer) image prompt.
     image_prompt = processor.apply_chat_template(LONG_QUESTION, add_generation_prompt=True)
-    batch = processor(
+    checks.check_padded_batch(
+        vlm,
         text=[prompt, image_prompt],
-        images=[make_image(48, 64, seed=1)],
-        videos=[make_video(4, 96, 128, seed=3)],
-        padding=True,
-        return_tensors="pt",
+        images=[random_image(64, 48, seed=1)],
+        videos=[random_video(4, 128, 96, seed=3)],
     )
-    assert not batch["attention_mask"].all()
-    check_generated(vlm, batch, generate(vlm, batch))
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_deterministic(name):
-    first, again, other = build_tiny(name, seed=0), build_tiny(name, seed=0), build_tiny(name, seed=1)
-    sd0, sd0b, sd1 = (m.model.state_dict() for m in (first, again, other))
-    assert sd0.keys() == sd0b.keys() == sd1.keys()
-    assert all(torch.equal(sd0[k], sd0b[k]) for k in sd0)
-    assert not all(torch.equal(sd0[k], sd1[k]) for k in sd0)
-    embeddings = first.model.get_input_embeddings().weight, other.model.get_input_embeddings().weight
-    assert not torch.equal(*embeddings)
-
-    processor = first.processor
-    prompt = processor.apply_chat_template(QUESTION, add_generation_prompt=True)
-    inputs = processor(text=[prompt], images=[make_image(48, 64, seed=1)], return_tensors="pt")
-    assert torch.equal(generate(first, inputs), generate(again, inputs))
+def test_deterministic(name, checks):
+    checks.assert_seeded(name, question_inputs)
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_bfloat16(name):
-    vlm = build_tiny(name, dtype=torch.bfloat16)
-    assert all(p.dtype == torch.bfloat16 for p in vlm.model.parameters())
-    prompt = vlm.processor.apply_chat_template(QUESTION, add_generation_prompt=True)
-    inputs = vlm.processor(text=[prompt], images=[make_image(48, 64, seed=1)], return_tensors="pt")
-    check_generated(vlm, inputs, generate(vlm, inputs))
+def test_bfloat16(name, checks):
+    checks.assert_bfloat16(name, question_inputs)
