@@ -1,4 +1,4 @@
-"""Tiny diffusers pipelines (SD 1.x, SD3, FLUX.1-dev, Wan 2.1, PixArt-Sigma) with random weights.
+"""Tiny diffusers pipelines (SD 1.x, SDXL, SD3, FLUX.1-dev, Wan 2.1, PixArt-Sigma) with random weights.
 
 Each builder mirrors the real model's architecture and config conventions (block types, latent
 channels, VAE scaling/shift factors, schedulers, guidance embedding...) at toy widths, so attention
@@ -22,6 +22,8 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    EulerDiscreteScheduler,
     UNet2DConditionModel,
     UniPCMultistepScheduler,
     WanPipeline,
@@ -42,7 +44,7 @@ from transformers import (
 from . import register_tiny
 from .tokenizers import clip_tokenizer, t5_tokenizer
 
-__all__ = ["build_sd", "build_sd3", "build_flux", "build_wan", "build_pixart"]
+__all__ = ["build_sd", "build_sdxl", "build_sd3", "build_flux", "build_wan", "build_pixart"]
 
 # Text sequence length of the T5 encoders (the tokenizer's model_max_length): one token per character.
 T5_MAX_LENGTH = 64
@@ -182,6 +184,48 @@ def build_sd(dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    return _finish(pipe, dtype)
+
+
+@register_tiny(
+    "tiny/sdxl",
+    kind="image",
+    architecture="StableDiffusionXLPipeline (UNet with text_time conditioning, CLIP-L + CLIP-G)",
+    defaults=_call_defaults(guidance_scale=5.0),
+)
+def build_sdxl(dtype: torch.dtype = torch.float32) -> StableDiffusionXLPipeline:
+    """SDXL layout: no attention in the first down block, 2 transformer layers deeper, added text/time embeddings."""
+    hidden, projection = 32, 32
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=8,
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=2 * hidden,  # the two text encoders' states are concatenated
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=projection + 6 * 8,  # pooled text + 6 time ids
+    )
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae(latent_channels=4, scaling_factor=0.13025),
+        text_encoder=_clip_text_model(hidden),
+        text_encoder_2=_clip_text_model_with_projection(hidden, projection),
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
     )
     return _finish(pipe, dtype)
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from diffusers import StableDiffusionPAGPipeline
+from diffusers import StableDiffusionPAGPipeline, StableDiffusionXLPAGPipeline
 
 import mmattn
 from mmattn import SoftPAG
@@ -12,7 +12,7 @@ from mmattn.processors.perturbation import PROCESSORS, HeadOp, gaussian_blur_tok
 from mmattn.adapters import diffusion_family
 from mmattn.testing import build_tiny, tiny_spec
 
-FAMILIES = ["tiny/sd", "tiny/sd3", "tiny/flux", "tiny/wan", "tiny/pixart"]
+FAMILIES = ["tiny/sd", "tiny/sdxl", "tiny/sd3", "tiny/flux", "tiny/wan", "tiny/pixart"]
 _PIPES = {}
 
 
@@ -271,13 +271,17 @@ def test_dispatch_families_match_patched_diffusers_oracle(monkeypatch, name, mod
 
 
 @pytest.mark.slow
-def test_layer_level_pag_equals_diffusers_sd_pag_pipeline():
-    """SoftPAG u=1 on every head of the UNet mid block == StableDiffusionPAGPipeline(pag_applied_layers=["mid"])."""
-    pipe = pipe_for("tiny/sd")
-    pag = StableDiffusionPAGPipeline(**pipe.components, pag_applied_layers=["mid"])
-    call = tiny_spec("tiny/sd").defaults | {"output_type": "pt", "guidance_scale": 7.5}
+@pytest.mark.parametrize("name, pag_class, mid", [
+    ("tiny/sd", StableDiffusionPAGPipeline, "mid_block.attentions.0.transformer_blocks.0"),
+    ("tiny/sdxl", StableDiffusionXLPAGPipeline, "mid_block.attentions.0.transformer_blocks.0-1"),
+])
+def test_layer_level_pag_equals_diffusers_unet_pag_pipelines(name, pag_class, mid):
+    """SoftPAG u=1 on every head of the UNet mid block == diffusers' PAG pipeline with pag_applied_layers=["mid"]."""
+    pipe = pipe_for(name)
+    pag = pag_class(**pipe.components, pag_applied_layers=["mid"])
+    call = tiny_spec(name).defaults | {"output_type": "pt", "guidance_scale": 7.5}
     want = pag("a red fox", generator=torch.Generator().manual_seed(0), pag_scale=3.0, **call).images
-    with mmattn.apply(pipe, SoftPAG(heads="mid_block.attentions.0.transformer_blocks.0:*", strength=1.0, scale=3.0)):
+    with mmattn.apply(pipe, SoftPAG(heads=f"{mid}:*", strength=1.0, scale=3.0)):
         got = pipe("a red fox", generator=torch.Generator().manual_seed(0), **call).images
     baseline = pipe("a red fox", generator=torch.Generator().manual_seed(0), **call).images
     assert (want - baseline).abs().max() > 1e-3
