@@ -1,7 +1,7 @@
 """Benchmark mmattn.kernels against torch SDPA and FlexAttention, dense and windowed.
 
-    python bench/kernels.py --device cpu --out bench/results/kernels_cpu.json
-    python bench/kernels.py --device cuda --out bench/results/kernels_cuda.json
+    python bench/bench_kernels.py --device cpu --out bench/results/kernels_cpu.json
+    python bench/bench_kernels.py --device cuda --out bench/results/kernels_cuda.json
 
 CPU: the chunked CPU path vs SDPA and FlexAttention (compiled, when it runs), N = 4096 and 16384, H = 8, D = 64,
 fp32. CUDA: TFLOP/s of the Triton kernel vs SDPA (flash) and FlexAttention, N = 4k..64k, fp16 and bf16, plus

@@ -6,7 +6,7 @@ Compares, side by side in one run, one denoiser call of
   - head-level SoftPAG (2 heads per layer) vs layer-level PAG (all heads); target < 5% apart,
 on a mid-size SD3 transformer with random weights (the real architecture, smaller).
 
-    python bench/perturbation.py --out bench/results/perturbation_cpu.json
+    python bench/bench_perturbation.py --out bench/results/perturbation_cpu.json
 """
 
 from __future__ import annotations
