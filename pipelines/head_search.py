@@ -141,9 +141,13 @@ class HeadSearch:
         call = {**self.call_kwargs, "output_type": "pt"}
         if heads:
             with apply(self.pipe, SoftPAG(heads=heads_to_spec(heads), strength=self.strength, scale=self.scale)):
-                images = self.pipe(prompts, generator=generators, **call).images
+                output = self.pipe(prompts, generator=generators, **call)
         else:
-            images = self.pipe(prompts, generator=generators, **call).images
+            output = self.pipe(prompts, generator=generators, **call)
+        images = output.frames if hasattr(output, "frames") else output.images
+        if images.ndim == 5:  # video (B, F, C, H, W): score every frame with its prompt
+            prompts = [p for p in prompts for _ in range(images.shape[1])]
+            images = images.flatten(0, 1)
         return float(self.objective(images.float(), prompts).mean())
 
     def _load(self) -> dict:

@@ -107,3 +107,13 @@ def test_clip_score_objective_with_a_tiny_clip():
 
 def test_heads_to_spec_groups_by_layer():
     assert heads_to_spec([("b.2", 3), ("b.1", 0), ("b.2", 1)]) == "b.2:1,3; b.1:0"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, layers", [("tiny/sd", "mid_block.attentions.0.transformer_blocks.0"),
+                                          ("tiny/flux", "single_transformer_blocks.0"), ("tiny/wan", "blocks.1")])
+def test_search_runs_on_other_families(name, layers):
+    pipe = build_tiny(name)
+    result = HeadSearch(pipe, "colorfulness", ["a fox"], rounds=1, top_k=1, layers=f"{layers}:*",
+                        call_kwargs=tiny_spec(name).defaults, progress=False).run()
+    assert len(result.chosen) == 1 and result.chosen[0][0] == layers and len(result.rounds[0]) == 4
