@@ -3,7 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .api import Handle, apply
-from .configs import PAG, SEG, SLG, STG, SoftPAG
+from .configs import PAG, SEG, SLG, STG, FastV, SoftPAG
 
 try:
     __version__ = version("mmattn")
@@ -12,5 +12,6 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 # Processor modules register the installers that apply() dispatches to.
 from .processors import perturbation as _perturbation  # noqa: E402,F401
+from .processors import pruning as _pruning  # noqa: E402,F401
 
-__all__ = ["apply", "Handle", "PAG", "SEG", "SLG", "STG", "SoftPAG", "__version__"]
+__all__ = ["apply", "Handle", "FastV", "PAG", "SEG", "SLG", "STG", "SoftPAG", "__version__"]

@@ -162,3 +162,30 @@ class STG(_Method):
         _check_range("scale", self.scale, 0.0, 100.0)
         _check_range("rescale", self.rescale, 0.0, 1.0)
         _check_window(self.start, self.stop)
+
+
+@dataclass(frozen=True)
+class FastV(_Method):
+    """FastV visual token pruning (arXiv 2403.06764) for transformers VLMs.
+
+    At decoder layer ``layer - 1`` the attention of the last query to the image tokens, averaged over
+    heads, ranks them; from decoder layer ``layer`` on only the top image tokens and all other tokens
+    remain, at their original positions. ``keep`` is a fraction of the image tokens (a float, rounded)
+    or a count (an int). Only the prefill is pruned; decode steps attend to the kept tokens. The paper's
+    K=2, R=50% is ``FastV(layer=2, keep=0.5)``.
+    """
+
+    layer: int = 2
+    keep: float | int = 0.5
+
+    name = "fastv"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layer, int) or isinstance(self.layer, bool) or self.layer < 1:
+            raise ValueError(f"layer={self.layer!r} is out of range: expected an int >= 1 (the first pruned layer)")
+        if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)):
+            raise ValueError(f"keep={self.keep!r}: expected a fraction (float in [0, 1]) or a count (int >= 0)")
+        if isinstance(self.keep, float):
+            _check_range("keep", self.keep, 0.0, 1.0)
+        elif self.keep < 0:
+            raise ValueError(f"keep={self.keep!r} is out of range: expected a count >= 0")

@@ -1,0 +1,219 @@
+"""Visual token pruning for transformers VLMs: FastV (arXiv 2403.06764).
+
+FastV ranks the image tokens by the attention the last query gives them at decoder layer K-1 (mean
+over heads) and drops all but the top ones from layer K on. Nothing runs eager attention:
+
+* the text model's attention implementation becomes ``"mmattn_fastv"``: transformers' SDPA path as
+  before, plus, in layer K-1 of a pruned prefill, the last query's row of probabilities from the
+  kernels' saved LSE (``mmattn.kernels.attention(..., return_lse=True)`` then ``row_probs``);
+* forward pre-hooks on layers >= K gather, per sample, the kept positions of the hidden states (at
+  layer K), of the rotary (cos, sin), of the position ids and of the mask rows and columns. Kept tokens
+  keep their original positions (RoPE, Qwen2-VL's M-RoPE). The cache of layers >= K then holds only
+  kept tokens; in decode steps the same hooks gather the kept columns of the full-length mask.
+
+A forward prunes when its ``input_ids`` hold image tokens and the cache is empty (the prefill).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from mmattn import kernels
+from mmattn.api import register_installer
+from mmattn.configs import FastV
+
+IMPLEMENTATION = "mmattn_fastv"
+SUPPORTED = ("LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration")
+
+
+@dataclass
+class PruningStats:
+    """What the last pruned prefill did, per sample (every sample has the same counts).
+
+    ``tokens_per_layer``: tokens entering each decoder layer; ``image_positions`` (B, n_image) and
+    ``image_scores`` (B, n_image): the image tokens and the attention the last query gave them in the
+    scoring layer (mean over heads); ``kept_image_positions`` (B, k): the image tokens kept, ascending.
+    """
+
+    tokens_per_layer: list[int]
+    image_positions: torch.Tensor
+    image_scores: torch.Tensor
+    kept_image_positions: torch.Tensor
+
+    @property
+    def equivalent_tokens(self) -> float:
+        """Tokens averaged over the layers: the sequence length of an unpruned model of equal cost."""
+        return sum(self.tokens_per_layer) / len(self.tokens_per_layer)
+
+
+_STATS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> PruningStats
+_SCORING_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attention module -> _FastVState
+
+
+def last_stats(model) -> PruningStats | None:
+    """Statistics of the last prefill that FastV pruned on ``model`` (None before the first)."""
+    return _STATS.get(model)
+
+
+def top_image_tokens(image_scores: torch.Tensor, image_positions: torch.Tensor, budget: int) -> torch.Tensor:
+    """Positions (B, budget), ascending, of each sample's ``budget`` highest-scoring image tokens."""
+    top = image_scores.topk(budget, dim=1).indices
+    return image_positions.gather(1, top).sort(dim=1).values
+
+
+def _take(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """Per sample b, the entries ``index[b]`` of ``x[b]`` along ``dim``; a batch of 1 in ``x`` broadcasts."""
+    x = x.expand(index.shape[0], *x.shape[1:])
+    view = [index.shape[0]] + [1] * (x.dim() - 1)
+    view[dim] = index.shape[1]
+    size = list(x.shape)
+    size[dim] = index.shape[1]
+    return x.gather(dim, index.to(x.device).view(view).expand(size))
+
+
+class _FastVState:
+    """One FastV installation: what the current forward does and which tokens the last prefill kept."""
+
+    def __init__(self, config: FastV, model, num_layers: int, image_token_id: int):
+        self.config = config
+        self.model = weakref.ref(model)
+        self.num_layers = num_layers
+        self.image_token_id = image_token_id
+        self.prefill = False  # the current forward is a prefill with image tokens
+        self.selecting = False  # ... whose scoring layer has not run yet
+        self.image_mask: torch.Tensor | None = None  # (B, N) of the prefill
+        self.padding_mask: torch.Tensor | None = None  # (B, N) 2D attention mask of the prefill, if any
+        self.kept: torch.Tensor | None = None  # (B, N') ascending positions kept from layer K on
+        self.prefill_len = 0
+
+    def begin(self, module, args, kwargs):
+        """Pre-hook on the VLM core: a prefill with image tokens prunes; a decode step reuses its choice."""
+        input_ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        has_images = input_ids is not None and bool((input_ids == self.image_token_id).any())
+        if cache is not None and cache.get_seq_length() > 0:
+            if has_images:
+                raise ValueError("FastV prunes the prefill only: image tokens after cached tokens are not supported")
+            self.prefill = self.selecting = False
+            return None
+        if input_ids is None:
+            raise ValueError("FastV finds image tokens in input_ids; this forward got inputs_embeds only")
+        self.prefill = self.selecting = has_images
+        self.kept = None
+        self.image_mask = input_ids == self.image_token_id
+        self.padding_mask = kwargs.get("attention_mask")
+        self.prefill_len = input_ids.shape[1]
+        return None
+
+    def select(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> None:
+        """Score the image tokens by the last real query's attention (mean over heads) and choose the kept set."""
+        self.selecting = False
+        batch, _, n, _ = query.shape
+        device = query.device
+        image_mask = self.image_mask.to(device)
+        counts = image_mask.sum(dim=1)
+        if (counts != counts[0]).any():
+            raise ValueError(f"FastV needs the same number of image tokens in every sample; got {counts.tolist()}")
+        real = torch.ones(batch, n, dtype=torch.bool, device=device) if self.padding_mask is None \
+            else self.padding_mask.to(device).bool()
+        last = n - 1 - real.flip(1).int().argmax(dim=1)
+        visible = real & (torch.arange(n, device=device) <= last[:, None])
+        scores = torch.zeros(batch, n, dtype=torch.float32, device=device)
+        for b in range(batch):
+            keys = visible[b].nonzero().squeeze(1)
+            q = query[b:b + 1, :, last[b]:last[b] + 1]
+            k, v = key[b:b + 1, :, keys], value[b:b + 1, :, keys]
+            _, lse = kernels.attention(q, k, v, scale=scale, return_lse=True)
+            scores[b, keys] = kernels.row_probs(q, k, lse, scale=scale)[0, :, 0].mean(dim=0)
+
+        n_image = int(counts[0])
+        keep = self.config.keep
+        budget = min(keep if isinstance(keep, int) else round(keep * n_image), n_image)
+        positions = torch.arange(n, device=device).expand(batch, n)
+        image_positions = positions[image_mask].view(batch, n_image)
+        image_scores = scores.gather(1, image_positions)
+        chosen = top_image_tokens(image_scores, image_positions, budget)
+        others = positions[~image_mask].view(batch, n - n_image)
+        self.kept = torch.cat([others, chosen], dim=1).sort(dim=1).values
+
+        layer, kept_len = self.config.layer, self.kept.shape[1]
+        _STATS[self.model()] = PruningStats(
+            tokens_per_layer=[n] * layer + [kept_len] * (self.num_layers - layer),
+            image_positions=image_positions,
+            image_scores=image_scores,
+            kept_image_positions=chosen,
+        )
+
+    def layer_hook(self, first: bool):
+        """Pre-hook for a pruned layer; ``first`` (layer K) also drops the hidden states of removed tokens."""
+
+        def hook(module, args, kwargs):
+            if self.kept is None:
+                return None
+            kept, mask = self.kept, kwargs.get("attention_mask")
+            if self.prefill:
+                if first:  # the decoder layers take hidden_states positionally
+                    args = (_take(args[0], kept, 1), *args[1:])
+                cos, sin = kwargs["position_embeddings"]
+                kwargs["position_embeddings"] = (_take(cos, kept, 1), _take(sin, kept, 1))
+                if kwargs.get("position_ids") is not None:
+                    kwargs["position_ids"] = _take(kwargs["position_ids"], kept, 1)
+                if mask is not None:
+                    kwargs["attention_mask"] = _take(_take(mask, kept, 2), kept, 3)
+            elif mask is not None:  # decode: the mask spans the full prefill; the cache holds the kept tokens
+                new = torch.arange(self.prefill_len, mask.shape[-1], device=kept.device).expand(kept.shape[0], -1)
+                kwargs["attention_mask"] = _take(mask, torch.cat([kept, new], dim=1), 3)
+            return args, kwargs
+
+        return hook
+
+
+def _attention(module, query, key, value, attention_mask, **kwargs):
+    """The text model's attention under FastV: SDPA as transformers runs it, plus FastV's selection in the
+    scoring layer of a pruned prefill."""
+    state = _SCORING_LAYERS.get(module)
+    if state is not None and state.selecting:
+        state.select(query, key, value, kwargs.get("scaling"))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+@register_installer(FastV)
+def install_fastv(model, config: FastV):
+    """Validate, switch the text model to the FastV attention and hook the pruned layers; returns undo."""
+    name = type(model).__name__
+    if name not in SUPPORTED:
+        raise ValueError(f"FastV does not support {name}; supported models: {', '.join(SUPPORTED)}")
+    core = model.model
+    layers = core.language_model.layers
+    text_config = model.config.text_config
+    if not config.layer < len(layers):
+        raise ValueError(f"layer={config.layer} is out of range for {name}: its language model has {len(layers)} "
+                         f"layers; expected 1 <= layer <= {len(layers) - 1}")
+    original = text_config._attn_implementation
+    if original != "sdpa":
+        raise ValueError(f"FastV runs on the text model's 'sdpa' attention; {name} uses {original!r}"
+                         + (" (FastV is applied already)" if original == IMPLEMENTATION else ""))
+
+    AttentionInterface.register(IMPLEMENTATION, _attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+    state = _FastVState(config, model, len(layers), model.config.image_token_id)
+    model.set_attn_implementation({"text_config": IMPLEMENTATION})
+    scoring = layers[config.layer - 1].self_attn
+    _SCORING_LAYERS[scoring] = state
+    hooks = [core.register_forward_pre_hook(state.begin, with_kwargs=True)]
+    hooks += [layers[i].register_forward_pre_hook(state.layer_hook(i == config.layer), with_kwargs=True)
+              for i in range(config.layer, len(layers))]
+
+    def undo() -> None:
+        for hook in hooks:
+            hook.remove()
+        del _SCORING_LAYERS[scoring]
+        model.set_attn_implementation({"text_config": original})
+
+    return undo
