@@ -16,8 +16,8 @@ from pathlib import Path
 from . import __version__
 
 DEFAULT_MODEL = "tiny/sd3"
+DEFAULT_VIDEO_MODEL = "tiny/wan"
 PENDING = {
-    "video": "video generation (Wan, window attention) lands with the window-attention issue",
     "vqa": "VQA with token pruning and sink steering lands with the VLM issues",
     "demo": "the Gradio demo lands with the demo issue",
     "bench": "benchmarks land with the kernels issue (bench/)",
@@ -30,28 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     gen = sub.add_parser("generate", help="generate images with an attention intervention; writes images + settings.json")
-    gen.add_argument("--model", default=DEFAULT_MODEL, help=f"model id, local folder or tiny/<name> (default {DEFAULT_MODEL})")
-    gen.add_argument("--prompt", action="append", help="prompt (repeat for several; default: one built-in prompt)")
-    gen.add_argument("--seed", action="append", type=int, help="seed (repeat for several; default 0)")
-    gen.add_argument("--method", choices=("softpag", "pag", "seg", "slg", "stg", "none"), default="softpag",
-                     help="intervention (default softpag)")
-    gen.add_argument("--heads", help="head or layer selection, e.g. 'transformer_blocks.1:0,2' (default: the middle block)")
-    gen.add_argument("--strength", type=float, default=1.0, help="softpag: blend u in [0, 1] (1 = PAG)")
-    gen.add_argument("--target", choices=("identity", "uniform"), default="identity", help="softpag: target map")
-    gen.add_argument("--scope", choices=("joint", "image"), default="joint", help="softpag/pag: 'image' = SD3 image block only")
-    gen.add_argument("--sigma", type=float, default=10.0, help="seg: query blur width in tokens (inf: mean query)")
-    gen.add_argument("--mode", choices=("attention", "residual"), default="attention", help="stg: what is skipped")
-    gen.add_argument("--rescale", type=float, default=0.0, help="stg: rescale r in [0, 1]")
-    gen.add_argument("--scale", type=float, help="perturbation guidance scale s (default: the method's)")
-    gen.add_argument("--start", type=float, help="first fraction of steps with guidance (default: the method's)")
-    gen.add_argument("--stop", type=float, help="fraction of steps where guidance stops (default: the method's)")
-    gen.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
-    gen.add_argument("--height", type=int)
-    gen.add_argument("--width", type=int)
-    gen.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale w")
-    gen.add_argument("--no-baseline", action="store_true", help="skip the baseline images and the comparison grid")
-    gen.add_argument("--out", default="outputs/generate", help="output folder (default outputs/generate)")
-    gen.set_defaults(run=_generate)
+    _generation_args(gen, DEFAULT_MODEL, "softpag", "outputs/generate")
+    gen.set_defaults(run=_generate, kind="image")
+    video = sub.add_parser("video", help="generate videos (Wan) with an intervention; writes GIFs + settings.json")
+    _generation_args(video, DEFAULT_VIDEO_MODEL, "stg", "outputs/video")
+    video.add_argument("--num-frames", type=int, help="frames (Wan: 4k+1; default: the model's)")
+    video.set_defaults(run=_generate, kind="video")
 
     heads = sub.add_parser("heads", help="attention heads: HeadHunter search for SoftPAG")
     heads_sub = heads.add_subparsers(dest="heads_command", metavar="ACTION", required=True)
@@ -73,6 +57,30 @@ def _parser() -> argparse.ArgumentParser:
         pending = sub.add_parser(name, help=f"(not yet available) {message}")
         pending.set_defaults(run=lambda args, message=message, name=name: _pending(name, message))
     return parser
+
+
+def _generation_args(parser, default_model: str, default_method: str, default_out: str) -> None:
+    parser.add_argument("--model", default=default_model, help=f"model id, local folder or tiny/<name> (default {default_model})")
+    parser.add_argument("--prompt", action="append", help="prompt (repeat for several; default: one built-in prompt)")
+    parser.add_argument("--seed", action="append", type=int, help="seed (repeat for several; default 0)")
+    parser.add_argument("--method", choices=("softpag", "pag", "seg", "slg", "stg", "none"), default=default_method,
+                        help=f"intervention (default {default_method})")
+    parser.add_argument("--heads", help="head or layer selection, e.g. 'transformer_blocks.1:0,2' (default: the middle block)")
+    parser.add_argument("--strength", type=float, default=1.0, help="softpag: blend u in [0, 1] (1 = PAG)")
+    parser.add_argument("--target", choices=("identity", "uniform"), default="identity", help="softpag: target map")
+    parser.add_argument("--scope", choices=("joint", "image"), default="joint", help="softpag/pag: 'image' = SD3 image block only")
+    parser.add_argument("--sigma", type=float, default=10.0, help="seg: query blur width in tokens (inf: mean query)")
+    parser.add_argument("--mode", choices=("attention", "residual"), default="attention", help="stg: what is skipped")
+    parser.add_argument("--rescale", type=float, default=0.0, help="stg: rescale r in [0, 1]")
+    parser.add_argument("--scale", type=float, help="perturbation guidance scale s (default: the method's)")
+    parser.add_argument("--start", type=float, help="first fraction of steps with guidance (default: the method's)")
+    parser.add_argument("--stop", type=float, help="fraction of steps where guidance stops (default: the method's)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale w")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the baseline and the side-by-side comparison")
+    parser.add_argument("--out", default=default_out, help=f"output folder (default {default_out})")
 
 
 def _pending(name: str, message: str) -> int:
@@ -125,17 +133,19 @@ def _grid(rows: list[list], labels: list[str]):
 
 
 def _generate(args) -> int:
+    """Images (``generate``) or videos (``video``): baseline and intervention per prompt and seed."""
     import torch
     from tqdm.auto import tqdm
 
     from . import apply
     from .hub import load_pipeline, pipeline_defaults
 
-    pipe = load_pipeline(args.model, kinds=("image",))
+    video = args.kind == "video"
+    pipe = load_pipeline(args.model, kinds=(args.kind,))
     pipe.set_progress_bar_config(leave=False)
-    call = pipeline_defaults(args.model)
+    call = pipeline_defaults(args.model) | {"output_type": "pil"}
     for key, value in (("num_inference_steps", args.steps), ("height", args.height), ("width", args.width),
-                       ("guidance_scale", args.guidance_scale)):
+                       ("guidance_scale", args.guidance_scale), ("num_frames", getattr(args, "num_frames", None))):
         if value is not None:
             call[key] = value
     method = _method(args, pipe)
@@ -147,23 +157,28 @@ def _generate(args) -> int:
     rows, records = [], []
     jobs = [(p, s) for p in range(len(prompts)) for s in seeds]
     started = time.perf_counter()
-    for p, seed in tqdm(jobs, desc="generate", unit="image"):
+    for p, seed in tqdm(jobs, desc=args.command, unit="video" if video else "image"):
         row = []
         for label, config in variants:
             generator = torch.Generator("cpu").manual_seed(seed)
             if config is None:
-                image = pipe(prompts[p], generator=generator, **call).images[0]
+                output = pipe(prompts[p], generator=generator, **call)
             else:
                 with apply(pipe, config):
-                    image = pipe(prompts[p], generator=generator, **call).images[0]
-            path = out / label / f"prompt{p:02d}_seed{seed}.png"
+                    output = pipe(prompts[p], generator=generator, **call)
+            frames = output.frames[0] if video else [output.images[0]]
+            path = out / label / f"prompt{p:02d}_seed{seed}.{'gif' if video else 'png'}"
             path.parent.mkdir(parents=True, exist_ok=True)
-            image.save(path)
+            _save(frames, path)
             records.append({"variant": label, "prompt_index": p, "seed": seed, "file": str(path.relative_to(out))})
-            row.append(image)
+            row.append(frames)
         rows.append(row)
+    written = f"{len(records)} {'videos' if video else 'images'}, settings.json"
     if len(variants) > 1:
-        _grid(rows, [label for label, _ in variants]).save(out / "comparison.png")
+        comparison = out / f"comparison.{'gif' if video else 'png'}"
+        labels = [label for label, _ in variants]
+        _save([_grid([[frames[t] for frames in row] for row in rows], labels) for t in range(len(rows[0][0]))], comparison)
+        written += f" and {comparison.name}"
     settings = {
         "mmattn_version": __version__,
         "model": args.model,
@@ -172,12 +187,20 @@ def _generate(args) -> int:
         "prompts": prompts,
         "seeds": seeds,
         "call": call,
-        "images": records,
+        "outputs": records,
         "seconds": round(time.perf_counter() - started, 3),
     }
     (out / "settings.json").write_text(json.dumps(settings, indent=2))
-    print(f"wrote {len(records)} images, settings.json" + (" and comparison.png" if len(variants) > 1 else "") + f" to {out}")
+    print(f"wrote {written} to {out}")
     return 0
+
+
+def _save(frames: list, path: Path) -> None:
+    """One frame as PNG, several as a looping GIF (8 frames per second)."""
+    if len(frames) == 1:
+        frames[0].save(path)
+    else:
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=125, loop=0)
 
 
 def _heads_search(args) -> int:

@@ -29,7 +29,7 @@ def _not_available(model_id: str, error: Exception) -> ModelNotAvailableError:
 def _tiny(model_id: str, kinds: tuple[str, ...], seed: int, dtype: torch.dtype):
     spec = tiny_spec(model_id)
     if spec.kind not in kinds:
-        raise ValueError(f"model {model_id!r} is a {spec.kind} model; this needs one of: {', '.join(kinds)}")
+        raise ValueError(f"model {model_id!r} is of kind {spec.kind!r}; this needs one of: {', '.join(kinds)}")
     return build_tiny(model_id, seed=seed, dtype=dtype)
 
 

@@ -53,6 +53,26 @@ def test_generate_other_methods(tmp_path, args, expected):
     assert expected.items() <= method.items(), method
 
 
+@pytest.mark.slow
+def test_video_writes_gifs_and_settings(tmp_path):
+    result = cli("video", "--out", str(tmp_path), "--mode", "residual")
+    assert result.returncode == 0, result.stderr
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    assert settings["model"] == "tiny/wan" and settings["pipeline"] == "WanPipeline"
+    assert settings["method"]["method"] == "stg" and settings["method"]["mode"] == "residual"
+    from PIL import Image
+
+    for name in ("baseline/prompt00_seed0.gif", "stg/prompt00_seed0.gif", "comparison.gif"):
+        gif = Image.open(tmp_path / name)
+        assert gif.n_frames == 5, name
+    assert Image.open(tmp_path / "comparison.gif").width > Image.open(tmp_path / "stg/prompt00_seed0.gif").width
+
+
+def test_video_refuses_an_image_model():
+    result = cli("video", "--model", "tiny/sd3")
+    assert result.returncode == 1 and "is of kind 'image'; this needs one of: video" in result.stderr
+
+
 def test_pending_subcommand_says_so():
     result = cli("vqa")
     assert result.returncode == 2 and "not available in this version" in result.stderr
@@ -67,7 +87,7 @@ def test_generate_writes_images_and_settings(tmp_path):
     assert settings["model"] == "tiny/sd3" and settings["pipeline"] == "StableDiffusion3Pipeline"
     assert settings["method"] == {"method": "softpag", "heads": "transformer_blocks.1:0,2", "strength": 0.5, "scale": 3.0,
                                   "target": "identity", "start": 0.0, "stop": 1.0, "scope": "joint"}
-    files = sorted(r["file"] for r in settings["images"])
+    files = sorted(r["file"] for r in settings["outputs"])
     assert files == ["baseline/prompt00_seed0.png", "baseline/prompt00_seed3.png", "softpag/prompt00_seed0.png", "softpag/prompt00_seed3.png"]
     from PIL import Image
 
