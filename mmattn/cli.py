@@ -20,7 +20,7 @@ DEFAULT_VIDEO_MODEL = "tiny/wan"
 PENDING = {
     "vqa": "VQA with token pruning and sink steering lands with the VLM issues",
     "demo": "the Gradio demo lands with the demo issue",
-    "bench": "benchmarks land with the kernels issue (bench/)",
+    "bench": "benchmarks are scripts in the source tree: python bench/bench_kernels.py, bench/bench_perturbation.py",
 }
 
 
