@@ -164,20 +164,25 @@ def grouped_attention(q, k, v, key_groups, *, num_groups, scale, causal=False, b
     return acc, mass, m, _lse(mass.sum(0), m)
 
 
-def row_probs(q_rows, k, lse_rows, *, scale, causal=False, q_positions=None):
+def row_probs(q_rows, k, lse_rows, *, scale, causal=False, q_positions=None, block_mask=None):
     hkv = k.shape[1]
     s = (_split_heads(q_rows.float() * scale, hkv) @ k.float()[:, :, None].transpose(-1, -2)).flatten(1, 2)
     if causal:
         s.masked_fill_(q_positions[:, None] < torch.arange(k.shape[2], device=k.device), -math.inf)
+    if block_mask is not None:  # (Bm, Hm, R, Nk): only the chosen rows' visibility, never Nq x Nk
+        s.masked_fill_(~block_mask.to(k.device).rows_visible(q_positions), -math.inf)
     lse = lse_rows.float()[..., None]
     return torch.where(torch.isneginf(lse), 0.0, s.sub_(lse).exp_())
 
 
-def column_sums(q, k, lse, query_mask, *, scale, causal=False):
+def column_sums(q, k, lse, query_mask, *, scale, causal=False, block_mask=None):
     """Sum over the selected query rows only, in a fixed order (deterministic)."""
     b, hq, nq, _ = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     out = torch.zeros(b, hkv, hq // hkv, nk, device=q.device)
+    if block_mask is not None:
+        _column_sums_sparse(q, k, lse, query_mask, scale, causal, block_mask.to(q.device), out)
+        return out.reshape(b, hq, nk)
     kt = k.float().transpose(-1, -2)[:, :, None]
     for i in range(b):
         rows = query_mask[i].nonzero().flatten()
@@ -191,3 +196,49 @@ def column_sums(q, k, lse, query_mask, *, scale, causal=False):
             p = torch.where(torch.isneginf(lse_c), 0.0, s.sub_(lse_c).exp_())
             out[i] += p.sum(-2)[0]
     return out.reshape(b, hq, nk)
+
+
+def _column_sums_sparse(q, k, lse, query_mask, scale, causal, bm: BlockMask, out):
+    """Per batch, mask head slice and query block: the selected rows against the block's listed key blocks only.
+
+    Query blocks without a selected row are skipped; each block's key positions are distinct, so adding into
+    ``out`` at them is exact and the order is fixed.
+    """
+    b, hkv, rep, nk = out.shape
+    nq, bq, bk = q.shape[2], bm.block_q, bm.block_kv
+    mb, mh = bm.full_counts.shape[:2]
+    q5 = _split_heads(q.float() * scale, hkv)
+    lse5 = _split_heads(lse.float()[..., None], hkv)
+    kf = k.float()
+    offs_k = torch.arange(bk, device=q.device)
+    for i in range(b):
+        bi = i if mb > 1 else 0
+        selected = query_mask[i].nonzero().flatten()
+        q_blocks = (selected // bq).tolist()
+        starts = torch.searchsorted(selected, torch.arange(0, bm.num_q_blocks + 1, device=q.device) * bq).tolist()
+        for j in range(mh):
+            kh = slice(j // rep, j // rep + 1) if mh > 1 else slice(None)
+            rh = slice(j % rep, j % rep + 1) if mh > 1 else slice(None)
+            fc, fi, pc, pi = (t[bi, j].tolist() for t in (bm.full_counts, bm.full_indices, bm.partial_counts,
+                                                           bm.partial_indices))
+            for qb in sorted(set(q_blocks)):
+                rows = selected[starts[qb]: starts[qb + 1]]
+                nf, npart = fc[qb], pc[qb]
+                blocks = fi[qb][:nf] + pi[qb][:npart]
+                if not blocks:
+                    continue
+                pos = (torch.tensor(blocks, device=q.device)[:, None] * bk + offs_k).flatten()
+                visible = torch.ones(len(rows), len(pos), dtype=torch.bool, device=q.device)
+                if npart:
+                    tiles = bm.partial_mask[bi, j, qb, :npart][:, rows - qb * bq]
+                    visible[:, nf * bk:] = tiles.permute(1, 0, 2).reshape(len(rows), npart * bk)
+                if causal:
+                    visible &= rows[:, None] >= pos
+                inside = pos < nk
+                pos, visible = pos[inside], visible[:, inside]
+                s = q5[i: i + 1, kh, rh][..., rows, :] @ kf[i: i + 1, kh, None][..., pos, :].transpose(-1, -2)
+                s += _bias(visible)
+                lse_c = lse5[i: i + 1, kh, rh][..., rows, :]
+                p = torch.where(torch.isneginf(lse_c), 0.0, s.sub_(lse_c).exp_())
+                o = out[i: i + 1, kh, rh]
+                o[..., pos] += p.sum(-2)

@@ -32,13 +32,19 @@ def _impl(backend: str | None, x: torch.Tensor):
     return import_module(f".{_MODULES[name]}", __package__)
 
 
-def _check(q, k, v, block_mask=None):
+def _check_mask(block_mask, q, k, q_len=None):
+    """A mask for (B, Hq, q_len, Nk) inputs, q_len defaulting to q's own length."""
     if block_mask is not None:
         bm, hm = block_mask.full_counts.shape[:2]
-        if (block_mask.q_len, block_mask.kv_len) != (q.shape[2], k.shape[2]) or bm not in (1, q.shape[0]) or \
+        q_len = q.shape[2] if q_len is None else q_len
+        if (block_mask.q_len, block_mask.kv_len) != (q_len, k.shape[2]) or bm not in (1, q.shape[0]) or \
                 hm not in (1, q.shape[1]):
             raise ValueError(f"block mask is for ({bm}, {hm}, {block_mask.q_len}, {block_mask.kv_len}), inputs are "
-                             f"{(q.shape[0], q.shape[1], q.shape[2], k.shape[2])}")
+                             f"{(q.shape[0], q.shape[1], q_len, k.shape[2])}")
+
+
+def _check(q, k, v, block_mask=None):
+    _check_mask(block_mask, q, k)
     if q.dim() != 4 or q.shape[1] % k.shape[1] or k.shape != v.shape or q.shape[::3] != k.shape[::3]:
         raise ValueError(f"need q (B,Hq,N,D), k = v (B,Hkv,Nk,D) with Hkv dividing Hq; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -113,22 +119,39 @@ def grouped_attention(q, k, v, key_groups, *, weights=None, scale=None, causal=F
     return result if weights is None else combine_groups(result, weights, q.dtype)
 
 
-def row_probs(q_rows, k, lse_rows, *, scale=None, causal=False, q_positions=None, backend: str | None = None):
+def row_probs(q_rows, k, lse_rows, *, scale=None, causal=False, q_positions=None,
+              block_mask: BlockMask | None = None, backend: str | None = None):
     """Probabilities (B, Hq, R, Nk) fp32 of chosen query rows over all keys, from their saved LSE (B, Hq, R).
 
-    No mask is applied except ``causal`` (then ``q_positions`` (R,) gives each row's query index); keys the
-    original attention hid must be zeroed by the caller.
+    ``q_positions`` (R,) gives each row's query index; it is needed with ``causal``, and with ``block_mask``
+    unless the rows are all ``block_mask.q_len`` queries in order. ``block_mask`` (the mask the attention ran
+    with) zeroes the pairs it hides, so rows match the saved LSE and sum to 1 (0 for rows that saw no key).
+    Without it only ``causal`` masks; keys the original attention hid must then be zeroed by the caller.
     """
     if causal and q_positions is None:
         raise ValueError("causal row_probs needs q_positions")
     impl = _impl(backend, _check(q_rows, k, k))
-    return impl.row_probs(q_rows, k, lse_rows, scale=_scale(q_rows, scale), causal=causal, q_positions=q_positions)
+    if block_mask is not None:
+        if q_positions is None:
+            if q_rows.shape[2] != block_mask.q_len:
+                raise ValueError(f"row_probs with a block mask needs q_positions unless all {block_mask.q_len} "
+                                 f"rows are given; got {q_rows.shape[2]}")
+            q_positions = torch.arange(q_rows.shape[2], device=q_rows.device)
+        _check_mask(block_mask, q_rows, k, block_mask.q_len)
+    if q_positions is not None and q_positions.shape != (q_rows.shape[2],):
+        raise ValueError(f"q_positions must be ({q_rows.shape[2]},); got {tuple(q_positions.shape)}")
+    return impl.row_probs(q_rows, k, lse_rows, scale=_scale(q_rows, scale), causal=causal, q_positions=q_positions,
+                          block_mask=block_mask)
 
 
-def column_sums(q, k, lse, query_mask, *, scale=None, causal=False, backend: str | None = None):
+def column_sums(q, k, lse, query_mask, *, scale=None, causal=False, block_mask: BlockMask | None = None,
+                backend: str | None = None):
     """Per-key sums (B, Hq, Nk) fp32 of probabilities over the queries selected by ``query_mask`` (B, Nq) bool.
 
     Recomputes scores tile by tile against the saved LSE (B, Hq, Nq); deterministic (no atomics).
+    ``block_mask``: the mask the attention ran with; hidden pairs count 0 and unvisited tiles are skipped.
     """
     impl = _impl(backend, _check(q, k, k))
-    return impl.column_sums(q, k, lse, query_mask.bool(), scale=_scale(q, scale), causal=causal)
+    _check_mask(block_mask, q, k)
+    return impl.column_sums(q, k, lse, query_mask.bool(), scale=_scale(q, scale), causal=causal,
+                            block_mask=block_mask)

@@ -85,6 +85,39 @@ class BlockMask:
         dense = tiles.permute(0, 1, 2, 4, 3, 5).reshape(bm, hm, qb * self.block_q, kb * self.block_kv)
         return dense[..., : self.q_len, : self.kv_len]
 
+    def tile_codes(self) -> torch.Tensor:
+        """(Bm, Hm, QB, KB) int32 per tile: 0 not visited, 1 full, ``2 + s`` partial (slot ``s`` of ``partial_mask``).
+
+        The dense transpose of the per-query-block lists, ``QB x KB`` small ints per (batch, head): it lets a
+        kernel that walks query blocks for a fixed key block (or looks up one tile per row) find its tile in O(1).
+        """
+        bm, hm, qb = self.full_counts.shape
+        codes = torch.zeros(bm, hm, qb, self.num_kv_blocks + 1, dtype=torch.int32, device=self.full_counts.device)
+        for counts, indices, base in ((self.full_counts, self.full_indices, None),
+                                      (self.partial_counts, self.partial_indices, 2)):
+            valid = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None]
+            # invalid slots write into a spare last column that is dropped
+            col = torch.where(valid, indices.long(), self.num_kv_blocks)
+            val = torch.ones_like(indices) if base is None else \
+                (torch.arange(indices.shape[-1], device=indices.device, dtype=torch.int32) + base).expand_as(indices)
+            codes.scatter_(-1, col, torch.where(valid, val, 0).to(torch.int32))
+        return codes[..., :-1].contiguous()
+
+    def rows_visible(self, positions: torch.Tensor) -> torch.Tensor:
+        """(Bm, Hm, R, Nk) bool visibility of the query rows ``positions`` (R,), without the Nq x Nk matrix."""
+        positions = positions.to(self.full_counts.device).long()
+        codes = self.tile_codes()
+        bm, hm = codes.shape[:2]
+        qb, r_in = positions // self.block_q, positions % self.block_q
+        c = codes[:, :, qb]  # (Bm, Hm, R, KB)
+        tiles = (c == 1)[..., None].expand(*c.shape, self.block_kv)
+        if self.partial_mask.shape[3]:
+            b = torch.arange(bm, device=c.device).view(-1, 1, 1, 1)
+            h = torch.arange(hm, device=c.device).view(1, -1, 1, 1)
+            part = self.partial_mask[b, h, qb.view(1, 1, -1, 1), (c - 2).clamp_min(0).long(), r_in.view(1, 1, -1, 1)]
+            tiles = torch.where((c >= 2)[..., None], part, tiles)
+        return tiles.reshape(bm, hm, len(positions), -1)[..., : self.kv_len]
+
     @classmethod
     def from_dense(cls, mask: torch.Tensor, block_q: int = 64, block_kv: int = 64) -> "BlockMask":
         """Layout of a boolean mask of shape (Nq, Nk) or (Bm, Hm, Nq, Nk); True = visible."""

@@ -63,13 +63,15 @@ def grouped_attention(q, k, v, key_groups, *, num_groups, scale=None, causal=Fal
     return torch.stack(acc), mass, m, m + mass.sum(0).log()
 
 
-def row_probs(q_rows, k, lse_rows, *, scale=None, causal=False, q_positions=None):
+def row_probs(q_rows, k, lse_rows, *, scale=None, causal=False, q_positions=None, block_mask=None):
     s = _scores(q_rows, k, scale)
     if causal:
         s = s.masked_fill(q_positions[:, None] < torch.arange(k.shape[2], device=k.device), -math.inf)
+    if block_mask is not None:
+        s = s.masked_fill(~block_mask.to(k.device).to_dense()[:, :, q_positions.long()], -math.inf)
     return _probs(s, lse_rows.float())
 
 
-def column_sums(q, k, lse, query_mask, *, scale=None, causal=False):
-    p = _probs(_scores(q, k, scale, causal), lse.float())
+def column_sums(q, k, lse, query_mask, *, scale=None, causal=False, block_mask=None):
+    p = _probs(_scores(q, k, scale, causal, block_mask), lse.float())
     return (p * query_mask[:, None, :, None]).sum(dim=2)

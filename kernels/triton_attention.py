@@ -49,10 +49,11 @@ def _attn_fwd(
     d_ok = offs_d < D
 
     b64 = b.to(tl.int64)
-    q_ptrs = Q + b64 * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
+    h64 = h.to(tl.int64)  # (batch, head) base offsets in int64: B*H*N*D may pass 2^31
+    q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = K + b64 * stride_kb + hk * stride_kh
-    v_base = V + b64 * stride_vb + hk * stride_vh
+    k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l0 = tl.zeros([BLOCK_M], tl.float32)
@@ -72,7 +73,7 @@ def _attn_fwd(
         n_iter = nf + tl.load(PART_CNT + cnt)
         full_idx = FULL_IDX + b * stride_fb + h * stride_fh + pid_m * WF
         part_idx = PART_IDX + b * stride_pb + h * stride_ph + pid_m * WP
-        tiles = PART_MASK + b64 * stride_tb + h * stride_th + pid_m * WP * BLOCK_M * BLOCK_N
+        tiles = PART_MASK + b64 * stride_tb + h64 * stride_th + pid_m.to(tl.int64) * WP * (BLOCK_M * BLOCK_N)
         tile_offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + offs_n0[None, :]
     else:
         hi = NK
@@ -154,68 +155,106 @@ def _attn_fwd(
 
 @triton.jit
 def _row_probs(
-    Q, K, LSE, POS, OUT,
-    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    H, REP, R, NK, D, qk_scale,
-    CAUSAL: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q, K, LSE, POS, OUT, CODES, TILES,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_cb, stride_ch, stride_tb, stride_th,
+    H, REP, R, NK, D, KB, WP, qk_scale,
+    CAUSAL: tl.constexpr, SPARSE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
+    """One (row block, key block) tile of P. SPARSE: BLOCK_N is the mask's key block; each row finds its tile
+    code at (its query block, this key block); a tile no row visits is written as zeros without a dot."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_bh = tl.program_id(2)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + offs_n0
     offs_d = tl.arange(0, BLOCK_D)
     row_ok, col_ok, d_ok = offs_m < R, offs_n < NK, offs_d < D
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    kt = tl.load(K + b * stride_kb + (h // REP) * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None],
-                 mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-    s = tl.dot(q, kt, input_precision=PREC) * qk_scale
     row = pid_bh.to(tl.int64) * R + offs_m
-    lse = tl.load(LSE + row, mask=row_ok, other=float("-inf")) * 1.4426950408889634
-    keep = (lse != float("-inf"))[:, None] & col_ok[None, :]
-    if CAUSAL:
+    p = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    visit = True
+    if SPARSE:
         pos = tl.load(POS + offs_m, mask=row_ok, other=0)
-        keep = keep & (pos[:, None] >= offs_n[None, :])
-    p = tl.where(keep, tl.exp2(s - tl.where(keep, lse[:, None], 0.0)), 0.0)
+        qb = pos // BLOCK_Q
+        code = tl.load(CODES + b * stride_cb + h * stride_ch + qb * KB + pid_n, mask=row_ok, other=0)
+        visit = tl.max(code, 0) > 0
+    if visit:
+        q = tl.load(Q + b * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        kt = tl.load(K + b * stride_kb + (h // REP).to(tl.int64) * stride_kh + offs_n[None, :] * stride_kn
+                     + offs_d[:, None], mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        lse = tl.load(LSE + row, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+        keep = (lse != float("-inf"))[:, None] & col_ok[None, :]
+        if CAUSAL:
+            pos_c = tl.load(POS + offs_m, mask=row_ok, other=0)
+            keep = keep & (pos_c[:, None] >= offs_n[None, :])
+        if SPARSE:
+            slot = tl.maximum(code - 2, 0)
+            tile_row = ((qb * WP + slot).to(tl.int64) * BLOCK_Q + pos % BLOCK_Q) * BLOCK_N
+            tile = tl.load(TILES + b * stride_tb + h.to(tl.int64) * stride_th + tile_row[:, None] + offs_n0[None, :],
+                           mask=(row_ok & (code >= 2))[:, None], other=1)
+            keep = keep & (code > 0)[:, None] & (tile != 0)
+        p = tl.where(keep, tl.exp2(s - tl.where(keep, lse[:, None], 0.0)), 0.0)
     tl.store(OUT + row[:, None] * NK + offs_n[None, :], p, mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
 def _column_sums(
-    Q, K, LSE, QMASK, OUT,
-    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_mb,
-    H, REP, NQ, NK, D, qk_scale,
-    CAUSAL: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q, K, LSE, QMASK, BLK, NBLK, OUT, CODES, TILES,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_mb, stride_lb, stride_cb, stride_ch,
+    stride_tb, stride_th,
+    H, REP, NQ, NK, D, KB, WP, qk_scale,
+    CAUSAL: tl.constexpr, SPARSE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
+    """One key block of one (batch, head): walks, in ascending order, only the query blocks listed in BLK (those
+    holding a selected row); SPARSE also skips the ones whose tile with this key block is not visited."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + offs_n0
     offs_d = tl.arange(0, BLOCK_D)
     col_ok, d_ok = offs_n < NK, offs_d < D
-    kt = tl.load(K + b * stride_kb + (h // REP) * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None],
-                 mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+    kt = tl.load(K + b * stride_kb + (h // REP).to(tl.int64) * stride_kh + offs_n[None, :] * stride_kn
+                 + offs_d[:, None], mask=d_ok[:, None] & col_ok[None, :], other=0.0)
     total = tl.zeros([BLOCK_N], tl.float32)
     start = 0
     if CAUSAL:
         start = pid_n * BLOCK_N // BLOCK_M
-    for mb in range(start, tl.cdiv(NQ, BLOCK_M)):
-        offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < NQ
-        chosen = tl.load(QMASK + b * stride_mb + offs_m, mask=row_ok, other=0) != 0
-        lse = tl.load(LSE + pid_bh.to(tl.int64) * NQ + offs_m, mask=row_ok, other=float("-inf")) * 1.4426950408889634
-        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
-        keep = (chosen & (lse != float("-inf")))[:, None] & col_ok[None, :]
-        if CAUSAL:
-            keep = keep & (offs_m[:, None] >= offs_n[None, :])
-        p = tl.where(keep, tl.exp2(s - tl.where(keep, lse[:, None], 0.0)), 0.0)
-        total += tl.sum(p, 0)
+    tile_offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + offs_n0[None, :]
+    n_blk = tl.load(NBLK + b)
+    for i in range(0, n_blk):
+        mb = tl.load(BLK + b * stride_lb + i)
+        go = mb >= start
+        code = 1
+        if SPARSE:
+            code = tl.load(CODES + b * stride_cb + h * stride_ch + mb * KB + pid_n)
+            go = go & (code > 0)
+        if go:
+            offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < NQ
+            chosen = tl.load(QMASK + b * stride_mb + offs_m, mask=row_ok, other=0) != 0
+            lse = tl.load(LSE + pid_bh.to(tl.int64) * NQ + offs_m, mask=row_ok, other=float("-inf"))
+            lse = lse * 1.4426950408889634
+            q = tl.load(Q + b * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+            keep = (chosen & (lse != float("-inf")))[:, None] & col_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= offs_n[None, :])
+            if SPARSE:
+                tile_base = (mb * WP + tl.maximum(code - 2, 0)).to(tl.int64) * (BLOCK_M * BLOCK_N)
+                tile = tl.load(TILES + b * stride_tb + h.to(tl.int64) * stride_th + tile_base + tile_offs,
+                               mask=tile_offs < (code >= 2).to(tl.int32) * (BLOCK_M * BLOCK_N), other=1)
+                keep = keep & (tile != 0)
+            p = tl.where(keep, tl.exp2(s - tl.where(keep, lse[:, None], 0.0)), 0.0)
+            total += tl.sum(p, 0)
     tl.store(OUT + pid_bh.to(tl.int64) * NK + offs_n, total, mask=col_ok)
 
 
@@ -280,6 +319,10 @@ def _launch_forward(q, k, v, scale, causal, block_mask, key_groups, groups):
         out = torch.empty(b, h, nq, d, device=dev, dtype=q.dtype)
         out_args, stride_gb = (out, lse, lse, lse, lse, lse), 0
     block_m, block_n, warps, stages = _tiles(d)
+    if groups > 1 and not INTERPRETED:
+        # one fp32 accumulator per group: smaller row tiles keep them in registers (sm_90 ptxas: 4 groups at
+        # BLOCK_M=128 spill 1.6-2 KB per thread, at 64 a quarter of that)
+        block_m, warps = (64 if d <= 128 else 32), 8
     if block_mask is None:
         ptrs, strides, sizes = (lse,) * 5, (0,) * 8, (1, 1)
     else:
@@ -311,38 +354,66 @@ def _stat_tiles(d):
     return (64, 64, 4) if INTERPRETED or d <= 128 else (32, 64, 4)
 
 
-def row_probs(q_rows, k, lse_rows, *, scale, causal=False, q_positions=None):
+def _code_args(block_mask: BlockMask, device):
+    """Tile codes (see :meth:`BlockMask.tile_codes`), partial tiles, their (batch, head) strides, KB and WP."""
+    bm = block_mask.to(device)
+    codes, cb, ch = _bh(bm.tile_codes())
+    tiles, tb, th = _bh(bm.partial_mask.view(torch.uint8))
+    return (codes, tiles), (cb, ch, tb, th), (codes.shape[-1], tiles.shape[3])
+
+
+def row_probs(q_rows, k, lse_rows, *, scale, causal=False, q_positions=None, block_mask=None):
     q_rows, k, _ = _check(q_rows, k, k)
     b, h, r, d = q_rows.shape
     nk = k.shape[2]
     out = torch.empty(b, h, r, nk, device=q_rows.device, dtype=torch.float32)
     lse = lse_rows.float().contiguous()
-    pos = q_positions.to(device=q_rows.device, dtype=torch.int32).contiguous() if causal else lse
+    sparse = block_mask is not None
+    pos = q_positions.to(device=q_rows.device, dtype=torch.int32).contiguous() if causal or sparse else lse
     block_m, block_n, warps = _stat_tiles(d)
+    if sparse:
+        ptrs, strides, sizes = _code_args(block_mask, q_rows.device)
+        block_n, block_q = block_mask.block_kv, block_mask.block_q
+    else:
+        ptrs, strides, sizes, block_q = (lse, lse), (0,) * 4, (1, 1), 16
     grid = (triton.cdiv(r, block_m), triton.cdiv(nk, block_n), b * h)
     _row_probs[grid](
-        q_rows, k, lse, pos, out,
-        q_rows.stride(0), q_rows.stride(1), q_rows.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        h, h // k.shape[1], r, nk, d, scale * LOG2E,
-        CAUSAL=causal, PREC=_prec(q_rows), BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=warps,
+        q_rows, k, lse, pos, out, *ptrs,
+        q_rows.stride(0), q_rows.stride(1), q_rows.stride(2), k.stride(0), k.stride(1), k.stride(2), *strides,
+        h, h // k.shape[1], r, nk, d, *sizes, scale * LOG2E,
+        CAUSAL=causal, SPARSE=sparse, PREC=_prec(q_rows), BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_Q=block_q, num_warps=warps,
     )
     return out
 
 
-def column_sums(q, k, lse, query_mask, *, scale, causal=False):
+def column_sums(q, k, lse, query_mask, *, scale, causal=False, block_mask=None):
     q, k, _ = _check(q, k, k)
     b, h, nq, d = q.shape
     nk = k.shape[2]
     out = torch.empty(b, h, nk, device=q.device, dtype=torch.float32)
-    qmask = query_mask.to(device=q.device, dtype=torch.uint8).contiguous()
     block_m, block_n, warps = _stat_tiles(d)
+    sparse = block_mask is not None
+    if sparse:
+        ptrs, strides, sizes = _code_args(block_mask, q.device)
+        block_m, block_n = block_mask.block_q, block_mask.block_kv
+        if block_m * block_n >= 128 * 128 and not INTERPRETED:
+            warps = 8  # K tile held across the loop plus a 128x128 score tile: 4 warps spill at D >= 128 (sm_90)
+    else:
+        ptrs, strides, sizes = (out, out), (0,) * 4, (1, 1)
+    # Query blocks holding a selected row, ascending per batch (no host sync): the kernel walks only those.
+    qb = triton.cdiv(nq, block_m)
+    qmask = query_mask.to(device=q.device, dtype=torch.uint8).contiguous()
+    chosen = torch.nn.functional.pad(qmask, (0, qb * block_m - nq)).view(b, qb, block_m).amax(-1).bool()
+    n_blk = chosen.sum(-1, dtype=torch.int32).contiguous()
+    blk = torch.sort((~chosen).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32).contiguous()
     grid = (triton.cdiv(nk, block_n), b * h)
     _column_sums[grid](
-        q, k, lse.float().contiguous(), qmask, out,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), qmask.stride(0),
-        h, h // k.shape[1], nq, nk, d, scale * LOG2E,
-        CAUSAL=causal, PREC=_prec(q), BLOCK_M=block_m, BLOCK_N=block_n,
+        q, k, lse.float().contiguous(), qmask, blk, n_blk, out, *ptrs,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), qmask.stride(0), blk.stride(0),
+        *strides,
+        h, h // k.shape[1], nq, nk, d, *sizes, scale * LOG2E,
+        CAUSAL=causal, SPARSE=sparse, PREC=_prec(q), BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=warps,
     )
     return out

@@ -51,3 +51,22 @@ def test_causal_layout():
 def test_block_sizes_must_be_powers_of_two():
     with pytest.raises(ValueError, match="powers of two"):
         BlockMask.from_dense(torch.ones(8, 8, dtype=torch.bool), 24, 32)
+
+
+@pytest.mark.parametrize("shape, bq, bk",
+                         [((1, 1, 100, 257), 32, 64), ((2, 3, 70, 33), 16, 16), ((1, 2, 1, 5), 64, 64)])
+def test_tile_codes_and_rows_visible(helpers, shape, bq, bk):
+    mask = helpers.random_mask(*shape, density=0.05, empty_rows=[0])
+    bm = BlockMask.from_dense(mask, bq, bk)
+    codes = bm.tile_codes()
+    assert codes.shape == (shape[0], shape[1], bm.num_q_blocks, bm.num_kv_blocks)
+    for b in range(shape[0]):
+        for h in range(shape[1]):
+            for qb in range(bm.num_q_blocks):
+                full = bm.full_indices[b, h, qb, : bm.full_counts[b, h, qb]].tolist()
+                part = bm.partial_indices[b, h, qb, : bm.partial_counts[b, h, qb]].tolist()
+                want = [1 if j in full else 2 + part.index(j) if j in part else 0 for j in range(bm.num_kv_blocks)]
+                assert codes[b, h, qb].tolist() == want
+    rows = torch.tensor([shape[2] - 1, 0, shape[2] // 2, shape[2] - 1])
+    assert torch.equal(bm.rows_visible(rows), mask[:, :, rows])
+    assert torch.equal(bm.rows_visible(torch.arange(shape[2])), mask)
