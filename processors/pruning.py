@@ -8,9 +8,18 @@ over heads) and drops all but the top ones from layer K on. Nothing runs eager a
   kernels' saved LSE (``mmattn.kernels.attention(..., return_lse=True)`` then ``row_probs``);
 * forward pre-hooks on layers >= K gather, per sample, the kept positions of the hidden states (at
   layer K), of the rotary (cos, sin), of the position ids and of the mask rows and columns. Kept tokens
-  keep their original positions (RoPE, Qwen2-VL's M-RoPE). The cache of layers >= K then holds only
-  kept tokens; in decode steps the same hooks gather the kept columns of the full-length mask.
+  keep their original positions (RoPE, Qwen2-VL's M-RoPE). Each layer's own mask is sliced, so Gemma 3's
+  sliding-window and full-attention layers, its bidirectional image blocks and PaliGemma's prefix-LM
+  mask all hold over the kept tokens as they did over all of them. The scoring query sees the keys its
+  row of the scoring layer's mask allows (a sliding-window scoring layer scores only image tokens in
+  its window; the others score 0).
+* the cache of layers >= K then holds only kept tokens (a sliding-window layer: the last window - 1 of
+  them). transformers sizes decode masks for a full-length cache (or, with Gemma 3, for the first
+  full-attention layer's cache, which may be pruned), so in decode steps the hooks rebuild each pruned
+  layer's mask over the keys its cache returns: causal, padding and sliding window by original position.
 
+Image tokens are the ``image_token_id`` positions wherever they lie: LLaVA-OneVision's row-newline
+features and SmolVLM / Idefics3's split tile spans included; everything else is always kept.
 A forward prunes when its ``input_ids`` hold image tokens and the cache is empty (the prefill).
 """
 
@@ -29,7 +38,16 @@ from mmattn.api import register_installer
 from mmattn.configs import FastV
 
 IMPLEMENTATION = "mmattn_fastv"
-SUPPORTED = ("LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration")
+SUPPORTED = (
+    "LlavaForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration",
+    "Gemma3ForConditionalGeneration",
+    "PaliGemmaForConditionalGeneration",
+    "SmolVLMForConditionalGeneration",
+    "Idefics3ForConditionalGeneration",
+)
 
 
 @dataclass
@@ -91,6 +109,8 @@ class _FastVState:
         self.padding_mask: torch.Tensor | None = None  # (B, N) 2D attention mask of the prefill, if any
         self.kept: torch.Tensor | None = None  # (B, N') ascending positions kept from layer K on
         self.prefill_len = 0
+        self.end = 0  # decode: original positions of the current forward end here (exclusive)
+        self.decode_padding: torch.Tensor | None = None  # decode: 2D attention mask over original positions
 
     def begin(self, module, args, kwargs):
         """Pre-hook on the VLM core: a prefill with image tokens prunes; a decode step reuses its choice."""
@@ -101,18 +121,26 @@ class _FastVState:
             if has_images:
                 raise ValueError("FastV prunes the prefill only: image tokens after cached tokens are not supported")
             self.prefill = self.selecting = False
+            mask = kwargs.get("attention_mask")
+            self.decode_padding = _padding_mask(mask)
+            length = input_ids.shape[1] if input_ids is not None else kwargs["inputs_embeds"].shape[1]
+            self.end = cache.get_seq_length() + length  # layer 0 is never pruned: its cache counts every token
             return None
         if input_ids is None:
             raise ValueError("FastV finds image tokens in input_ids; this forward got inputs_embeds only")
         self.prefill = self.selecting = has_images
         self.kept = None
         self.image_mask = input_ids == self.image_token_id
-        self.padding_mask = kwargs.get("attention_mask")
+        self.padding_mask = _padding_mask(kwargs.get("attention_mask"))
         self.prefill_len = input_ids.shape[1]
         return None
 
-    def select(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> None:
-        """Score the image tokens by the last real query's attention (mean over heads) and choose the kept set."""
+    def select(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None,
+               attention_mask: torch.Tensor | None) -> None:
+        """Score the image tokens by the last real query's attention (mean over heads) and choose the kept set.
+
+        The last query sees the keys its row of the layer's own mask allows (sliding window, prefix-LM or
+        bidirectional image blocks included); with no mask, every real token up to it."""
         self.selecting = False
         batch, _, n, _ = query.shape
         device = query.device
@@ -126,6 +154,10 @@ class _FastVState:
         visible = real & (torch.arange(n, device=device) <= last[:, None])
         scores = torch.zeros(batch, n, dtype=torch.float32, device=device)
         for b in range(batch):
+            if attention_mask is not None:
+                row = attention_mask[b if attention_mask.shape[0] > 1 else 0, 0, last[b]]
+                allowed = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+                visible[b] = allowed.to(device)
             keys = visible[b].nonzero().squeeze(1)
             q = query[b:b + 1, :, last[b]:last[b] + 1]
             k, v = key[b:b + 1, :, keys], value[b:b + 1, :, keys]
@@ -150,8 +182,29 @@ class _FastVState:
             kept_image_positions=chosen,
         )
 
-    def layer_hook(self, first: bool):
+    def decode_mask(self, keys: int, queries: int, sliding_window: int | None) -> torch.Tensor:
+        """(B, 1, queries, keys) bool mask of a decode step in a pruned layer whose cache returns ``keys`` keys.
+
+        The layer's keys are the last ``keys`` of: the kept prefill tokens, then every token decoded since.
+        A key at original position k is visible to the query at original position q when k <= q, k is no
+        padding and, in a sliding-window layer, k > q - sliding_window (as transformers' masks).
+        """
+        kept = self.kept
+        device = kept.device
+        new = torch.arange(self.prefill_len, self.end, device=device).expand(kept.shape[0], -1)
+        key_positions = torch.cat([kept, new], dim=1)[:, -keys:]  # (B, keys)
+        query_positions = torch.arange(self.end - queries, self.end, device=device)[None, :, None]  # (1, q, 1)
+        allowed = key_positions[:, None, :] <= query_positions
+        if sliding_window is not None:
+            allowed &= key_positions[:, None, :] > query_positions - sliding_window
+        if self.decode_padding is not None:
+            allowed &= self.decode_padding.to(device).bool().gather(1, key_positions)[:, None, :]
+        return allowed[:, None]
+
+    def layer_hook(self, layer, first: bool):
         """Pre-hook for a pruned layer; ``first`` (layer K) also drops the hidden states of removed tokens."""
+        attention = layer.self_attn
+        sliding_window = getattr(attention, "sliding_window", None)
 
         def hook(module, args, kwargs):
             if self.kept is None:
@@ -166,12 +219,27 @@ class _FastVState:
                     kwargs["position_ids"] = _take(kwargs["position_ids"], kept, 1)
                 if mask is not None:
                     kwargs["attention_mask"] = _take(_take(mask, kept, 2), kept, 3)
-            elif mask is not None:  # decode: the mask spans the full prefill; the cache holds the kept tokens
-                new = torch.arange(self.prefill_len, mask.shape[-1], device=kept.device).expand(kept.shape[0], -1)
-                kwargs["attention_mask"] = _take(mask, torch.cat([kept, new], dim=1), 3)
+            else:
+                # Decode: transformers sized the mask for a full-length cache (or, when the first full-attention
+                # layer is pruned, for the pruned one), while this layer's cache holds kept tokens only (a
+                # sliding layer: the last window - 1 of them). Rebuild the mask over the keys it will return.
+                queries = args[0].shape[1] if args else kwargs["hidden_states"].shape[1]
+                cache_layer = kwargs["past_key_values"].layers[attention.layer_idx]
+                stored = cache_layer.keys.shape[-2] if getattr(cache_layer, "keys", None) is not None else 0
+                kwargs["attention_mask"] = self.decode_mask(stored + queries, queries, sliding_window)
             return args, kwargs
 
         return hook
+
+
+def _padding_mask(mask) -> torch.Tensor | None:
+    """The 2D (B, N) attention mask the VLM core received (None: no padding)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        raise ValueError("FastV needs a 2D attention_mask (batch, sequence) or none; got a prepared "
+                         f"{type(mask).__name__} {getattr(mask, 'shape', '')}")
+    return mask
 
 
 def _attention(module, query, key, value, attention_mask, **kwargs):
@@ -179,7 +247,7 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
     scoring layer of a pruned prefill."""
     state = _SCORING_LAYERS.get(module)
     if state is not None and state.selecting:
-        state.select(query, key, value, kwargs.get("scaling"))
+        state.select(query, key, value, kwargs.get("scaling"), attention_mask)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -190,7 +258,8 @@ def install_fastv(model, config: FastV):
     if name not in SUPPORTED:
         raise ValueError(f"FastV does not support {name}; supported models: {', '.join(SUPPORTED)}")
     core = model.model
-    layers = core.language_model.layers
+    text_model = core.text_model if hasattr(core, "text_model") else core.language_model  # SmolVLM, Idefics3
+    layers = text_model.layers
     text_config = model.config.text_config
     if not config.layer < len(layers):
         raise ValueError(f"layer={config.layer} is out of range for {name}: its language model has {len(layers)} "
@@ -207,7 +276,7 @@ def install_fastv(model, config: FastV):
     scoring = layers[config.layer - 1].self_attn
     _SCORING_LAYERS[scoring] = state
     hooks = [core.register_forward_pre_hook(state.begin, with_kwargs=True)]
-    hooks += [layers[i].register_forward_pre_hook(state.layer_hook(i == config.layer), with_kwargs=True)
+    hooks += [layers[i].register_forward_pre_hook(state.layer_hook(layers[i], i == config.layer), with_kwargs=True)
               for i in range(config.layer, len(layers))]
 
     def undo() -> None:

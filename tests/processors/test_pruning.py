@@ -1,6 +1,10 @@
-"""FastV (arXiv 2403.06764) on the tiny LLaVA (Llama) and Qwen2-VL (M-RoPE) models, on CPU."""
+"""FastV (arXiv 2403.06764) on tiny VLMs, on CPU: LLaVA (Llama), LLaVA-OneVision (Qwen2, AnyRes with newline
+tokens), Qwen2-VL and Qwen2.5-VL (M-RoPE), Gemma 3 (sliding and full layers, each with its own mask and cache
+kind) and PaliGemma (prefix-LM)."""
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
@@ -12,16 +16,33 @@ from mmattn import FastV
 from mmattn.processors import pruning
 from mmattn.testing import TinyVLM, build_tiny
 
-NAMES = ["tiny/llava", "tiny/qwen2-vl"]
+# tiny/gemma3 has layers (sliding, sliding, full); GEMMA3_FULL_MIDDLE reorders them (sliding, full, sliding).
+GEMMA3_FULL_MIDDLE = "tiny/gemma3:full-middle"
+NAMES = ["tiny/llava", "tiny/llava-onevision", "tiny/qwen2-vl", "tiny/qwen2.5-vl", "tiny/gemma3", GEMMA3_FULL_MIDDLE,
+         "tiny/paligemma", "tiny/smolvlm", "tiny/idefics3"]
 MAX_NEW_TOKENS = 4
-LAYER = 1  # the tiny text models have 2 layers: score in layer 0, prune layer 1
 
 
-def chat(text: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+def build(name: str) -> TinyVLM:
+    if name != GEMMA3_FULL_MIDDLE:
+        return build_tiny(name)
+    vlm = build_tiny("tiny/gemma3")
+    config = copy.deepcopy(vlm.model.config)
+    config.text_config.layer_types = ["sliding_attention", "full_attention", "sliding_attention"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = type(vlm.model)(config)
+    model.load_state_dict(vlm.model.state_dict())
+    model.generation_config = copy.deepcopy(vlm.model.generation_config)
+    return TinyVLM(model.eval(), vlm.processor)
 
 
-SHORT, LONG = chat("What is this?"), chat("Describe every object in this picture, in detail.")
+def scoring_layer(model) -> int:
+    """FastV(layer=...) in these tests: the last layer (the tiny text models have 2 or 3 layers)."""
+    return model.config.text_config.num_hidden_layers - 1
+
+
+SHORT, LONG = "What is this?", "Describe every object in this picture, in detail."
 
 
 def make_image(seed: int, height: int = 48, width: int = 64) -> Image.Image:
@@ -29,9 +50,19 @@ def make_image(seed: int, height: int = 48, width: int = 64) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-def encode(vlm: TinyVLM, chats: list, images: list) -> dict:
-    prompts = [vlm.processor.apply_chat_template(c, add_generation_prompt=True) for c in chats]
-    return dict(vlm.processor(text=prompts, images=images, padding=True, return_tensors="pt"))
+def encode(vlm: TinyVLM, questions: list[str], images: list) -> dict:
+    """One image and one question per sample: the chat template, or PaliGemma's task prompt."""
+    architecture = type(vlm.model).__name__
+    if architecture == "PaliGemmaForConditionalGeneration":
+        prompts = [f"<image>answer en {q}" for q in questions]
+    else:
+        chats = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}] for q in questions]
+        prompts = [vlm.processor.apply_chat_template(c, add_generation_prompt=True) for c in chats]
+    if architecture.startswith(("Gemma3", "SmolVLM", "Idefics3")):
+        images = [[image] for image in images]
+    inputs = dict(vlm.processor(text=prompts, images=images, padding=True, return_tensors="pt"))
+    inputs.pop("labels", None)  # PaliGemmaProcessor's; the logits of a pruned prefill are shorter
+    return inputs
 
 
 def pre_hook_count(model) -> int:
@@ -40,7 +71,7 @@ def pre_hook_count(model) -> int:
 
 @pytest.fixture(scope="module", params=NAMES)
 def vlm(request) -> TinyVLM:
-    return build_tiny(request.param)
+    return build(request.param)
 
 
 @torch.no_grad()
@@ -55,13 +86,13 @@ def generate(model, inputs, **kwargs):
 
 @torch.no_grad()
 def eager_image_scores(model, inputs) -> torch.Tensor:
-    """Reference: eager attention of the last query in layer LAYER-1, mean over heads, at the image tokens."""
+    """Reference: eager attention of the last query in the scoring layer, mean over heads, at the image tokens."""
     model.set_attn_implementation({"text_config": "eager"})
     try:
         attentions = model(**inputs, output_attentions=True).attentions
     finally:
         model.set_attn_implementation({"text_config": "sdpa"})
-    last_row = attentions[LAYER - 1][:, :, -1].mean(dim=1)
+    last_row = attentions[scoring_layer(model) - 1][:, :, -1].mean(dim=1)
     image_mask = inputs["input_ids"] == model.config.image_token_id
     return last_row[image_mask].view(last_row.shape[0], -1)
 
@@ -76,18 +107,19 @@ def test_config_validation():
 def test_keep_all_equals_unmodified(vlm):
     inputs = encode(vlm, [SHORT], [make_image(1)])
     reference = logits(vlm.model, inputs)
-    with mmattn.apply(vlm.model, FastV(layer=LAYER, keep=1.0)):
+    with mmattn.apply(vlm.model, FastV(layer=scoring_layer(vlm.model), keep=1.0)):
         full = logits(vlm.model, inputs)
         tokens_per_layer = pruning.last_stats(vlm.model).tokens_per_layer
     torch.testing.assert_close(full, reference, atol=1e-5, rtol=1e-5)
-    assert tokens_per_layer == [inputs["input_ids"].shape[1]] * 2
+    assert tokens_per_layer == [inputs["input_ids"].shape[1]] * vlm.model.config.text_config.num_hidden_layers
 
 
 def test_choice_matches_eager_reference(vlm):
     inputs = encode(vlm, [SHORT], [make_image(1)])
     reference = eager_image_scores(vlm.model, inputs)
     n_image = reference.shape[1]
-    with mmattn.apply(vlm.model, FastV(layer=LAYER, keep=0.25)):
+    layer = scoring_layer(vlm.model)
+    with mmattn.apply(vlm.model, FastV(layer=layer, keep=0.25)):
         pruned = logits(vlm.model, inputs)
     stats = pruning.last_stats(vlm.model)
     torch.testing.assert_close(stats.image_scores, reference, atol=1e-6, rtol=1e-5)
@@ -96,19 +128,22 @@ def test_choice_matches_eager_reference(vlm):
     expected = image_positions[reference[0].topk(budget).indices].sort().values
     assert torch.equal(stats.kept_image_positions[0], expected)
 
-    # Layer 1 saw every text token and only the kept image tokens; the logits are those of the kept tokens.
+    # The last layer saw every text token and only the kept image tokens; the logits are those of the kept tokens.
     n = inputs["input_ids"].shape[1]
-    assert stats.tokens_per_layer == [n, n - n_image + budget]
-    assert stats.equivalent_tokens == (2 * n - n_image + budget) / 2
+    assert stats.tokens_per_layer == [n] * layer + [n - n_image + budget]
+    assert stats.equivalent_tokens == ((layer + 1) * n - n_image + budget) / (layer + 1)
     assert pruned.shape[1] == n - n_image + budget
-    assert not torch.allclose(pruned[:, -1], logits(vlm.model, inputs)[:, -1])
+    # (the last token of a sliding-window last layer may see no image token: compare every kept token)
+    image_mask = inputs["input_ids"][0] == vlm.model.config.image_token_id
+    kept = torch.cat([(~image_mask).nonzero().squeeze(1), stats.kept_image_positions[0]]).sort().values
+    assert not torch.allclose(pruned[0], logits(vlm.model, inputs)[0, kept])
 
 
 def test_padded_batch_equals_single_samples(vlm):
     images = [make_image(1), make_image(2)]
     batch = encode(vlm, [SHORT, LONG], images)
     assert not batch["attention_mask"][0].all()  # left padding
-    with mmattn.apply(vlm.model, FastV(layer=LAYER, keep=0.25)):
+    with mmattn.apply(vlm.model, FastV(layer=scoring_layer(vlm.model), keep=0.25)):
         batch_logits = logits(vlm.model, batch)[:, -1]
         batch_out = generate(vlm.model, batch, return_dict_in_generate=True, output_logits=True)
         for i, (conversation, image) in enumerate(zip([SHORT, LONG], images)):
@@ -116,7 +151,9 @@ def test_padded_batch_equals_single_samples(vlm):
             torch.testing.assert_close(logits(vlm.model, single)[0, -1], batch_logits[i], atol=1e-5, rtol=1e-5)
             single_out = generate(vlm.model, single, return_dict_in_generate=True, output_logits=True)
             new_ids = single_out.sequences[0, single["input_ids"].shape[1]:]
-            assert torch.equal(new_ids, batch_out.sequences[i, batch["input_ids"].shape[1]:])
+            batch_ids = batch_out.sequences[i, batch["input_ids"].shape[1]:]
+            assert torch.equal(new_ids, batch_ids[:len(new_ids)])  # a sample that stops early is padded in the batch
+            assert (batch_ids[len(new_ids):] == vlm.model.generation_config.pad_token_id).all()
             for step_batch, step_single in zip(batch_out.logits, single_out.logits):  # decode steps too
                 torch.testing.assert_close(step_single[0], step_batch[i], atol=1e-5, rtol=1e-5)
 
@@ -126,14 +163,21 @@ def test_cached_generate_equals_uncached_loop(vlm, monkeypatch):
     model = vlm.model
     inputs = encode(vlm, [LONG], [make_image(3)])
     prompt_len = inputs["input_ids"].shape[1]
-    with mmattn.apply(model, FastV(layer=LAYER, keep=0.25)):
+    layer = scoring_layer(model)
+    with mmattn.apply(model, FastV(layer=layer, keep=0.25)):
         out = generate(model, inputs, return_dict_in_generate=True, output_logits=True)
         stats = pruning.last_stats(model)
         kept = prompt_len - stats.image_positions.shape[1] + stats.kept_image_positions.shape[1]
         steps = out.sequences.shape[1] - prompt_len
         cache = out.past_key_values
-        assert cache.layers[0].keys.shape[2] == prompt_len + steps - 1
-        assert cache.layers[LAYER].keys.shape[2] == kept + steps - 1
+        text_model = getattr(model.model, "text_model", None) or model.model.language_model
+        window = getattr(text_model.layers[layer].self_attn, "sliding_window", None)
+        full_len, kept_len = prompt_len + steps - 1, kept + steps - 1
+        if window is not None:  # a sliding-window cache keeps the last window - 1 tokens
+            full_len, kept_len = min(full_len, window - 1), min(kept_len, window - 1)
+        assert cache.layers[layer].keys.shape[2] == kept_len
+        if window is None:
+            assert cache.layers[0].keys.shape[2] > kept_len or model.config.text_config.layer_types[0] != "full_attention"
 
         # Without a cache every forward is a prefill; pin its choice to the one generate() made.
         monkeypatch.setattr(pruning, "top_image_tokens", lambda scores, positions, budget: stats.kept_image_positions)
@@ -145,21 +189,22 @@ def test_cached_generate_equals_uncached_loop(vlm, monkeypatch):
             assert torch.equal(next_id[:, 0], out.sequences[:, prompt_len + step])
             step_inputs["input_ids"] = torch.cat([step_inputs["input_ids"], next_id], dim=1)
             step_inputs["attention_mask"] = torch.cat([step_inputs["attention_mask"], torch.ones_like(next_id)], dim=1)
-            if "mm_token_type_ids" in step_inputs:
-                step_inputs["mm_token_type_ids"] = torch.cat(
-                    [step_inputs["mm_token_type_ids"], torch.zeros_like(next_id)], dim=1)
+            for key in ("mm_token_type_ids", "token_type_ids"):  # generate() marks new tokens as PaliGemma's suffix
+                if key in step_inputs:
+                    new_type = 1 if type(model).__name__ == "PaliGemmaForConditionalGeneration" and key == "token_type_ids" else 0
+                    step_inputs[key] = torch.cat([step_inputs[key], torch.full_like(next_id, new_type)], dim=1)
 
 
 def test_remove_restores_bit_identical(vlm):
     model = vlm.model
     inputs = encode(vlm, [SHORT], [make_image(4)])
     before, hooks = logits(model, inputs), pre_hook_count(model)
-    handle = mmattn.apply(model, FastV(layer=LAYER, keep=0.5))
+    handle = mmattn.apply(model, FastV(layer=scoring_layer(model), keep=0.5))
     assert model.config.text_config._attn_implementation == pruning.IMPLEMENTATION
     assert model.config.vision_config._attn_implementation == "sdpa"
     assert pre_hook_count(model) > hooks
     with pytest.raises(ValueError, match="applied already"):
-        mmattn.apply(model, FastV(layer=LAYER))
+        mmattn.apply(model, FastV(layer=scoring_layer(model)))
     logits(model, inputs)
     handle.remove()
     assert model.config.text_config._attn_implementation == "sdpa"
@@ -168,26 +213,70 @@ def test_remove_restores_bit_identical(vlm):
 
 
 def test_rejects_unsupported_model_unchanged():
-    model = build_tiny("tiny/gemma3").model
-    implementations = (model.config.text_config._attn_implementation, model.config.vision_config._attn_implementation)
+    from transformers import LlamaConfig, LlamaForCausalLM  # every tiny VLM is supported: a text-only model is not
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).eval()
     hooks = pre_hook_count(model)
-    with pytest.raises(ValueError, match="Gemma3ForConditionalGeneration.*LlavaForConditionalGeneration"):
+    with pytest.raises(ValueError, match="FastV does not support LlamaForCausalLM; supported models: "
+                                         "LlavaForConditionalGeneration, .*SmolVLMForConditionalGeneration"):
         mmattn.apply(model, FastV(layer=1))
-    assert (model.config.text_config._attn_implementation, model.config.vision_config._attn_implementation) == \
-        implementations
+    assert model.config._attn_implementation == "sdpa"
     assert pre_hook_count(model) == hooks
 
 
 def test_rejects_unequal_image_counts():
     vlm = build_tiny("tiny/qwen2-vl")  # image token counts follow the image size
     batch = encode(vlm, [SHORT, SHORT], [make_image(1), make_image(2, height=96, width=96)])
-    with mmattn.apply(vlm.model, FastV(layer=LAYER)), pytest.raises(ValueError, match="same number of image tokens"):
+    with mmattn.apply(vlm.model, FastV(layer=1)), pytest.raises(ValueError, match="same number of image tokens"):
         logits(vlm.model, batch)
 
 
 def test_rejects_layer_out_of_range(vlm):
-    hooks = pre_hook_count(vlm.model)
-    with pytest.raises(ValueError, match="layer=2 is out of range"):
-        mmattn.apply(vlm.model, FastV(layer=2))
+    hooks, n_layers = pre_hook_count(vlm.model), vlm.model.config.text_config.num_hidden_layers
+    with pytest.raises(ValueError, match=f"layer={n_layers} is out of range"):
+        mmattn.apply(vlm.model, FastV(layer=n_layers))
     assert vlm.model.config.text_config._attn_implementation == "sdpa"
     assert pre_hook_count(vlm.model) == hooks
+
+
+def test_llava_onevision_scores_newline_tokens():
+    """LLaVA-OneVision writes its AnyRes grid with an image_newline feature closing each row; those rows sit at
+    <image> positions too, so FastV scores and may drop them like any other image token."""
+    vlm = build_tiny("tiny/llava-onevision")
+    inputs = encode(vlm, [SHORT], [make_image(1)])
+    captured = {}
+
+    def capture(module, args, kwargs):
+        captured["embeds"] = kwargs["inputs_embeds"]
+
+    hook = vlm.model.model.language_model.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with mmattn.apply(vlm.model, FastV(layer=1, keep=0.25)):
+            logits(vlm.model, inputs)
+    finally:
+        hook.remove()
+    newline = vlm.model.model.image_newline.detach()
+    newline_positions = (captured["embeds"][0] == newline).all(dim=-1).nonzero().squeeze(1)
+    image_positions = pruning.last_stats(vlm.model).image_positions[0]
+    assert len(newline_positions) > 0
+    assert set(newline_positions.tolist()) <= set(image_positions.tolist())
+
+
+@pytest.mark.parametrize("name", ["tiny/smolvlm", "tiny/idefics3"])
+def test_split_image_spans(name):
+    """SmolVLM / Idefics3 interleave their tiles' <image> runs with <fake_token_around_image> and <row_i_col_j>
+    tags: every <image> token of every tile competes for the budget, every tag and text token is kept."""
+    vlm = build_tiny(name)
+    inputs = encode(vlm, [SHORT], [make_image(1)])
+    ids = inputs["input_ids"][0]
+    image_positions = (ids == vlm.model.config.image_token_id).nonzero().squeeze(1)
+    assert (image_positions.diff() > 1).sum() >= 2  # several separate spans
+    with mmattn.apply(vlm.model, FastV(layer=1, keep=0.25)):
+        pruned = logits(vlm.model, inputs)
+    stats = pruning.last_stats(vlm.model)
+    assert torch.equal(stats.image_positions[0], image_positions)
+    chosen = stats.kept_image_positions[0]
+    assert len(chosen) == round(0.25 * len(image_positions)) and set(chosen.tolist()) <= set(image_positions.tolist())
+    assert pruned.shape[1] == len(ids) - len(image_positions) + len(chosen)
