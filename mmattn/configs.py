@@ -189,3 +189,52 @@ class FastV(_Method):
             _check_range("keep", self.keep, 0.0, 1.0)
         elif self.keep < 0:
             raise ValueError(f"keep={self.keep!r} is out of range: expected a count >= 0")
+
+
+@dataclass(frozen=True)
+class PyramidDrop(_Method):
+    """PyramidDrop visual token pruning (arXiv 2410.17247) for transformers VLMs: FastV repeated in stages.
+
+    ``stages`` lists ``(layer, keep)`` pairs. At each stage layer ``L_i`` the image tokens still kept are
+    re-ranked by the last query's attention at decoder layer ``L_i - 1`` (mean over heads), and the top
+    ``keep_i`` of them remain from ``L_i`` on. ``keep_i`` is a fraction of the ORIGINAL image-token count
+    (a float, rounded) or a count (an int). Layers are strictly increasing (each >= 1; the upper bound,
+    the model's layer count - 1, is checked when applied); keeps of one kind are non-increasing (a budget
+    above the tokens still kept keeps them all). ``FastV(layer=K, keep=r)`` is ``PyramidDrop([(K, r)])``.
+    """
+
+    stages: tuple = ((2, 0.5), (4, 0.25))
+
+    name = "pyramiddrop"
+
+    def __post_init__(self) -> None:
+        stages = self.stages
+        if isinstance(stages, (str, bytes)) or not isinstance(stages, (list, tuple)) or len(stages) == 0:
+            raise ValueError(f"stages={stages!r}: expected a non-empty list of (layer, keep) pairs")
+        normalised = []
+        for i, stage in enumerate(stages):
+            if isinstance(stage, (str, bytes)) or not isinstance(stage, (list, tuple)) or len(stage) != 2:
+                raise ValueError(f"stages[{i}]={stage!r}: expected a (layer, keep) pair")
+            layer, keep = stage
+            if not isinstance(layer, int) or isinstance(layer, bool) or layer < 1:
+                raise ValueError(f"stages[{i}] layer={layer!r} is out of range: expected an int >= 1 "
+                                 "(the first layer pruned by this stage)")
+            if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+                raise ValueError(f"stages[{i}] keep={keep!r}: expected a fraction (float in [0, 1]) or a count (int >= 0)")
+            if isinstance(keep, float):
+                _check_range(f"stages[{i}] keep", keep, 0.0, 1.0)
+            elif keep < 0:
+                raise ValueError(f"stages[{i}] keep={keep!r} is out of range: expected a count >= 0")
+            if normalised:
+                previous_layer, previous_keep = normalised[-1]
+                if layer <= previous_layer:
+                    raise ValueError(f"stages[{i}] layer={layer} is out of range: expected layers strictly "
+                                     f"increasing, > stages[{i - 1}] layer={previous_layer}")
+                if type(keep) is type(previous_keep) and keep > previous_keep:
+                    raise ValueError(f"stages[{i}] keep={keep} is out of range: expected keeps non-increasing, "
+                                     f"<= stages[{i - 1}] keep={previous_keep}")
+            normalised.append((layer, keep))
+        object.__setattr__(self, "stages", tuple(normalised))
+
+    def to_dict(self) -> dict:
+        return {"method": self.name, "stages": [list(stage) for stage in self.stages]}

@@ -1,4 +1,8 @@
-"""Visual token pruning for transformers VLMs: FastV (arXiv 2403.06764).
+"""Visual token pruning for transformers VLMs: FastV (arXiv 2403.06764) and PyramidDrop (arXiv 2410.17247).
+
+PyramidDrop repeats FastV's step at several stage layers L_1 < L_2 < ...: at L_i the image tokens still kept
+are re-ranked by the last query's attention at layer L_i - 1 and the top keep_i remain. One engine runs
+both: a FastV config is the one-stage case. Below, "layer K" stands for each stage's layer.
 
 FastV ranks the image tokens by the attention the last query gives them at decoder layer K-1 (mean
 over heads) and drops all but the top ones from layer K on. Nothing runs eager attention:
@@ -35,7 +39,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from mmattn import kernels
 from mmattn.api import register_installer
-from mmattn.configs import FastV
+from mmattn.configs import FastV, PyramidDrop
 
 IMPLEMENTATION = "mmattn_fastv"
 SUPPORTED = (
@@ -51,18 +55,32 @@ SUPPORTED = (
 
 
 @dataclass
+class StageStats:
+    """One stage of the last pruned prefill: ``layer`` (the first layer it prunes), ``image_positions``
+    (B, n) the image tokens still kept entering it, ``image_scores`` (B, n) the attention the last query gave
+    them at ``layer - 1`` (mean over heads), ``kept_image_positions`` (B, k) those kept from ``layer`` on."""
+
+    layer: int
+    image_positions: torch.Tensor
+    image_scores: torch.Tensor
+    kept_image_positions: torch.Tensor
+
+
+@dataclass
 class PruningStats:
     """What the last pruned prefill did, per sample (every sample has the same counts).
 
     ``tokens_per_layer``: tokens entering each decoder layer; ``image_positions`` (B, n_image) and
     ``image_scores`` (B, n_image): the image tokens and the attention the last query gave them in the
-    scoring layer (mean over heads); ``kept_image_positions`` (B, k): the image tokens kept, ascending.
+    (first stage's) scoring layer (mean over heads); ``kept_image_positions`` (B, k): the image tokens kept
+    after the last stage, ascending; ``stages``: each stage's own choice.
     """
 
     tokens_per_layer: list[int]
     image_positions: torch.Tensor
     image_scores: torch.Tensor
     kept_image_positions: torch.Tensor
+    stages: list[StageStats]
 
     @property
     def equivalent_tokens(self) -> float:
@@ -72,10 +90,11 @@ class PruningStats:
 
 _STATS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> PruningStats
 _SCORING_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attention module -> _FastVState
+_SCORING_STAGE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attention module -> its stage index
 
 
 def last_stats(model) -> PruningStats | None:
-    """Statistics of the last prefill that FastV pruned on ``model`` (None before the first)."""
+    """Statistics of the last prefill that FastV / PyramidDrop pruned on ``model`` (None before the first)."""
     return _STATS.get(model)
 
 
@@ -96,18 +115,23 @@ def _take(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class _FastVState:
-    """One FastV installation: what the current forward does and which tokens the last prefill kept."""
+    """One FastV / PyramidDrop installation: what the current forward does and which tokens the last prefill
+    kept at each stage."""
 
-    def __init__(self, config: FastV, model, num_layers: int, image_token_id: int):
-        self.config = config
+    def __init__(self, config, stages: list[tuple[int, float | int]], model, num_layers: int, image_token_id: int):
+        self.config = config  # the FastV or PyramidDrop applied
+        self.stages = stages  # [(layer, keep)], layers strictly increasing
         self.model = weakref.ref(model)
         self.num_layers = num_layers
         self.image_token_id = image_token_id
         self.prefill = False  # the current forward is a prefill with image tokens
-        self.selecting = False  # ... whose scoring layer has not run yet
+        self.next_stage: int | None = None  # ... whose stage next_stage has not chosen yet (None: nothing to choose)
         self.image_mask: torch.Tensor | None = None  # (B, N) of the prefill
         self.padding_mask: torch.Tensor | None = None  # (B, N) 2D attention mask of the prefill, if any
-        self.kept: torch.Tensor | None = None  # (B, N') ascending positions kept from layer K on
+        self.kept_stages: list[torch.Tensor | None] = [None] * len(stages)  # per stage: (B, N_i) ascending positions
+        self.gather: list[torch.Tensor | None] = [None] * len(stages)  # per stage: indices of kept[i] in kept[i-1]
+        self.n_image = 0
+        self.stage_stats: list[StageStats] = []
         self.prefill_len = 0
         self.end = 0  # decode: original positions of the current forward end here (exclusive)
         self.decode_padding: torch.Tensor | None = None  # decode: 2D attention mask over original positions
@@ -120,7 +144,7 @@ class _FastVState:
         if cache is not None and cache.get_seq_length() > 0:
             if has_images:
                 raise ValueError("FastV prunes the prefill only: image tokens after cached tokens are not supported")
-            self.prefill = self.selecting = False
+            self.prefill, self.next_stage = False, None
             mask = kwargs.get("attention_mask")
             self.decode_padding = _padding_mask(mask)
             length = input_ids.shape[1] if input_ids is not None else kwargs["inputs_embeds"].shape[1]
@@ -128,28 +152,40 @@ class _FastVState:
             return None
         if input_ids is None:
             raise ValueError("FastV finds image tokens in input_ids; this forward got inputs_embeds only")
-        self.prefill = self.selecting = has_images
-        self.kept = None
+        self.prefill = has_images
+        self.next_stage = 0 if has_images else None
+        self.kept_stages = [None] * len(self.stages)
+        self.gather = [None] * len(self.stages)
+        self.stage_stats = []
         self.image_mask = input_ids == self.image_token_id
         self.padding_mask = _padding_mask(kwargs.get("attention_mask"))
         self.prefill_len = input_ids.shape[1]
         return None
 
-    def select(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None,
+    def select(self, stage: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None,
                attention_mask: torch.Tensor | None) -> None:
-        """Score the image tokens by the last real query's attention (mean over heads) and choose the kept set.
+        """Stage ``stage``: score the image tokens still kept by the last real query's attention (mean over heads)
+        and choose the ones kept from the stage's layer on.
 
-        The last query sees the keys its row of the layer's own mask allows (sliding window, prefix-LM or
+        The scoring layer sees the tokens the previous stage kept (all of them for the first stage), so the
+        query, keys and mask are over those; ``positions`` maps them back to original positions. The last
+        query sees the keys its row of the layer's own mask allows (sliding window, prefix-LM or
         bidirectional image blocks included); with no mask, every real token up to it."""
-        self.selecting = False
+        self.next_stage = stage + 1 if stage + 1 < len(self.stages) else None
         batch, _, n, _ = query.shape
         device = query.device
         image_mask = self.image_mask.to(device)
-        counts = image_mask.sum(dim=1)
-        if (counts != counts[0]).any():
-            raise ValueError(f"FastV needs the same number of image tokens in every sample; got {counts.tolist()}")
+        if stage == 0:
+            counts = image_mask.sum(dim=1)
+            if (counts != counts[0]).any():
+                raise ValueError(f"FastV needs the same number of image tokens in every sample; got {counts.tolist()}")
+            self.n_image = int(counts[0])
+            positions = torch.arange(n, device=device).expand(batch, n)
+        else:
+            positions = self.kept_stages[stage - 1].to(device)
+            image_mask = image_mask.gather(1, positions)
         real = torch.ones(batch, n, dtype=torch.bool, device=device) if self.padding_mask is None \
-            else self.padding_mask.to(device).bool()
+            else self.padding_mask.to(device).bool().gather(1, positions)
         last = n - 1 - real.flip(1).int().argmax(dim=1)
         visible = real & (torch.arange(n, device=device) <= last[:, None])
         scores = torch.zeros(batch, n, dtype=torch.float32, device=device)
@@ -164,32 +200,61 @@ class _FastVState:
             _, lse = kernels.attention(q, k, v, scale=scale, return_lse=True)
             scores[b, keys] = kernels.row_probs(q, k, lse, scale=scale)[0, :, 0].mean(dim=0)
 
-        n_image = int(counts[0])
-        keep = self.config.keep
-        budget = min(keep if isinstance(keep, int) else round(keep * n_image), n_image)
-        positions = torch.arange(n, device=device).expand(batch, n)
-        image_positions = positions[image_mask].view(batch, n_image)
-        image_scores = scores.gather(1, image_positions)
+        n_current = int(image_mask[0].sum())  # every sample has the same count
+        keep = self.stages[stage][1]
+        budget = min(keep if isinstance(keep, int) else round(keep * self.n_image), n_current)
+        image_positions = positions[image_mask].view(batch, n_current)
+        image_scores = scores[image_mask].view(batch, n_current)
         chosen = top_image_tokens(image_scores, image_positions, budget)
-        others = positions[~image_mask].view(batch, n - n_image)
-        self.kept = torch.cat([others, chosen], dim=1).sort(dim=1).values
+        others = positions[~image_mask].view(batch, n - n_current)
+        kept = torch.cat([others, chosen], dim=1).sort(dim=1).values
+        self.kept_stages[stage] = kept
+        self.gather[stage] = kept if stage == 0 else torch.searchsorted(positions.contiguous(), kept)
+        self.stage_stats.append(StageStats(self.stages[stage][0], image_positions, image_scores, chosen))
 
-        layer, kept_len = self.config.layer, self.kept.shape[1]
+        tokens, length = [], self.prefill_len
+        for i in range(self.num_layers):  # stages not chosen yet count as keeping every token
+            for j, (layer, _) in enumerate(self.stages[:stage + 1]):
+                if layer == i:
+                    length = self.kept_stages[j].shape[1]
+            tokens.append(length)
+        first = self.stage_stats[0]
         _STATS[self.model()] = PruningStats(
-            tokens_per_layer=[n] * layer + [kept_len] * (self.num_layers - layer),
-            image_positions=image_positions,
-            image_scores=image_scores,
+            tokens_per_layer=tokens,
+            image_positions=first.image_positions,
+            image_scores=first.image_scores,
             kept_image_positions=chosen,
+            stages=list(self.stage_stats),
         )
 
-    def decode_mask(self, keys: int, queries: int, sliding_window: int | None) -> torch.Tensor:
+    # One-stage view (FastV), as bench/bench_pruning.py's eager emulation drives it: ``selecting`` (the first
+    # stage has not chosen yet) and ``kept`` (the first stage's choice; setting it replaces that choice).
+    @property
+    def selecting(self) -> bool:
+        return self.next_stage == 0
+
+    @selecting.setter
+    def selecting(self, value: bool) -> None:
+        self.next_stage = 0 if value else (None if self.next_stage == 0 else self.next_stage)
+
+    @property
+    def kept(self) -> torch.Tensor | None:
+        return self.kept_stages[-1]
+
+    @kept.setter
+    def kept(self, value: torch.Tensor) -> None:
+        if len(self.stages) != 1:
+            raise ValueError("setting kept is for a one-stage (FastV) installation")
+        self.kept_stages[0] = self.gather[0] = value
+
+    def decode_mask(self, kept: torch.Tensor, keys: int, queries: int, sliding_window: int | None) -> torch.Tensor:
         """(B, 1, queries, keys) bool mask of a decode step in a pruned layer whose cache returns ``keys`` keys.
 
-        The layer's keys are the last ``keys`` of: the kept prefill tokens, then every token decoded since.
+        The layer's keys are the last ``keys`` of: the prefill tokens ``kept`` (B, N_i) by the layer's stage, then
+        every token decoded since.
         A key at original position k is visible to the query at original position q when k <= q, k is no
         padding and, in a sliding-window layer, k > q - sliding_window (as transformers' masks).
         """
-        kept = self.kept
         device = kept.device
         new = torch.arange(self.prefill_len, self.end, device=device).expand(kept.shape[0], -1)
         key_positions = torch.cat([kept, new], dim=1)[:, -keys:]  # (B, keys)
@@ -201,18 +266,19 @@ class _FastVState:
             allowed &= self.decode_padding.to(device).bool().gather(1, key_positions)[:, None, :]
         return allowed[:, None]
 
-    def layer_hook(self, layer, first: bool):
-        """Pre-hook for a pruned layer; ``first`` (layer K) also drops the hidden states of removed tokens."""
+    def layer_hook(self, layer, stage: int, first: bool):
+        """Pre-hook for a layer pruned by ``stage`` (the last stage whose layer is <= it); ``first`` (the stage's
+        own layer) also drops the hidden states of the tokens the stage removes."""
         attention = layer.self_attn
         sliding_window = getattr(attention, "sliding_window", None)
 
         def hook(module, args, kwargs):
-            if self.kept is None:
+            kept, mask = self.kept_stages[stage], kwargs.get("attention_mask")
+            if kept is None:
                 return None
-            kept, mask = self.kept, kwargs.get("attention_mask")
             if self.prefill:
-                if first:  # the decoder layers take hidden_states positionally
-                    args = (_take(args[0], kept, 1), *args[1:])
+                if first:  # the decoder layers take hidden_states positionally (over the previous stage's tokens)
+                    args = (_take(args[0], self.gather[stage], 1), *args[1:])
                 cos, sin = kwargs["position_embeddings"]
                 kwargs["position_embeddings"] = (_take(cos, kept, 1), _take(sin, kept, 1))
                 if kwargs.get("position_ids") is not None:
@@ -226,7 +292,7 @@ class _FastVState:
                 queries = args[0].shape[1] if args else kwargs["hidden_states"].shape[1]
                 cache_layer = kwargs["past_key_values"].layers[attention.layer_idx]
                 stored = cache_layer.keys.shape[-2] if getattr(cache_layer, "keys", None) is not None else 0
-                kwargs["attention_mask"] = self.decode_mask(stored + queries, queries, sliding_window)
+                kwargs["attention_mask"] = self.decode_mask(kept, stored + queries, queries, sliding_window)
             return args, kwargs
 
         return hook
@@ -246,43 +312,61 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
     """The text model's attention under FastV: SDPA as transformers runs it, plus FastV's selection in the
     scoring layer of a pruned prefill."""
     state = _SCORING_LAYERS.get(module)
-    if state is not None and state.selecting:
-        state.select(query, key, value, kwargs.get("scaling"), attention_mask)
+    if state is not None and state.next_stage == _SCORING_STAGE[module]:
+        state.select(_SCORING_STAGE[module], query, key, value, kwargs.get("scaling"), attention_mask)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 @register_installer(FastV)
 def install_fastv(model, config: FastV):
-    """Validate, switch the text model to the FastV attention and hook the pruned layers; returns undo."""
+    """FastV is PyramidDrop's one-stage case; returns undo."""
+    return _install(model, config, [(config.layer, config.keep)], "FastV")
+
+
+@register_installer(PyramidDrop)
+def install_pyramid_drop(model, config: PyramidDrop):
+    """Validate, switch the text model to the pruning attention and hook every stage; returns undo."""
+    return _install(model, config, list(config.stages), "PyramidDrop")
+
+
+def _install(model, config, stages: list[tuple[int, float | int]], method: str):
+    """Validate, switch the text model to the pruning attention and hook the pruned layers; returns undo."""
     name = type(model).__name__
     if name not in SUPPORTED:
-        raise ValueError(f"FastV does not support {name}; supported models: {', '.join(SUPPORTED)}")
+        raise ValueError(f"{method} does not support {name}; supported models: {', '.join(SUPPORTED)}")
     core = model.model
     text_model = core.text_model if hasattr(core, "text_model") else core.language_model  # SmolVLM, Idefics3
     layers = text_model.layers
     text_config = model.config.text_config
-    if not config.layer < len(layers):
-        raise ValueError(f"layer={config.layer} is out of range for {name}: its language model has {len(layers)} "
-                         f"layers; expected 1 <= layer <= {len(layers) - 1}")
+    for i, (layer, _) in enumerate(stages):
+        if not layer < len(layers):
+            where = "" if method == "FastV" else f"stages[{i}] "
+            raise ValueError(f"{where}layer={layer} is out of range for {name}: its language model has {len(layers)} "
+                             f"layers; expected 1 <= layer <= {len(layers) - 1}")
     original = text_config._attn_implementation
     if original != "sdpa":
-        raise ValueError(f"FastV runs on the text model's 'sdpa' attention; {name} uses {original!r}"
-                         + (" (FastV is applied already)" if original == IMPLEMENTATION else ""))
+        raise ValueError(f"{method} runs on the text model's 'sdpa' attention; {name} uses {original!r}"
+                         + (" (pruning is applied already)" if original == IMPLEMENTATION else ""))
 
     AttentionInterface.register(IMPLEMENTATION, _attention)
     AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
-    state = _FastVState(config, model, len(layers), model.config.image_token_id)
+    state = _FastVState(config, stages, model, len(layers), model.config.image_token_id)
     model.set_attn_implementation({"text_config": IMPLEMENTATION})
-    scoring = layers[config.layer - 1].self_attn
-    _SCORING_LAYERS[scoring] = state
+    scoring = [layers[layer - 1].self_attn for layer, _ in stages]
+    for stage, module in enumerate(scoring):
+        _SCORING_LAYERS[module], _SCORING_STAGE[module] = state, stage
     hooks = [core.register_forward_pre_hook(state.begin, with_kwargs=True)]
-    hooks += [layers[i].register_forward_pre_hook(state.layer_hook(layers[i], i == config.layer), with_kwargs=True)
-              for i in range(config.layer, len(layers))]
+    starts = [layer for layer, _ in stages]
+    for i in range(starts[0], len(layers)):
+        stage = max(j for j, start in enumerate(starts) if start <= i)
+        hooks.append(layers[i].register_forward_pre_hook(state.layer_hook(layers[i], stage, i == starts[stage]),
+                                                         with_kwargs=True))
 
     def undo() -> None:
         for hook in hooks:
             hook.remove()
-        del _SCORING_LAYERS[scoring]
+        for module in scoring:
+            del _SCORING_LAYERS[module], _SCORING_STAGE[module]
         model.set_attn_implementation({"text_config": original})
 
     return undo

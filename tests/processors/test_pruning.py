@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import mmattn
-from mmattn import FastV
+from mmattn import FastV, PyramidDrop
 from mmattn.processors import pruning
 from mmattn.testing import TinyVLM, build_tiny
 
@@ -85,14 +85,14 @@ def generate(model, inputs, **kwargs):
 
 
 @torch.no_grad()
-def eager_image_scores(model, inputs) -> torch.Tensor:
+def eager_image_scores(model, inputs, layer: int | None = None) -> torch.Tensor:
     """Reference: eager attention of the last query in the scoring layer, mean over heads, at the image tokens."""
     model.set_attn_implementation({"text_config": "eager"})
     try:
         attentions = model(**inputs, output_attentions=True).attentions
     finally:
         model.set_attn_implementation({"text_config": "sdpa"})
-    last_row = attentions[scoring_layer(model) - 1][:, :, -1].mean(dim=1)
+    last_row = attentions[(layer or scoring_layer(model)) - 1][:, :, -1].mean(dim=1)
     image_mask = inputs["input_ids"] == model.config.image_token_id
     return last_row[image_mask].view(last_row.shape[0], -1)
 
@@ -280,3 +280,235 @@ def test_split_image_spans(name):
     chosen = stats.kept_image_positions[0]
     assert len(chosen) == round(0.25 * len(image_positions)) and set(chosen.tolist()) <= set(image_positions.tolist())
     assert pruned.shape[1] == len(ids) - len(image_positions) + len(chosen)
+
+
+# PyramidDrop (arXiv 2410.17247): FastV's step repeated at several stage layers. Most tiny text models have 2
+# layers (room for one stage only); the ":deep" variants have 4 (the tiny model's weights, 2 new seeded layers).
+DEEP_NAMES = ["tiny/llava:deep", "tiny/qwen2-vl:deep", "tiny/gemma3", "tiny/gemma3:deep", "tiny/paligemma:deep",
+              "tiny/smolvlm:deep"]
+
+
+def build_deep(name: str, num_layers: int = 4) -> TinyVLM:
+    if not name.endswith(":deep"):
+        return build(name)
+    vlm = build_tiny(name.removesuffix(":deep"))
+    config = copy.deepcopy(vlm.model.config)
+    text_config = config.text_config
+    old = text_config.num_hidden_layers
+    text_config.num_hidden_layers = num_layers
+    if getattr(text_config, "layer_types", None) is not None:  # repeat the pattern (Gemma 3: sliding, sliding, full)
+        text_config.layer_types = [text_config.layer_types[i % old] for i in range(num_layers)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = type(vlm.model)(config)
+    missing, unexpected = model.load_state_dict(vlm.model.state_dict(), strict=False)
+    assert not unexpected and missing and all(".layers." in key for key in missing)
+    model.generation_config = copy.deepcopy(vlm.model.generation_config)
+    return TinyVLM(model.eval(), vlm.processor)
+
+
+@pytest.fixture(scope="module", params=DEEP_NAMES)
+def deep(request) -> TinyVLM:
+    return build_deep(request.param)
+
+
+def pyramid(model, keeps=None) -> PyramidDrop:
+    """A stage at every layer 1 .. num_layers - 1, keeping 0.75, 0.5, 0.25 ... of the image tokens by default."""
+    n = model.config.text_config.num_hidden_layers
+    keeps = keeps or [round(1 - i / n, 4) for i in range(1, n)]
+    return PyramidDrop(stages=[(layer, keep) for layer, keep in zip(range(1, n), keeps)])
+
+
+def test_pyramid_config_validation():
+    config = PyramidDrop(stages=[(1, 0.5), (3, 0.25), [5, 2]])
+    assert config.stages == ((1, 0.5), (3, 0.25), (5, 2))
+    assert config.to_dict() == {"method": "pyramiddrop", "stages": [[1, 0.5], [3, 0.25], [5, 2]]}
+    assert PyramidDrop(stages=[(2, 8), (3, 0.1)]).stages == ((2, 8), (3, 0.1))  # mixed kinds: no order to check
+    bad = [
+        ([], r"stages=\[\]: expected a non-empty list"),
+        ("1,0.5", "stages='1,0.5'"),
+        ([(1, 0.5, 2)], r"stages\[0\]=\(1, 0.5, 2\): expected a \(layer, keep\) pair"),
+        ([1], r"stages\[0\]=1: expected"),
+        ([(0, 0.5)], r"stages\[0\] layer=0 is out of range: expected an int >= 1"),
+        ([(1.0, 0.5)], r"stages\[0\] layer=1.0 is out of range"),
+        ([(True, 0.5)], r"stages\[0\] layer=True"),
+        ([(1, 1.5)], r"stages\[0\] keep=1.5 is out of range: expected a number in \[0.0, 1.0\]"),
+        ([(1, -1)], r"stages\[0\] keep=-1 is out of range: expected a count >= 0"),
+        ([(1, True)], r"stages\[0\] keep=True: expected a fraction"),
+        ([(1, "all")], r"stages\[0\] keep='all'"),
+        ([(2, 0.5), (2, 0.25)], r"stages\[1\] layer=2 is out of range: expected layers strictly increasing"),
+        ([(2, 0.5), (1, 0.25)], r"stages\[1\] layer=1 is out of range"),
+        ([(1, 0.25), (2, 0.5)], r"stages\[1\] keep=0.5 is out of range: expected keeps non-increasing"),
+        ([(1, 4), (2, 8)], r"stages\[1\] keep=8 is out of range"),
+    ]
+    for stages, message in bad:
+        with pytest.raises(ValueError, match=message):
+            PyramidDrop(stages=stages)
+
+
+def test_pyramid_rejects_stage_out_of_range(deep):
+    model = deep.model
+    hooks, n_layers = pre_hook_count(model), model.config.text_config.num_hidden_layers
+    with pytest.raises(ValueError, match=rf"stages\[1\] layer={n_layers} is out of range for .*"
+                                         rf"expected 1 <= layer <= {n_layers - 1}"):
+        mmattn.apply(model, PyramidDrop(stages=[(1, 0.5), (n_layers, 0.25)]))
+    assert model.config.text_config._attn_implementation == "sdpa"
+    assert pre_hook_count(model) == hooks
+
+
+def test_pyramid_equal_keeps_equal_fastv(deep):
+    """A second stage keeping as many as the first drops nothing more: the run is FastV's."""
+    model = deep.model
+    inputs = encode(deep, [LONG], [make_image(1)])
+    last = model.config.text_config.num_hidden_layers - 1
+    with mmattn.apply(model, FastV(layer=1, keep=0.5)):
+        fastv = logits(model, inputs)
+        fastv_stats = pruning.last_stats(model)
+    with mmattn.apply(model, PyramidDrop(stages=[(1, 0.5), (last, 0.5)])):
+        pyramid_logits = logits(model, inputs)
+        stats = pruning.last_stats(model)
+    torch.testing.assert_close(pyramid_logits, fastv, atol=1e-6, rtol=1e-6)
+    assert stats.tokens_per_layer == fastv_stats.tokens_per_layer
+    assert torch.equal(stats.kept_image_positions, fastv_stats.kept_image_positions)
+    assert [s.layer for s in stats.stages] == [1, last]
+    assert torch.equal(stats.stages[1].image_positions, stats.stages[0].kept_image_positions)
+    assert torch.equal(stats.stages[1].kept_image_positions, stats.stages[0].kept_image_positions)
+
+
+def test_pyramid_stage_choices(deep):
+    """Stage 1 scores equal eager attention; each later stage keeps the top-k of its own scores over the
+    previous stage's survivors (k from the ORIGINAL image-token count), and the sequence shrinks stage by stage."""
+    model = deep.model
+    inputs = encode(deep, [SHORT], [make_image(1)])
+    config = pyramid(model)
+    reference = eager_image_scores(model, inputs, layer=config.stages[0][0])
+    n_image, n = reference.shape[1], inputs["input_ids"].shape[1]
+    with mmattn.apply(model, config):
+        pruned = logits(model, inputs)
+    stats = pruning.last_stats(model)
+    assert len(stats.stages) == len(config.stages)
+    torch.testing.assert_close(stats.image_scores, reference, atol=1e-6, rtol=1e-5)
+    image_positions = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().squeeze(1)
+    assert torch.equal(stats.image_positions[0], image_positions)
+
+    survivors, expected_tokens = image_positions, [n] * config.stages[0][0]
+    for i, ((layer, keep), stage) in enumerate(zip(config.stages, stats.stages)):
+        assert stage.layer == layer
+        assert torch.equal(stage.image_positions[0], survivors)
+        scores = stage.image_scores[0]
+        assert (scores >= 0).all() and scores.sum() <= 1 + 1e-5
+        budget = min(round(keep * n_image), len(survivors))
+        expected = survivors[scores.topk(budget).indices].sort().values
+        assert torch.equal(stage.kept_image_positions[0], expected)
+        survivors = expected
+        following = config.stages[i + 1][0] if i + 1 < len(config.stages) else model.config.text_config.num_hidden_layers
+        expected_tokens += [n - n_image + budget] * (following - layer)
+    assert torch.equal(stats.kept_image_positions, stats.stages[-1].kept_image_positions)
+    assert stats.tokens_per_layer == expected_tokens
+    assert len(set(expected_tokens)) == len(config.stages) + 1  # every stage dropped some
+    assert pruned.shape[1] == expected_tokens[-1]
+
+
+def test_pyramid_keep_all_equals_unmodified(deep):
+    inputs = encode(deep, [SHORT], [make_image(1)])
+    reference = logits(deep.model, inputs)
+    config = pyramid(deep.model, keeps=[1.0] * 3)
+    with mmattn.apply(deep.model, config):
+        full = logits(deep.model, inputs)
+        stats = pruning.last_stats(deep.model)
+    torch.testing.assert_close(full, reference, atol=1e-5, rtol=1e-5)
+    assert stats.tokens_per_layer == [inputs["input_ids"].shape[1]] * deep.model.config.text_config.num_hidden_layers
+    assert len(stats.stages) == len(config.stages)
+
+
+def test_pyramid_padded_batch_equals_single_samples(deep):
+    model = deep.model
+    images = [make_image(1), make_image(2)]
+    batch = encode(deep, [SHORT, LONG], images)
+    assert not batch["attention_mask"][0].all()  # left padding
+    with mmattn.apply(model, pyramid(model)):
+        batch_logits = logits(model, batch)[:, -1]
+        batch_stats = pruning.last_stats(model)
+        batch_out = generate(model, batch, return_dict_in_generate=True, output_logits=True)
+        for i, (conversation, image) in enumerate(zip([SHORT, LONG], images)):
+            single = encode(deep, [conversation], [image])
+            torch.testing.assert_close(logits(model, single)[0, -1], batch_logits[i], atol=1e-5, rtol=1e-5)
+            offset = batch["input_ids"].shape[1] - single["input_ids"].shape[1]  # left padding
+            for single_stage, batch_stage in zip(pruning.last_stats(model).stages, batch_stats.stages):
+                assert torch.equal(single_stage.kept_image_positions[0] + offset, batch_stage.kept_image_positions[i])
+            single_out = generate(model, single, return_dict_in_generate=True, output_logits=True)
+            new_ids = single_out.sequences[0, single["input_ids"].shape[1]:]
+            batch_ids = batch_out.sequences[i, batch["input_ids"].shape[1]:]
+            assert torch.equal(new_ids, batch_ids[:len(new_ids)])
+            assert (batch_ids[len(new_ids):] == model.generation_config.pad_token_id).all()
+            for step_batch, step_single in zip(batch_out.logits, single_out.logits):
+                torch.testing.assert_close(step_single[0], step_batch[i], atol=1e-5, rtol=1e-5)
+
+
+def test_pyramid_cached_generate_equals_uncached_loop(deep, monkeypatch):
+    """Decode steps over each stage's pruned cache equal full forwards without cache pinned to the same choices."""
+    model = deep.model
+    inputs = encode(deep, [LONG], [make_image(3)])
+    prompt_len = inputs["input_ids"].shape[1]
+    config = pyramid(model)
+    with mmattn.apply(model, config):
+        out = generate(model, inputs, return_dict_in_generate=True, output_logits=True)
+        stats = pruning.last_stats(model)
+        steps = out.sequences.shape[1] - prompt_len
+        text_model = getattr(model.model, "text_model", None) or model.model.language_model
+        n_image = stats.image_positions.shape[1]
+        for (layer, _), stage in zip(config.stages, stats.stages):  # each stage's first layer caches its tokens
+            kept_len = prompt_len - n_image + stage.kept_image_positions.shape[1] + steps - 1
+            window = getattr(text_model.layers[layer].self_attn, "sliding_window", None)
+            if window is not None:
+                kept_len = min(kept_len, window - 1)
+            assert out.past_key_values.layers[layer].keys.shape[2] == kept_len
+
+        # Without a cache every forward is a prefill: its stages run in order; pin each to generate()'s choice.
+        choices = [stage.kept_image_positions for stage in stats.stages]
+        calls = iter(range(10 ** 6))
+        monkeypatch.setattr(pruning, "top_image_tokens",
+                            lambda scores, positions, budget: choices[next(calls) % len(choices)])
+        step_inputs = dict(inputs)
+        for step in range(steps):
+            step_logits = logits(model, {**step_inputs, "use_cache": False})[:, -1]
+            torch.testing.assert_close(step_logits, out.logits[step], atol=1e-5, rtol=1e-5)
+            next_id = step_logits.argmax(dim=-1, keepdim=True)
+            assert torch.equal(next_id[:, 0], out.sequences[:, prompt_len + step])
+            step_inputs["input_ids"] = torch.cat([step_inputs["input_ids"], next_id], dim=1)
+            step_inputs["attention_mask"] = torch.cat([step_inputs["attention_mask"], torch.ones_like(next_id)], dim=1)
+            for key in ("mm_token_type_ids", "token_type_ids"):
+                if key in step_inputs:
+                    new_type = 1 if type(model).__name__ == "PaliGemmaForConditionalGeneration" and key == "token_type_ids" else 0
+                    step_inputs[key] = torch.cat([step_inputs[key], torch.full_like(next_id, new_type)], dim=1)
+
+
+def test_pyramid_remove_restores_bit_identical(deep):
+    model = deep.model
+    inputs = encode(deep, [SHORT], [make_image(4)])
+    before, hooks = logits(model, inputs), pre_hook_count(model)
+    handle = mmattn.apply(model, pyramid(model))
+    assert model.config.text_config._attn_implementation == pruning.IMPLEMENTATION
+    assert pre_hook_count(model) > hooks
+    with pytest.raises(ValueError, match="applied already"):
+        mmattn.apply(model, FastV(layer=1))
+    logits(model, inputs)
+    generate(model, inputs)
+    handle.remove()
+    assert model.config.text_config._attn_implementation == "sdpa"
+    assert pre_hook_count(model) == hooks
+    assert not any(module in pruning._SCORING_LAYERS for module in model.modules())
+    assert torch.equal(logits(model, inputs), before)
+
+
+def test_pyramid_count_keeps_and_clamping():
+    """An int keep is a count; a later budget above the tokens still kept (mixed kinds) keeps them all."""
+    vlm = build_tiny("tiny/gemma3")
+    inputs = encode(vlm, [SHORT], [make_image(1)])
+    n_image = int((inputs["input_ids"] == vlm.model.config.image_token_id).sum())
+    with mmattn.apply(vlm.model, PyramidDrop(stages=[(1, 3), (2, 0.9)])):
+        logits(vlm.model, inputs)
+    stats = pruning.last_stats(vlm.model)
+    assert round(0.9 * n_image) > 3
+    assert [s.kept_image_positions.shape[1] for s in stats.stages] == [3, 3]
+    assert [s.image_positions.shape[1] for s in stats.stages] == [n_image, 3]
