@@ -97,6 +97,17 @@ def eager_image_scores(model, inputs, layer: int | None = None) -> torch.Tensor:
     return last_row[image_mask].view(last_row.shape[0], -1)
 
 
+
+def assert_row_generates_alone(model, batch, batch_out, i, single, single_out):
+    """Row i of a batched generate() equals its single run: ids (a sample that stops early is padded
+    in the batch) and the logits of every decode step."""
+    new_ids = single_out.sequences[0, single["input_ids"].shape[1]:]
+    batch_ids = batch_out.sequences[i, batch["input_ids"].shape[1]:]
+    assert torch.equal(new_ids, batch_ids[:len(new_ids)])
+    assert (batch_ids[len(new_ids):] == model.generation_config.pad_token_id).all()
+    for step_batch, step_single in zip(batch_out.logits, single_out.logits):
+        torch.testing.assert_close(step_single[0], step_batch[i], atol=1e-5, rtol=1e-5)
+
 def test_config_validation():
     assert FastV(layer=2, keep=0.25).to_dict() == {"method": "fastv", "layer": 2, "keep": 0.25}
     for bad in (dict(layer=0), dict(layer=1.0), dict(keep=1.5), dict(keep=-1), dict(keep=True), dict(keep="all")):
@@ -150,12 +161,7 @@ def test_padded_batch_equals_single_samples(vlm):
             single = encode(vlm, [conversation], [image])
             torch.testing.assert_close(logits(vlm.model, single)[0, -1], batch_logits[i], atol=1e-5, rtol=1e-5)
             single_out = generate(vlm.model, single, return_dict_in_generate=True, output_logits=True)
-            new_ids = single_out.sequences[0, single["input_ids"].shape[1]:]
-            batch_ids = batch_out.sequences[i, batch["input_ids"].shape[1]:]
-            assert torch.equal(new_ids, batch_ids[:len(new_ids)])  # a sample that stops early is padded in the batch
-            assert (batch_ids[len(new_ids):] == vlm.model.generation_config.pad_token_id).all()
-            for step_batch, step_single in zip(batch_out.logits, single_out.logits):  # decode steps too
-                torch.testing.assert_close(step_single[0], step_batch[i], atol=1e-5, rtol=1e-5)
+            assert_row_generates_alone(vlm.model, batch, batch_out, i, single, single_out)
 
 
 def test_cached_generate_equals_uncached_loop(vlm, monkeypatch):
@@ -437,12 +443,7 @@ def test_pyramid_padded_batch_equals_single_samples(deep):
             for single_stage, batch_stage in zip(pruning.last_stats(model).stages, batch_stats.stages):
                 assert torch.equal(single_stage.kept_image_positions[0] + offset, batch_stage.kept_image_positions[i])
             single_out = generate(model, single, return_dict_in_generate=True, output_logits=True)
-            new_ids = single_out.sequences[0, single["input_ids"].shape[1]:]
-            batch_ids = batch_out.sequences[i, batch["input_ids"].shape[1]:]
-            assert torch.equal(new_ids, batch_ids[:len(new_ids)])
-            assert (batch_ids[len(new_ids):] == model.generation_config.pad_token_id).all()
-            for step_batch, step_single in zip(batch_out.logits, single_out.logits):
-                torch.testing.assert_close(step_single[0], step_batch[i], atol=1e-5, rtol=1e-5)
+            assert_row_generates_alone(model, batch, batch_out, i, single, single_out)
 
 
 def test_pyramid_cached_generate_equals_uncached_loop(deep, monkeypatch):
