@@ -164,6 +164,20 @@ class STG(_Method):
         _check_window(self.start, self.stop)
 
 
+def _check_layer(name: str, layer, lowest: int, meaning: str) -> None:
+    if not isinstance(layer, int) or isinstance(layer, bool) or layer < lowest:
+        raise ValueError(f"{name}={layer!r} is out of range: expected an int >= {lowest} ({meaning})")
+
+
+def _check_keep(name: str, keep) -> None:
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise ValueError(f"{name}={keep!r}: expected a fraction (float in [0, 1]) or a count (int >= 0)")
+    if isinstance(keep, float):
+        _check_range(name, keep, 0.0, 1.0)
+    elif keep < 0:
+        raise ValueError(f"{name}={keep!r} is out of range: expected a count >= 0")
+
+
 @dataclass(frozen=True)
 class FastV(_Method):
     """FastV visual token pruning (arXiv 2403.06764) for transformers VLMs.
@@ -181,14 +195,52 @@ class FastV(_Method):
     name = "fastv"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.layer, int) or isinstance(self.layer, bool) or self.layer < 1:
-            raise ValueError(f"layer={self.layer!r} is out of range: expected an int >= 1 (the first pruned layer)")
-        if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)):
-            raise ValueError(f"keep={self.keep!r}: expected a fraction (float in [0, 1]) or a count (int >= 0)")
-        if isinstance(self.keep, float):
-            _check_range("keep", self.keep, 0.0, 1.0)
-        elif self.keep < 0:
-            raise ValueError(f"keep={self.keep!r} is out of range: expected a count >= 0")
+        _check_layer("layer", self.layer, 1, "the first pruned layer")
+        _check_keep("keep", self.keep)
+
+
+@dataclass(frozen=True)
+class SparseVLM(_Method):
+    """Text-guided visual token pruning in the manner of SparseVLM (arXiv 2410.04417).
+
+    At decoder layer ``layer - 1`` the text tokens after the first image token are candidate raters. The
+    raters are those whose share of attention on image tokens (mean over heads) is at least the mean share
+    of the candidates, as SparseVLM picks its vision-relevant text raters. An image token's score is the
+    attention the raters give it (mean over heads and raters). The top ``keep`` image tokens remain from
+    ``layer`` on, at their original positions. Deviations from the paper: one stage at a fixed budget
+    (no rank-adaptive budget), no recycling of pruned tokens, and raters are chosen from the layer's own
+    attention instead of a separate projection of the raw embeddings.
+    """
+
+    layer: int = 2
+    keep: float | int = 0.5
+
+    name = "sparsevlm"
+
+    def __post_init__(self) -> None:
+        _check_layer("layer", self.layer, 1, "the first pruned layer")
+        _check_keep("keep", self.keep)
+
+
+@dataclass(frozen=True)
+class DivPrune(_Method):
+    """DivPrune (arXiv 2503.02175): keep a diverse subset of the image tokens, chosen before the LLM.
+
+    On the projected visual embeddings (the input of decoder layer ``layer``, 0 by default: the
+    multimodal projector's output), cosine distance d = 1 - cos. The first token kept is the one whose
+    nearest other image token is farthest; each next one is the token farthest (max-min) from those kept,
+    until ``keep`` tokens are chosen. Text tokens always remain; kept tokens keep their original
+    positions (the paper re-indexes positions contiguously).
+    """
+
+    keep: float | int = 0.5
+    layer: int = 0
+
+    name = "divprune"
+
+    def __post_init__(self) -> None:
+        _check_keep("keep", self.keep)
+        _check_layer("layer", self.layer, 0, "the first pruned layer; 0 prunes before the LLM")
 
 
 @dataclass(frozen=True)
@@ -216,15 +268,8 @@ class PyramidDrop(_Method):
             if isinstance(stage, (str, bytes)) or not isinstance(stage, (list, tuple)) or len(stage) != 2:
                 raise ValueError(f"stages[{i}]={stage!r}: expected a (layer, keep) pair")
             layer, keep = stage
-            if not isinstance(layer, int) or isinstance(layer, bool) or layer < 1:
-                raise ValueError(f"stages[{i}] layer={layer!r} is out of range: expected an int >= 1 "
-                                 "(the first layer pruned by this stage)")
-            if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-                raise ValueError(f"stages[{i}] keep={keep!r}: expected a fraction (float in [0, 1]) or a count (int >= 0)")
-            if isinstance(keep, float):
-                _check_range(f"stages[{i}] keep", keep, 0.0, 1.0)
-            elif keep < 0:
-                raise ValueError(f"stages[{i}] keep={keep!r} is out of range: expected a count >= 0")
+            _check_layer(f"stages[{i}] layer", layer, 1, "the first layer pruned by this stage")
+            _check_keep(f"stages[{i}] keep", keep)
             if normalised:
                 previous_layer, previous_keep = normalised[-1]
                 if layer <= previous_layer:

@@ -1,8 +1,17 @@
-"""Visual token pruning for transformers VLMs: FastV (arXiv 2403.06764) and PyramidDrop (arXiv 2410.17247).
+"""Visual token pruning for transformers VLMs: FastV (arXiv 2403.06764), PyramidDrop (arXiv 2410.17247),
+SparseVLM-style text-guided pruning (arXiv 2410.04417) and DivPrune (arXiv 2503.02175).
 
-PyramidDrop repeats FastV's step at several stage layers L_1 < L_2 < ...: at L_i the image tokens still kept
-are re-ranked by the last query's attention at layer L_i - 1 and the top keep_i remain. One engine runs
-both: a FastV config is the one-stage case. Below, "layer K" stands for each stage's layer.
+One engine runs them all as stages: at a stage's layer K the image tokens still kept are ranked and the top
+``keep`` remain from layer K on. A stage's scorer ranks them:
+
+* ``last_query`` (FastV; PyramidDrop repeats it at several layers L_1 < L_2 < ...): the last query's
+  attention at layer K - 1, mean over heads;
+* ``text`` (SparseVLM): the attention that text "rater" tokens give them at layer K - 1 (per-group masses
+  from ``kernels.grouped_attention`` pick the raters, ``kernels.column_sums`` sums their rows);
+* ``diversity`` (DivPrune): greedy max-min cosine diversity of layer K's input (K = 0: the projected
+  visual embeddings), chosen in layer K's pre-hook.
+
+Below, "layer K" stands for each stage's layer; FastV's description holds for every attention scorer.
 
 FastV ranks the image tokens by the attention the last query gives them at decoder layer K-1 (mean
 over heads) and drops all but the top ones from layer K on. Nothing runs eager attention:
@@ -29,6 +38,7 @@ A forward prunes when its ``input_ids`` hold image tokens and the cache is empty
 
 from __future__ import annotations
 
+import time
 import weakref
 from dataclasses import dataclass
 
@@ -39,9 +49,11 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from mmattn import kernels
 from mmattn.api import register_installer
-from mmattn.configs import FastV, PyramidDrop
+from mmattn.configs import DivPrune, FastV, PyramidDrop, SparseVLM
+from mmattn.kernels import BlockMask
 
-IMPLEMENTATION = "mmattn_fastv"
+IMPLEMENTATION = "mmattn_prune"
+ATTENTION_SCORERS = ("last_query", "text")  # score at layer K - 1, inside its attention
 SUPPORTED = (
     "LlavaForConditionalGeneration",
     "LlavaOnevisionForConditionalGeneration",
@@ -68,12 +80,14 @@ class StageStats:
 
 @dataclass
 class PruningStats:
-    """What the last pruned prefill did, per sample (every sample has the same counts).
+    """What the last pruned prefill did, per sample (every sample has the same counts), and how long it took.
 
     ``tokens_per_layer``: tokens entering each decoder layer; ``image_positions`` (B, n_image) and
-    ``image_scores`` (B, n_image): the image tokens and the attention the last query gave them in the
-    (first stage's) scoring layer (mean over heads); ``kept_image_positions`` (B, k): the image tokens kept
-    after the last stage, ascending; ``stages``: each stage's own choice.
+    ``image_scores`` (B, n_image): the image tokens and the first stage's scores of them (see
+    :class:`StageStats`); ``kept_image_positions`` (B, k): the image tokens kept after the last stage,
+    ascending; ``stages``: each stage's own choice. ``prefill_seconds``: wall time of the prefill's forward
+    through the VLM core (vision tower and decoder layers, not the LM head); ``decode_seconds`` and
+    ``decode_steps``: the same summed over the decode forwards since (CUDA is synchronised around each).
     """
 
     tokens_per_layer: list[int]
@@ -81,6 +95,9 @@ class PruningStats:
     image_scores: torch.Tensor
     kept_image_positions: torch.Tensor
     stages: list[StageStats]
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_steps: int = 0
 
     @property
     def equivalent_tokens(self) -> float:
@@ -89,12 +106,12 @@ class PruningStats:
 
 
 _STATS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> PruningStats
-_SCORING_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attention module -> _FastVState
+_SCORING_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attention module -> _PruneState
 _SCORING_STAGE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attention module -> its stage index
 
 
 def last_stats(model) -> PruningStats | None:
-    """Statistics of the last prefill that FastV / PyramidDrop pruned on ``model`` (None before the first)."""
+    """Statistics of the last prefill that a pruning method pruned on ``model`` (None before the first)."""
     return _STATS.get(model)
 
 
@@ -114,13 +131,14 @@ def _take(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     return x.gather(dim, index.to(x.device).view(view).expand(size))
 
 
-class _FastVState:
-    """One FastV / PyramidDrop installation: what the current forward does and which tokens the last prefill
-    kept at each stage."""
+class _PruneState:
+    """One pruning installation: what the current forward does and which tokens the last prefill kept at each
+    stage."""
 
-    def __init__(self, config, stages: list[tuple[int, float | int]], model, num_layers: int, image_token_id: int):
-        self.config = config  # the FastV or PyramidDrop applied
-        self.stages = stages  # [(layer, keep)], layers strictly increasing
+    def __init__(self, config, stages: list[tuple[int, float | int, str]], model, num_layers: int,
+                 image_token_id: int):
+        self.config = config  # the method config applied
+        self.stages = stages  # [(layer, keep, scorer)], layers strictly increasing
         self.model = weakref.ref(model)
         self.num_layers = num_layers
         self.image_token_id = image_token_id
@@ -135,23 +153,27 @@ class _FastVState:
         self.prefill_len = 0
         self.end = 0  # decode: original positions of the current forward end here (exclusive)
         self.decode_padding: torch.Tensor | None = None  # decode: 2D attention mask over original positions
+        self.started = 0.0  # perf_counter at the start of the current forward
 
     def begin(self, module, args, kwargs):
         """Pre-hook on the VLM core: a prefill with image tokens prunes; a decode step reuses its choice."""
+        self.started = _clock(module)
         input_ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
         cache = kwargs.get("past_key_values")
         has_images = input_ids is not None and bool((input_ids == self.image_token_id).any())
         if cache is not None and cache.get_seq_length() > 0:
             if has_images:
-                raise ValueError("FastV prunes the prefill only: image tokens after cached tokens are not supported")
+                raise ValueError(f"{self.config.name} prunes the prefill only: image tokens after cached tokens are "
+                                 "not supported")
             self.prefill, self.next_stage = False, None
             mask = kwargs.get("attention_mask")
             self.decode_padding = _padding_mask(mask)
             length = input_ids.shape[1] if input_ids is not None else kwargs["inputs_embeds"].shape[1]
-            self.end = cache.get_seq_length() + length  # layer 0 is never pruned: its cache counts every token
+            # Layer 0's cache counts every token (a layer-0 stage makes it say so: see finish()).
+            self.end = cache.get_seq_length() + length
             return None
         if input_ids is None:
-            raise ValueError("FastV finds image tokens in input_ids; this forward got inputs_embeds only")
+            raise ValueError(f"{self.config.name} finds image tokens in input_ids; this forward got inputs_embeds only")
         self.prefill = has_images
         self.next_stage = 0 if has_images else None
         self.kept_stages = [None] * len(self.stages)
@@ -162,23 +184,29 @@ class _FastVState:
         self.prefill_len = input_ids.shape[1]
         return None
 
-    def select(self, stage: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None,
-               attention_mask: torch.Tensor | None) -> None:
-        """Stage ``stage``: score the image tokens still kept by the last real query's attention (mean over heads)
-        and choose the ones kept from the stage's layer on.
+    def finish(self, module, args, kwargs, output):
+        """Forward hook on the VLM core: record the time; after a prefill that pruned layer 0, make layer 0's cache
+        report every token it stands for (transformers takes positions and generate()'s new tokens from it)."""
+        seconds = _clock(module) - self.started
+        stats = _STATS.get(self.model())
+        if self.prefill and self.kept_stages[0] is not None:
+            stats.prefill_seconds, stats.decode_seconds, stats.decode_steps = seconds, 0.0, 0
+            cache = getattr(output, "past_key_values", None)
+            if self.stages[0][0] == 0 and cache is not None:
+                _count_dropped_tokens(cache.layers[0], self.prefill_len - self.kept_stages[0].shape[1])
+        elif not self.prefill and stats is not None and self.end > self.prefill_len:
+            stats.decode_seconds += seconds
+            stats.decode_steps += 1
 
-        The scoring layer sees the tokens the previous stage kept (all of them for the first stage), so the
-        query, keys and mask are over those; ``positions`` maps them back to original positions. The last
-        query sees the keys its row of the layer's own mask allows (sliding window, prefix-LM or
-        bidirectional image blocks included); with no mask, every real token up to it."""
-        self.next_stage = stage + 1 if stage + 1 < len(self.stages) else None
-        batch, _, n, _ = query.shape
-        device = query.device
+    def _current(self, stage: int, batch: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ``n`` tokens entering stage ``stage``: their original positions, which are image tokens and which are
+        real (not padding), each (B, n)."""
         image_mask = self.image_mask.to(device)
         if stage == 0:
             counts = image_mask.sum(dim=1)
             if (counts != counts[0]).any():
-                raise ValueError(f"FastV needs the same number of image tokens in every sample; got {counts.tolist()}")
+                raise ValueError(f"{self.config.name} needs the same number of image tokens in every sample; got "
+                                 f"{counts.tolist()}")
             self.n_image = int(counts[0])
             positions = torch.arange(n, device=device).expand(batch, n)
         else:
@@ -186,26 +214,67 @@ class _FastVState:
             image_mask = image_mask.gather(1, positions)
         real = torch.ones(batch, n, dtype=torch.bool, device=device) if self.padding_mask is None \
             else self.padding_mask.to(device).bool().gather(1, positions)
-        last = n - 1 - real.flip(1).int().argmax(dim=1)
-        visible = real & (torch.arange(n, device=device) <= last[:, None])
-        scores = torch.zeros(batch, n, dtype=torch.float32, device=device)
-        for b in range(batch):
-            if attention_mask is not None:
-                row = attention_mask[b if attention_mask.shape[0] > 1 else 0, 0, last[b]]
-                allowed = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
-                visible[b] = allowed.to(device)
-            keys = visible[b].nonzero().squeeze(1)
-            q = query[b:b + 1, :, last[b]:last[b] + 1]
-            k, v = key[b:b + 1, :, keys], value[b:b + 1, :, keys]
-            _, lse = kernels.attention(q, k, v, scale=scale, return_lse=True)
-            scores[b, keys] = kernels.row_probs(q, k, lse, scale=scale)[0, :, 0].mean(dim=0)
+        return positions, image_mask, real
 
-        n_current = int(image_mask[0].sum())  # every sample has the same count
+    def select(self, stage: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None,
+               attention_mask: torch.Tensor | None) -> None:
+        """Attention scorers, in layer K - 1's attention: score the image tokens still kept and choose.
+
+        The scoring layer sees the tokens the previous stage kept (all of them for the first stage), so the
+        queries, keys and mask are over those. A scoring query sees the keys its row of the layer's own mask
+        allows (sliding window, prefix-LM or bidirectional image blocks included); with no mask, every real
+        token up to it."""
+        batch, _, n, _ = query.shape
+        positions, image_mask, real = self._current(stage, batch, n, query.device)
+        last = n - 1 - real.flip(1).int().argmax(dim=1)
+        scores = torch.zeros(batch, n, dtype=torch.float32, device=query.device)
+        for b in range(batch):
+            if self.stages[stage][2] == "last_query":
+                rows = last[b:b + 1]
+            else:  # text raters: real text tokens after the first image token
+                after_image = torch.arange(n, device=query.device) > image_mask[b].int().argmax()
+                rows = (real[b] & ~image_mask[b] & after_image).nonzero().squeeze(1)
+            if attention_mask is not None:
+                visible = attention_mask[b if attention_mask.shape[0] > 1 else 0, 0, rows]
+                visible = visible if visible.dtype == torch.bool else visible > torch.finfo(visible.dtype).min / 2
+            else:
+                visible = real[b] & (torch.arange(n, device=query.device) <= rows[:, None])
+            q, k, v = query[b:b + 1, :, rows], key[b:b + 1], value[b:b + 1]
+            if self.stages[stage][2] == "last_query":
+                keys = visible[0].nonzero().squeeze(1)
+                k, v = k[:, :, keys], v[:, :, keys]
+                _, lse = kernels.attention(q, k, v, scale=scale, return_lse=True)
+                scores[b, keys] = kernels.row_probs(q, k, lse, scale=scale)[0, :, 0].mean(dim=0)
+            elif len(rows):
+                scores[b] = _rater_scores(q, k, v, scale, visible, image_mask[b])
+        self.choose(stage, positions, image_mask, scores)
+
+    def select_diverse(self, stage: int, hidden: torch.Tensor) -> None:
+        """DivPrune, in layer K's pre-hook: greedy max-min cosine diversity of the image tokens' hidden states."""
+        batch, n, _ = hidden.shape
+        positions, image_mask, _ = self._current(stage, batch, n, hidden.device)
+        n_current = int(image_mask[0].sum())
+        budget = self.budget(stage, n_current)
+        scores = torch.zeros(batch, n, dtype=torch.float32, device=hidden.device)
+        for b in range(batch):
+            picked = max_min_diverse(hidden[b, image_mask[b]], budget)
+            image_scores = torch.zeros(n_current, device=hidden.device)
+            image_scores[picked] = torch.arange(budget, 0, -1, dtype=torch.float32, device=hidden.device)
+            scores[b, image_mask[b]] = image_scores
+        self.choose(stage, positions, image_mask, scores)
+
+    def budget(self, stage: int, n_current: int) -> int:
         keep = self.stages[stage][1]
-        budget = min(keep if isinstance(keep, int) else round(keep * self.n_image), n_current)
+        return min(keep if isinstance(keep, int) else round(keep * self.n_image), n_current)
+
+    def choose(self, stage: int, positions: torch.Tensor, image_mask: torch.Tensor, scores: torch.Tensor) -> None:
+        """Keep the top-scoring image tokens of stage ``stage`` and every other token; record the statistics."""
+        self.next_stage = stage + 1 if stage + 1 < len(self.stages) else None
+        batch, n = positions.shape
+        n_current = int(image_mask[0].sum())  # every sample has the same count
         image_positions = positions[image_mask].view(batch, n_current)
         image_scores = scores[image_mask].view(batch, n_current)
-        chosen = top_image_tokens(image_scores, image_positions, budget)
+        chosen = top_image_tokens(image_scores, image_positions, self.budget(stage, n_current))
         others = positions[~image_mask].view(batch, n - n_current)
         kept = torch.cat([others, chosen], dim=1).sort(dim=1).values
         self.kept_stages[stage] = kept
@@ -214,7 +283,7 @@ class _FastVState:
 
         tokens, length = [], self.prefill_len
         for i in range(self.num_layers):  # stages not chosen yet count as keeping every token
-            for j, (layer, _) in enumerate(self.stages[:stage + 1]):
+            for j, (layer, _, _) in enumerate(self.stages[:stage + 1]):
                 if layer == i:
                     length = self.kept_stages[j].shape[1]
             tokens.append(length)
@@ -273,6 +342,8 @@ class _FastVState:
         sliding_window = getattr(attention, "sliding_window", None)
 
         def hook(module, args, kwargs):
+            if first and self.prefill and self.next_stage == stage and self.stages[stage][2] == "diversity":
+                self.select_diverse(stage, args[0])
             kept, mask = self.kept_stages[stage], kwargs.get("attention_mask")
             if kept is None:
                 return None
@@ -298,19 +369,74 @@ class _FastVState:
         return hook
 
 
+def _rater_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, visible: torch.Tensor,
+                  image_mask: torch.Tensor) -> torch.Tensor:
+    """SparseVLM-style scores (Nk,) of one sample: the rows ``q`` (1, H, R, D) are candidate raters, ``visible``
+    (R, Nk) what each sees. Their image-token mass comes from two key groups under one running max; the rows at
+    or above the mean mass rate, and each key's score is their mean probability on it (mean over heads)."""
+    block_mask = BlockMask.from_dense(visible)
+    groups = kernels.grouped_attention(q, k, v, image_mask.long()[None], scale=scale, block_mask=block_mask,
+                                       num_groups=2)
+    total = groups.mass.sum(dim=0)
+    image_share = torch.where(total > 0, groups.mass[1] / total.clamp_min(1e-30), 0.0)[0].mean(dim=0)  # (R,)
+    raters = image_share >= image_share.mean()
+    sums = kernels.column_sums(q, k, groups.lse, raters[None], scale=scale, block_mask=block_mask)
+    return sums[0].mean(dim=0) / raters.sum()
+
+
+def max_min_diverse(x: torch.Tensor, budget: int, chunk: int = 1024) -> torch.Tensor:
+    """Indices, in pick order, of ``budget`` rows of ``x`` (n, C) chosen greedily for max-min cosine distance.
+
+    The first pick is the row whose nearest other row is farthest; each next pick maximises the distance to
+    its nearest picked row (ties: the lowest index). Distances are computed ``chunk`` rows at a time."""
+    n = x.shape[0]
+    if budget == 0:
+        return torch.zeros(0, dtype=torch.long, device=x.device)
+    x = torch.nn.functional.normalize(x.float(), dim=-1)
+    if n == 1:
+        return torch.zeros(1, dtype=torch.long, device=x.device)
+    nearest = torch.empty(n, device=x.device)
+    for start in range(0, n, chunk):
+        similarity = x[start:start + chunk] @ x.T
+        similarity[:, start:start + chunk].fill_diagonal_(-float("inf"))
+        nearest[start:start + chunk] = 1 - similarity.max(dim=1).values
+    picked = [int(nearest.argmax())]
+    distance = 1 - x @ x[picked[0]]
+    for _ in range(budget - 1):
+        distance[picked] = -float("inf")
+        picked.append(int(distance.argmax()))
+        distance = torch.minimum(distance, 1 - x @ x[picked[-1]])
+    return torch.tensor(picked, device=x.device)
+
+
+def _clock(module) -> float:
+    """perf_counter after the work queued on the module's CUDA device (if any) is done."""
+    device = next(module.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _count_dropped_tokens(cache_layer, dropped: int) -> None:
+    """Make a pruned layer-0 cache report the ``dropped`` tokens too: transformers reads the tokens seen so far
+    (decode positions, generate()'s new input ids) from layer 0's length."""
+    stored = type(cache_layer).get_seq_length
+    cache_layer.get_seq_length = lambda: stored(cache_layer) + dropped
+
+
 def _padding_mask(mask) -> torch.Tensor | None:
     """The 2D (B, N) attention mask the VLM core received (None: no padding)."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-        raise ValueError("FastV needs a 2D attention_mask (batch, sequence) or none; got a prepared "
+        raise ValueError("Pruning needs a 2D attention_mask (batch, sequence) or none; got a prepared "
                          f"{type(mask).__name__} {getattr(mask, 'shape', '')}")
     return mask
 
 
 def _attention(module, query, key, value, attention_mask, **kwargs):
-    """The text model's attention under FastV: SDPA as transformers runs it, plus FastV's selection in the
-    scoring layer of a pruned prefill."""
+    """The text model's attention under pruning: SDPA as transformers runs it, plus a stage's choice in its
+    scoring layer (K - 1) during a pruned prefill."""
     state = _SCORING_LAYERS.get(module)
     if state is not None and state.next_stage == _SCORING_STAGE[module]:
         state.select(_SCORING_STAGE[module], query, key, value, kwargs.get("scaling"), attention_mask)
@@ -320,16 +446,25 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
 @register_installer(FastV)
 def install_fastv(model, config: FastV):
     """FastV is PyramidDrop's one-stage case; returns undo."""
-    return _install(model, config, [(config.layer, config.keep)], "FastV")
+    return _install(model, config, [(config.layer, config.keep, "last_query")], "FastV")
 
 
 @register_installer(PyramidDrop)
 def install_pyramid_drop(model, config: PyramidDrop):
-    """Validate, switch the text model to the pruning attention and hook every stage; returns undo."""
-    return _install(model, config, list(config.stages), "PyramidDrop")
+    return _install(model, config, [(layer, keep, "last_query") for layer, keep in config.stages], "PyramidDrop")
 
 
-def _install(model, config, stages: list[tuple[int, float | int]], method: str):
+@register_installer(SparseVLM)
+def install_sparsevlm(model, config: SparseVLM):
+    return _install(model, config, [(config.layer, config.keep, "text")], "SparseVLM")
+
+
+@register_installer(DivPrune)
+def install_divprune(model, config: DivPrune):
+    return _install(model, config, [(config.layer, config.keep, "diversity")], "DivPrune")
+
+
+def _install(model, config, stages: list[tuple[int, float | int, str]], method: str):
     """Validate, switch the text model to the pruning attention and hook the pruned layers; returns undo."""
     name = type(model).__name__
     if name not in SUPPORTED:
@@ -338,11 +473,12 @@ def _install(model, config, stages: list[tuple[int, float | int]], method: str):
     text_model = core.text_model if hasattr(core, "text_model") else core.language_model  # SmolVLM, Idefics3
     layers = text_model.layers
     text_config = model.config.text_config
-    for i, (layer, _) in enumerate(stages):
+    for i, (layer, _, scorer) in enumerate(stages):
+        lowest = 1 if scorer in ATTENTION_SCORERS else 0
         if not layer < len(layers):
-            where = "" if method == "FastV" else f"stages[{i}] "
+            where = f"stages[{i}] " if method == "PyramidDrop" else ""
             raise ValueError(f"{where}layer={layer} is out of range for {name}: its language model has {len(layers)} "
-                             f"layers; expected 1 <= layer <= {len(layers) - 1}")
+                             f"layers; expected {lowest} <= layer <= {len(layers) - 1}")
     original = text_config._attn_implementation
     if original != "sdpa":
         raise ValueError(f"{method} runs on the text model's 'sdpa' attention; {name} uses {original!r}"
@@ -350,13 +486,15 @@ def _install(model, config, stages: list[tuple[int, float | int]], method: str):
 
     AttentionInterface.register(IMPLEMENTATION, _attention)
     AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
-    state = _FastVState(config, stages, model, len(layers), model.config.image_token_id)
+    state = _PruneState(config, stages, model, len(layers), model.config.image_token_id)
     model.set_attn_implementation({"text_config": IMPLEMENTATION})
-    scoring = [layers[layer - 1].self_attn for layer, _ in stages]
-    for stage, module in enumerate(scoring):
+    scoring = {stage: layers[layer - 1].self_attn for stage, (layer, _, scorer) in enumerate(stages)
+               if scorer in ATTENTION_SCORERS}
+    for stage, module in scoring.items():
         _SCORING_LAYERS[module], _SCORING_STAGE[module] = state, stage
-    hooks = [core.register_forward_pre_hook(state.begin, with_kwargs=True)]
-    starts = [layer for layer, _ in stages]
+    hooks = [core.register_forward_pre_hook(state.begin, with_kwargs=True),
+             core.register_forward_hook(state.finish, with_kwargs=True)]
+    starts = [layer for layer, _, _ in stages]
     for i in range(starts[0], len(layers)):
         stage = max(j for j, start in enumerate(starts) if start <= i)
         hooks.append(layers[i].register_forward_pre_hook(state.layer_hook(layers[i], stage, i == starts[stage]),
@@ -365,7 +503,7 @@ def _install(model, config, stages: list[tuple[int, float | int]], method: str):
     def undo() -> None:
         for hook in hooks:
             hook.remove()
-        for module in scoring:
+        for module in scoring.values():
             del _SCORING_LAYERS[module], _SCORING_STAGE[module]
         model.set_attn_implementation({"text_config": original})
 

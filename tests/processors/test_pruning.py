@@ -1,6 +1,7 @@
-"""FastV (arXiv 2403.06764) on tiny VLMs, on CPU: LLaVA (Llama), LLaVA-OneVision (Qwen2, AnyRes with newline
-tokens), Qwen2-VL and Qwen2.5-VL (M-RoPE), Gemma 3 (sliding and full layers, each with its own mask and cache
-kind) and PaliGemma (prefix-LM)."""
+"""Visual token pruning on tiny VLMs, on CPU: FastV (arXiv 2403.06764), SparseVLM-style text raters (arXiv
+2410.04417), DivPrune (arXiv 2503.02175) and PyramidDrop (arXiv 2410.17247), on LLaVA (Llama), LLaVA-OneVision
+(Qwen2, AnyRes with newline tokens), Qwen2-VL and Qwen2.5-VL (M-RoPE), Gemma 3 (sliding and full layers, each
+with its own mask and cache kind), PaliGemma (prefix-LM) and SmolVLM / Idefics3 (split image spans)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 
 import mmattn
-from mmattn import FastV, PyramidDrop
+from mmattn import DivPrune, FastV, PyramidDrop, SparseVLM
 from mmattn.processors import pruning
 from mmattn.testing import TinyVLM, build_tiny
 
@@ -42,6 +43,19 @@ def scoring_layer(model) -> int:
     return model.config.text_config.num_hidden_layers - 1
 
 
+# Each method as the shared tests apply it: the attention scorers prune the last layer, DivPrune before the LLM.
+METHODS = {
+    "fastv": lambda model, keep: FastV(layer=scoring_layer(model), keep=keep),
+    "sparsevlm": lambda model, keep: SparseVLM(layer=scoring_layer(model), keep=keep),
+    "divprune": lambda model, keep: DivPrune(keep=keep),
+}
+
+
+@pytest.fixture(params=list(METHODS))
+def method(request):
+    return METHODS[request.param]
+
+
 SHORT, LONG = "What is this?", "Describe every object in this picture, in detail."
 
 
@@ -65,8 +79,8 @@ def encode(vlm: TinyVLM, questions: list[str], images: list) -> dict:
     return inputs
 
 
-def pre_hook_count(model) -> int:
-    return sum(len(m._forward_pre_hooks) for m in model.modules())
+def hook_count(model) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -85,17 +99,27 @@ def generate(model, inputs, **kwargs):
 
 
 @torch.no_grad()
-def eager_image_scores(model, inputs, layer: int | None = None) -> torch.Tensor:
-    """Reference: eager attention of the last query in the scoring layer, mean over heads, at the image tokens."""
+def eager_attentions(model, inputs) -> tuple[torch.Tensor, ...]:
+    """Every decoder layer's attention matrix (B, H, N, N) from the unmodified model run eagerly."""
     model.set_attn_implementation({"text_config": "eager"})
     try:
-        attentions = model(**inputs, output_attentions=True).attentions
+        return model(**inputs, output_attentions=True).attentions
     finally:
         model.set_attn_implementation({"text_config": "sdpa"})
-    last_row = attentions[(layer or scoring_layer(model)) - 1][:, :, -1].mean(dim=1)
+
+
+def eager_image_scores(model, inputs, layer: int | None = None) -> torch.Tensor:
+    """Reference: eager attention of the last query in the scoring layer, mean over heads, at the image tokens."""
+    last_row = eager_attentions(model, inputs)[(layer or scoring_layer(model)) - 1][:, :, -1].mean(dim=1)
     image_mask = inputs["input_ids"] == model.config.image_token_id
     return last_row[image_mask].view(last_row.shape[0], -1)
 
+
+def greedy(model, step_logits: torch.Tensor) -> torch.Tensor:
+    """generate()'s greedy pick (B, 1): the argmax over tokens its config does not suppress (SmolVLM: <image>)."""
+    step_logits = step_logits.clone()
+    step_logits[:, model.generation_config.suppress_tokens or []] = -float("inf")
+    return step_logits.argmax(dim=-1, keepdim=True)
 
 
 def assert_row_generates_alone(model, batch, batch_out, i, single, single_out):
@@ -108,53 +132,116 @@ def assert_row_generates_alone(model, batch, batch_out, i, single, single_out):
     for step_batch, step_single in zip(batch_out.logits, single_out.logits):
         torch.testing.assert_close(step_single[0], step_batch[i], atol=1e-5, rtol=1e-5)
 
+def eager_rater_scores(model, inputs, layer: int) -> torch.Tensor:
+    """Reference for SparseVLM-style raters, from the eager attention matrix of layer ``layer - 1`` (mean over
+    heads): candidate rows are real text tokens after the first image token; rows whose image mass is at least
+    the candidates' mean rate; each image token's score is the raters' mean attention on it."""
+    attentions = eager_attentions(model, inputs)[layer - 1].mean(dim=1)  # (B, N, N)
+    image_mask = inputs["input_ids"] == model.config.image_token_id
+    real = inputs["attention_mask"].bool()
+    scores = []
+    for b in range(len(attentions)):
+        first_image = int(image_mask[b].nonzero()[0])
+        rows = [i for i in range(first_image + 1, image_mask.shape[1]) if real[b, i] and not image_mask[b, i]]
+        share = torch.stack([attentions[b, i][image_mask[b]].sum() for i in rows])
+        raters = [i for i, s in zip(rows, share) if s >= share.mean()]
+        scores.append(torch.stack([attentions[b, i][image_mask[b]] for i in raters]).mean(dim=0))
+    return torch.stack(scores)
+
+
+def reference_max_min(x: torch.Tensor, budget: int) -> list[int]:
+    """DivPrune's greedy max-min selection over the full cosine-distance matrix, one pick at a time."""
+    x = torch.nn.functional.normalize(x.double(), dim=-1)
+    distance = 1 - x @ x.T
+    n = len(x)
+    nearest = [min(distance[i, j] for j in range(n) if j != i) for i in range(n)]
+    picked = [max(range(n), key=lambda i: (nearest[i], -i))]
+    while len(picked) < budget:
+        rest = [i for i in range(n) if i not in picked]
+        picked.append(max(rest, key=lambda i: (min(distance[i, p] for p in picked), -i)))
+    return picked
+
+
+@torch.no_grad()
+def decoder_input(model, inputs, layer: int) -> torch.Tensor:
+    """Hidden states entering decoder layer ``layer`` of the unmodified model."""
+    text_model = getattr(model.model, "text_model", None) or model.model.language_model
+    captured = {}
+    hook = text_model.layers[layer].register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0]))
+    try:
+        model(**inputs)
+    finally:
+        hook.remove()
+    return captured["x"]
+
+
+def reference_choice(model, inputs, config, budget: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(scores or None, kept image positions (B, budget)) of an implementation written here, independent of the
+    engine: eager attention for FastV and SparseVLM, a plain greedy over the distance matrix for DivPrune."""
+    image_mask = inputs["input_ids"] == model.config.image_token_id
+    positions = image_mask.nonzero()[:, 1].view(len(image_mask), -1)
+    if isinstance(config, DivPrune):
+        hidden = decoder_input(model, inputs, config.layer)
+        picks = [reference_max_min(hidden[b, image_mask[b]], budget) for b in range(len(hidden))]
+        return None, torch.stack([positions[b, p].sort().values for b, p in enumerate(picks)])
+    scores = (eager_image_scores(model, inputs, config.layer) if isinstance(config, FastV)
+              else eager_rater_scores(model, inputs, config.layer))
+    return scores, positions.gather(1, scores.topk(budget, dim=1).indices).sort(dim=1).values
+
+
 def test_config_validation():
     assert FastV(layer=2, keep=0.25).to_dict() == {"method": "fastv", "layer": 2, "keep": 0.25}
-    for bad in (dict(layer=0), dict(layer=1.0), dict(keep=1.5), dict(keep=-1), dict(keep=True), dict(keep="all")):
-        with pytest.raises(ValueError, match="layer|keep"):
-            FastV(**bad)
+    assert SparseVLM(layer=3, keep=64).to_dict() == {"method": "sparsevlm", "layer": 3, "keep": 64}
+    assert DivPrune(keep=0.1).to_dict() == {"method": "divprune", "keep": 0.1, "layer": 0}
+    for config in (FastV, SparseVLM, DivPrune):
+        lowest = 0 if config is DivPrune else 1
+        with pytest.raises(ValueError, match=f"layer={lowest - 1} is out of range: expected an int >= {lowest}"):
+            config(layer=lowest - 1)
+        for bad in (dict(layer=1.0), dict(keep=1.5), dict(keep=-1), dict(keep=True), dict(keep="all")):
+            with pytest.raises(ValueError, match=rf"^{next(iter(bad))}={bad[next(iter(bad))]!r}"):
+                config(**bad)
 
 
-def test_keep_all_equals_unmodified(vlm):
+def test_keep_all_equals_unmodified(vlm, method):
     inputs = encode(vlm, [SHORT], [make_image(1)])
     reference = logits(vlm.model, inputs)
-    with mmattn.apply(vlm.model, FastV(layer=scoring_layer(vlm.model), keep=1.0)):
+    with mmattn.apply(vlm.model, method(vlm.model, 1.0)):
         full = logits(vlm.model, inputs)
-        tokens_per_layer = pruning.last_stats(vlm.model).tokens_per_layer
+        stats = pruning.last_stats(vlm.model)
     torch.testing.assert_close(full, reference, atol=1e-5, rtol=1e-5)
-    assert tokens_per_layer == [inputs["input_ids"].shape[1]] * vlm.model.config.text_config.num_hidden_layers
+    assert stats.tokens_per_layer == [inputs["input_ids"].shape[1]] * vlm.model.config.text_config.num_hidden_layers
+    assert stats.prefill_seconds > 0 and stats.decode_steps == 0
 
 
-def test_choice_matches_eager_reference(vlm):
+def test_choice_matches_reference(vlm, method):
     inputs = encode(vlm, [SHORT], [make_image(1)])
-    reference = eager_image_scores(vlm.model, inputs)
-    n_image = reference.shape[1]
-    layer = scoring_layer(vlm.model)
-    with mmattn.apply(vlm.model, FastV(layer=layer, keep=0.25)):
+    config = method(vlm.model, 0.25)
+    image_mask = inputs["input_ids"][0] == vlm.model.config.image_token_id
+    n_image, budget = int(image_mask.sum()), round(0.25 * int(image_mask.sum()))
+    reference_scores, expected = reference_choice(vlm.model, inputs, config, budget)
+    with mmattn.apply(vlm.model, config):
         pruned = logits(vlm.model, inputs)
     stats = pruning.last_stats(vlm.model)
-    torch.testing.assert_close(stats.image_scores, reference, atol=1e-6, rtol=1e-5)
-    budget = round(0.25 * n_image)
-    image_positions = (inputs["input_ids"][0] == vlm.model.config.image_token_id).nonzero().squeeze(1)
-    expected = image_positions[reference[0].topk(budget).indices].sort().values
-    assert torch.equal(stats.kept_image_positions[0], expected)
+    if reference_scores is not None:
+        torch.testing.assert_close(stats.image_scores, reference_scores, atol=1e-6, rtol=1e-5)
+    assert torch.equal(stats.kept_image_positions, expected)
 
-    # The last layer saw every text token and only the kept image tokens; the logits are those of the kept tokens.
-    n = inputs["input_ids"].shape[1]
-    assert stats.tokens_per_layer == [n] * layer + [n - n_image + budget]
-    assert stats.equivalent_tokens == ((layer + 1) * n - n_image + budget) / (layer + 1)
+    # Layers from config.layer on saw every text token and only the kept image tokens; the logits are the kept
+    # tokens'.
+    n, layers = inputs["input_ids"].shape[1], vlm.model.config.text_config.num_hidden_layers
+    assert stats.tokens_per_layer == [n] * config.layer + [n - n_image + budget] * (layers - config.layer)
+    assert stats.equivalent_tokens == sum(stats.tokens_per_layer) / layers
     assert pruned.shape[1] == n - n_image + budget
     # (the last token of a sliding-window last layer may see no image token: compare every kept token)
-    image_mask = inputs["input_ids"][0] == vlm.model.config.image_token_id
     kept = torch.cat([(~image_mask).nonzero().squeeze(1), stats.kept_image_positions[0]]).sort().values
     assert not torch.allclose(pruned[0], logits(vlm.model, inputs)[0, kept])
 
 
-def test_padded_batch_equals_single_samples(vlm):
+def test_padded_batch_equals_single_samples(vlm, method):
     images = [make_image(1), make_image(2)]
     batch = encode(vlm, [SHORT, LONG], images)
     assert not batch["attention_mask"][0].all()  # left padding
-    with mmattn.apply(vlm.model, FastV(layer=scoring_layer(vlm.model), keep=0.25)):
+    with mmattn.apply(vlm.model, method(vlm.model, 0.25)):
         batch_logits = logits(vlm.model, batch)[:, -1]
         batch_out = generate(vlm.model, batch, return_dict_in_generate=True, output_logits=True)
         for i, (conversation, image) in enumerate(zip([SHORT, LONG], images)):
@@ -164,17 +251,19 @@ def test_padded_batch_equals_single_samples(vlm):
             assert_row_generates_alone(vlm.model, batch, batch_out, i, single, single_out)
 
 
-def test_cached_generate_equals_uncached_loop(vlm, monkeypatch):
+def test_cached_generate_equals_uncached_loop(vlm, method, monkeypatch):
     """Decode steps over the pruned cache equal full forwards without cache that keep the same image tokens."""
     model = vlm.model
     inputs = encode(vlm, [LONG], [make_image(3)])
     prompt_len = inputs["input_ids"].shape[1]
-    layer = scoring_layer(model)
-    with mmattn.apply(model, FastV(layer=layer, keep=0.25)):
+    config = method(model, 0.25)
+    layer = config.layer
+    with mmattn.apply(model, config):
         out = generate(model, inputs, return_dict_in_generate=True, output_logits=True)
         stats = pruning.last_stats(model)
         kept = prompt_len - stats.image_positions.shape[1] + stats.kept_image_positions.shape[1]
         steps = out.sequences.shape[1] - prompt_len
+        assert stats.decode_steps == steps - 1 and stats.decode_seconds > 0
         cache = out.past_key_values
         text_model = getattr(model.model, "text_model", None) or model.model.language_model
         window = getattr(text_model.layers[layer].self_attn, "sliding_window", None)
@@ -182,7 +271,7 @@ def test_cached_generate_equals_uncached_loop(vlm, monkeypatch):
         if window is not None:  # a sliding-window cache keeps the last window - 1 tokens
             full_len, kept_len = min(full_len, window - 1), min(kept_len, window - 1)
         assert cache.layers[layer].keys.shape[2] == kept_len
-        if window is None:
+        if window is None and layer > 0:
             assert cache.layers[0].keys.shape[2] > kept_len or model.config.text_config.layer_types[0] != "full_attention"
 
         # Without a cache every forward is a prefill; pin its choice to the one generate() made.
@@ -191,7 +280,7 @@ def test_cached_generate_equals_uncached_loop(vlm, monkeypatch):
         for step in range(steps):
             step_logits = logits(model, {**step_inputs, "use_cache": False})[:, -1]
             torch.testing.assert_close(step_logits, out.logits[step], atol=1e-5, rtol=1e-5)
-            next_id = step_logits.argmax(dim=-1, keepdim=True)
+            next_id = greedy(model, step_logits)
             assert torch.equal(next_id[:, 0], out.sequences[:, prompt_len + step])
             step_inputs["input_ids"] = torch.cat([step_inputs["input_ids"], next_id], dim=1)
             step_inputs["attention_mask"] = torch.cat([step_inputs["attention_mask"], torch.ones_like(next_id)], dim=1)
@@ -201,20 +290,21 @@ def test_cached_generate_equals_uncached_loop(vlm, monkeypatch):
                     step_inputs[key] = torch.cat([step_inputs[key], torch.full_like(next_id, new_type)], dim=1)
 
 
-def test_remove_restores_bit_identical(vlm):
+def test_remove_restores_bit_identical(vlm, method):
     model = vlm.model
     inputs = encode(vlm, [SHORT], [make_image(4)])
-    before, hooks = logits(model, inputs), pre_hook_count(model)
-    handle = mmattn.apply(model, FastV(layer=scoring_layer(model), keep=0.5))
+    before, hooks = logits(model, inputs), hook_count(model)
+    handle = mmattn.apply(model, method(model, 0.5))
     assert model.config.text_config._attn_implementation == pruning.IMPLEMENTATION
     assert model.config.vision_config._attn_implementation == "sdpa"
-    assert pre_hook_count(model) > hooks
+    assert hook_count(model) > hooks
     with pytest.raises(ValueError, match="applied already"):
-        mmattn.apply(model, FastV(layer=scoring_layer(model)))
+        mmattn.apply(model, method(model, 0.5))
     logits(model, inputs)
+    generate(model, inputs)
     handle.remove()
     assert model.config.text_config._attn_implementation == "sdpa"
-    assert pre_hook_count(model) == hooks
+    assert hook_count(model) == hooks
     assert torch.equal(logits(model, inputs), before)
 
 
@@ -224,12 +314,12 @@ def test_rejects_unsupported_model_unchanged():
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, attn_implementation="sdpa")
     model = LlamaForCausalLM(config).eval()
-    hooks = pre_hook_count(model)
+    hooks = hook_count(model)
     with pytest.raises(ValueError, match="FastV does not support LlamaForCausalLM; supported models: "
                                          "LlavaForConditionalGeneration, .*SmolVLMForConditionalGeneration"):
         mmattn.apply(model, FastV(layer=1))
     assert model.config._attn_implementation == "sdpa"
-    assert pre_hook_count(model) == hooks
+    assert hook_count(model) == hooks
 
 
 def test_rejects_unequal_image_counts():
@@ -240,11 +330,11 @@ def test_rejects_unequal_image_counts():
 
 
 def test_rejects_layer_out_of_range(vlm):
-    hooks, n_layers = pre_hook_count(vlm.model), vlm.model.config.text_config.num_hidden_layers
+    hooks, n_layers = hook_count(vlm.model), vlm.model.config.text_config.num_hidden_layers
     with pytest.raises(ValueError, match=f"layer={n_layers} is out of range"):
         mmattn.apply(vlm.model, FastV(layer=n_layers))
     assert vlm.model.config.text_config._attn_implementation == "sdpa"
-    assert pre_hook_count(vlm.model) == hooks
+    assert hook_count(vlm.model) == hooks
 
 
 def test_llava_onevision_scores_newline_tokens():
@@ -354,12 +444,12 @@ def test_pyramid_config_validation():
 
 def test_pyramid_rejects_stage_out_of_range(deep):
     model = deep.model
-    hooks, n_layers = pre_hook_count(model), model.config.text_config.num_hidden_layers
+    hooks, n_layers = hook_count(model), model.config.text_config.num_hidden_layers
     with pytest.raises(ValueError, match=rf"stages\[1\] layer={n_layers} is out of range for .*"
                                          rf"expected 1 <= layer <= {n_layers - 1}"):
         mmattn.apply(model, PyramidDrop(stages=[(1, 0.5), (n_layers, 0.25)]))
     assert model.config.text_config._attn_implementation == "sdpa"
-    assert pre_hook_count(model) == hooks
+    assert hook_count(model) == hooks
 
 
 def test_pyramid_equal_keeps_equal_fastv(deep):
@@ -474,7 +564,7 @@ def test_pyramid_cached_generate_equals_uncached_loop(deep, monkeypatch):
         for step in range(steps):
             step_logits = logits(model, {**step_inputs, "use_cache": False})[:, -1]
             torch.testing.assert_close(step_logits, out.logits[step], atol=1e-5, rtol=1e-5)
-            next_id = step_logits.argmax(dim=-1, keepdim=True)
+            next_id = greedy(model, step_logits)
             assert torch.equal(next_id[:, 0], out.sequences[:, prompt_len + step])
             step_inputs["input_ids"] = torch.cat([step_inputs["input_ids"], next_id], dim=1)
             step_inputs["attention_mask"] = torch.cat([step_inputs["attention_mask"], torch.ones_like(next_id)], dim=1)
@@ -487,17 +577,17 @@ def test_pyramid_cached_generate_equals_uncached_loop(deep, monkeypatch):
 def test_pyramid_remove_restores_bit_identical(deep):
     model = deep.model
     inputs = encode(deep, [SHORT], [make_image(4)])
-    before, hooks = logits(model, inputs), pre_hook_count(model)
+    before, hooks = logits(model, inputs), hook_count(model)
     handle = mmattn.apply(model, pyramid(model))
     assert model.config.text_config._attn_implementation == pruning.IMPLEMENTATION
-    assert pre_hook_count(model) > hooks
+    assert hook_count(model) > hooks
     with pytest.raises(ValueError, match="applied already"):
         mmattn.apply(model, FastV(layer=1))
     logits(model, inputs)
     generate(model, inputs)
     handle.remove()
     assert model.config.text_config._attn_implementation == "sdpa"
-    assert pre_hook_count(model) == hooks
+    assert hook_count(model) == hooks
     assert not any(module in pruning._SCORING_LAYERS for module in model.modules())
     assert torch.equal(logits(model, inputs), before)
 
