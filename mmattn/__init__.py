@@ -3,7 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .api import Handle, apply
-from .configs import PAG, SEG, SLG, STG, DivPrune, FastV, PyramidDrop, SoftPAG, SparseVLM
+from .configs import PAG, SEG, SLG, STG, DivPrune, FastV, PyramidDrop, SoftPAG, SparseVLM, VisionZip
 
 try:
     __version__ = version("mmattn")
@@ -14,4 +14,4 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 from .processors import perturbation as _perturbation  # noqa: E402,F401
 from .processors import pruning as _pruning  # noqa: E402,F401
 
-__all__ = ["apply", "Handle", "FastV", "PyramidDrop", "SparseVLM", "DivPrune", "PAG", "SEG", "SLG", "STG", "SoftPAG", "__version__"]
+__all__ = ["apply", "Handle", "FastV", "PyramidDrop", "SparseVLM", "DivPrune", "VisionZip", "PAG", "SEG", "SLG", "STG", "SoftPAG", "__version__"]

@@ -244,6 +244,32 @@ class DivPrune(_Method):
 
 
 @dataclass(frozen=True)
+class VisionZip(_Method):
+    """Encoder-side visual token pruning in the manner of VisionZip (arXiv 2412.04467) and HiRED (arXiv 2408.10945).
+
+    The vision tower's feature layer ranks the image tokens: the [CLS] query's attention where the tower has a
+    [CLS] (CLIP in LLaVA), else the attention each patch receives (SigLIP, Qwen2-VL's tower), mean over heads,
+    pooled onto LLM tokens as the projector pools features. ``keep`` image tokens enter the LLM (a fraction of
+    the image tokens, or a count): the top ``keep - contextual`` (dominant) and ``contextual`` context tokens,
+    spread evenly over the rest, each replaced by the mean of itself and the pruned tokens most similar to it.
+    Deviations: similarity and merging use the projected embeddings (VisionZip: the tower's keys and outputs),
+    and kept tokens keep their original positions (VisionZip re-indexes).
+    """
+
+    keep: float | int = 0.25
+    contextual: int = 0
+
+    name = "visionzip"
+    layer = 0  # the first pruned decoder layer: before the LLM
+
+    def __post_init__(self) -> None:
+        _check_keep("keep", self.keep)
+        if not isinstance(self.contextual, int) or isinstance(self.contextual, bool) or self.contextual < 0:
+            raise ValueError(f"contextual={self.contextual!r} is out of range: expected an int >= 0 (context tokens "
+                             "within the kept budget)")
+
+
+@dataclass(frozen=True)
 class PyramidDrop(_Method):
     """PyramidDrop visual token pruning (arXiv 2410.17247) for transformers VLMs: FastV repeated in stages.
 

@@ -38,18 +38,20 @@ A forward prunes when its ``input_ids`` hold image tokens and the cache is empty
 
 from __future__ import annotations
 
+import functools
 import time
 import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from mmattn import kernels
 from mmattn.api import register_installer
-from mmattn.configs import DivPrune, FastV, PyramidDrop, SparseVLM
+from mmattn.configs import DivPrune, FastV, PyramidDrop, SparseVLM, VisionZip
 from mmattn.kernels import BlockMask
 
 IMPLEMENTATION = "mmattn_prune"
@@ -154,6 +156,9 @@ class _PruneState:
         self.end = 0  # decode: original positions of the current forward end here (exclusive)
         self.decode_padding: torch.Tensor | None = None  # decode: 2D attention mask over original positions
         self.started = 0.0  # perf_counter at the start of the current forward
+        self.collecting = False  # VisionZip: inside get_image_features, whose scoring layer records patch scores
+        self.vision_scores: list[torch.Tensor] = []  # ... one (B_i, N_i) tensor per attention call
+        self.to_features = None  # ... and maps them to one flat score per LLM image token
 
     def begin(self, module, args, kwargs):
         """Pre-hook on the VLM core: a prefill with image tokens prunes; a decode step reuses its choice."""
@@ -263,18 +268,73 @@ class _PruneState:
             scores[b, image_mask[b]] = image_scores
         self.choose(stage, positions, image_mask, scores)
 
+    def select_vision(self, stage: int, hidden: torch.Tensor) -> torch.Tensor:
+        """VisionZip, in layer 0's pre-hook: rank the image tokens by the vision tower's patch scores; keep the
+        dominant ones and, with ``contextual`` > 0, that many context tokens, each the mean of itself and the pruned
+        tokens nearest to it (cosine of the projected embeddings). Returns the hidden states with those means."""
+        self.collecting = False
+        batch, n, _ = hidden.shape
+        positions, image_mask, _ = self._current(stage, batch, n, hidden.device)
+        flat = self.to_features(self.vision_scores).to(hidden.device, torch.float32)
+        if flat.numel() != int(image_mask.sum()):
+            raise ValueError(f"VisionZip scored {flat.numel()} image features; the prompts hold "
+                             f"{int(image_mask.sum())} image tokens")
+        scores = torch.zeros(batch, n, dtype=torch.float32, device=hidden.device)
+        scores[image_mask] = flat
+        budget = self.budget(stage, self.n_image)
+        contextual = min(self.config.contextual, budget)
+        if contextual == 0:
+            self.choose(stage, positions, image_mask, scores)
+            return hidden
+        hidden, chosen = hidden.clone(), []
+        for b in range(batch):
+            image = image_mask[b].nonzero().squeeze(1)
+            dominant = scores[b, image].topk(budget - contextual).indices
+            rest = torch.ones(len(image), dtype=torch.bool, device=hidden.device)
+            rest[dominant] = False
+            rest = rest.nonzero().squeeze(1)
+            targets = rest[::max(1, len(rest) // contextual)][:contextual]
+            others = rest[~torch.isin(rest, targets)]
+            x = F.normalize(hidden[b, image].float(), dim=-1)
+            nearest = (x[others] @ x[targets].T).argmax(dim=1)
+            sums = hidden[b, image[targets]].float().index_add(0, nearest, hidden[b, image[others]].float())
+            counts = 1 + torch.bincount(nearest, minlength=contextual)
+            hidden[b, image[targets]] = (sums / counts[:, None]).to(hidden.dtype)
+            chosen.append(image[torch.cat([dominant, targets])].sort().values)
+        self.choose(stage, positions, image_mask, scores, chosen=torch.stack(chosen))
+        return hidden
+
+    def wrap_image_features(self, core):
+        """Collect patch scores during ``core.get_image_features`` (called by the core's forward, or by generate()
+        before the prefill), from a fresh list each call; returns undo."""
+        original = core.get_image_features
+
+        @functools.wraps(original)  # generate() reads its signature
+        def get_image_features(*args, **kwargs):
+            self.vision_scores, self.collecting = [], True
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.collecting = False
+
+        core.get_image_features = get_image_features
+        return lambda: delattr(core, "get_image_features")
+
     def budget(self, stage: int, n_current: int) -> int:
         keep = self.stages[stage][1]
         return min(keep if isinstance(keep, int) else round(keep * self.n_image), n_current)
 
-    def choose(self, stage: int, positions: torch.Tensor, image_mask: torch.Tensor, scores: torch.Tensor) -> None:
-        """Keep the top-scoring image tokens of stage ``stage`` and every other token; record the statistics."""
+    def choose(self, stage: int, positions: torch.Tensor, image_mask: torch.Tensor, scores: torch.Tensor,
+               chosen: torch.Tensor | None = None) -> None:
+        """Keep the top-scoring image tokens of stage ``stage`` (or the positions ``chosen``, (B, k) ascending) and
+        every other token; record the statistics."""
         self.next_stage = stage + 1 if stage + 1 < len(self.stages) else None
         batch, n = positions.shape
         n_current = int(image_mask[0].sum())  # every sample has the same count
         image_positions = positions[image_mask].view(batch, n_current)
         image_scores = scores[image_mask].view(batch, n_current)
-        chosen = top_image_tokens(image_scores, image_positions, self.budget(stage, n_current))
+        if chosen is None:
+            chosen = top_image_tokens(image_scores, image_positions, self.budget(stage, n_current))
         others = positions[~image_mask].view(batch, n - n_current)
         kept = torch.cat([others, chosen], dim=1).sort(dim=1).values
         self.kept_stages[stage] = kept
@@ -344,6 +404,8 @@ class _PruneState:
         def hook(module, args, kwargs):
             if first and self.prefill and self.next_stage == stage and self.stages[stage][2] == "diversity":
                 self.select_diverse(stage, args[0])
+            if first and self.prefill and self.next_stage == stage and self.stages[stage][2] == "vision":
+                args = (self.select_vision(stage, args[0]), *args[1:])
             kept, mask = self.kept_stages[stage], kwargs.get("attention_mask")
             if kept is None:
                 return None
@@ -464,6 +526,11 @@ def install_divprune(model, config: DivPrune):
     return _install(model, config, [(config.layer, config.keep, "diversity")], "DivPrune")
 
 
+@register_installer(VisionZip)
+def install_visionzip(model, config: VisionZip):
+    return _install(model, config, [(0, config.keep, "vision")], "VisionZip")
+
+
 def _install(model, config, stages: list[tuple[int, float | int, str]], method: str):
     """Validate, switch the text model to the pruning attention and hook the pruned layers; returns undo."""
     name = type(model).__name__
@@ -483,11 +550,23 @@ def _install(model, config, stages: list[tuple[int, float | int, str]], method: 
     if original != "sdpa":
         raise ValueError(f"{method} runs on the text model's 'sdpa' attention; {name} uses {original!r}"
                          + (" (pruning is applied already)" if original == IMPLEMENTATION else ""))
+    vision = stages[0][2] == "vision"
+    if vision:
+        vision_module, mode, to_features = _vision_scoring(model)
+        if model.config.vision_config._attn_implementation != "sdpa":
+            raise ValueError(f"{method} runs on the vision tower's 'sdpa' attention; {name} uses "
+                             f"{model.config.vision_config._attn_implementation!r}")
 
     AttentionInterface.register(IMPLEMENTATION, _attention)
     AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
     state = _PruneState(config, stages, model, len(layers), model.config.image_token_id)
     model.set_attn_implementation({"text_config": IMPLEMENTATION})
+    if vision:
+        AttentionInterface.register(VISION_IMPLEMENTATION, _vision_attention)
+        AttentionMaskInterface.register(VISION_IMPLEMENTATION, sdpa_mask)
+        model.set_attn_implementation({"vision_config": VISION_IMPLEMENTATION})
+        _VISION_SCORING[vision_module], state.to_features = (state, mode), to_features
+        unwrap = state.wrap_image_features(core)
     scoring = {stage: layers[layer - 1].self_attn for stage, (layer, _, scorer) in enumerate(stages)
                if scorer in ATTENTION_SCORERS}
     for stage, module in scoring.items():
@@ -505,6 +584,87 @@ def _install(model, config, stages: list[tuple[int, float | int, str]], method: 
             hook.remove()
         for module in scoring.values():
             del _SCORING_LAYERS[module], _SCORING_STAGE[module]
+        if vision:
+            unwrap()
+            del _VISION_SCORING[vision_module]
+            model.set_attn_implementation({"vision_config": "sdpa"})
         model.set_attn_implementation({"text_config": original})
 
     return undo
+
+
+# VisionZip: scores from the vision tower. The vision sub-config's attention becomes VISION_IMPLEMENTATION (SDPA
+# as before); in the tower's scoring layer it also computes, per image, each patch's score: the [CLS] query's
+# probabilities (``row_probs``) or, without a [CLS], the attention received (``column_sums`` over the real
+# queries, divided by their count), mean over heads. A per-family function then maps patch scores onto the LLM's
+# image tokens the way the projector maps patch features (drop [CLS], avg-pool, pixel-shuffle, 2x2 merge).
+VISION_IMPLEMENTATION = "mmattn_prune_vision"
+_VISION_SCORING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # vision attention -> (_PruneState, mode)
+
+
+def _vision_attention(module, query, key, value, attention_mask, **kwargs):
+    entry = _VISION_SCORING.get(module)
+    if entry is not None and entry[0].collecting:
+        entry[0].vision_scores.append(_patch_scores(query, key, value, kwargs.get("scaling"), attention_mask, entry[1]))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _patch_scores(query, key, value, scale, attention_mask, mode: str) -> torch.Tensor:
+    """(B, N) patch scores of one vision attention call, mean over heads."""
+    if mode == "cls":
+        q = query[:, :, :1]
+        _, lse = kernels.attention(q, key, value, scale=scale, return_lse=True)
+        return kernels.row_probs(q, key, lse, scale=scale)[:, :, 0].mean(dim=1)
+    block_mask = None
+    real = torch.ones(query.shape[0], query.shape[2], dtype=torch.bool, device=query.device)
+    if attention_mask is not None:
+        visible = attention_mask if attention_mask.dtype == torch.bool \
+            else attention_mask > torch.finfo(attention_mask.dtype).min / 2
+        block_mask = BlockMask.from_dense(visible)
+        real = visible.any(dim=-1)[:, 0].expand_as(real)
+    _, lse = kernels.attention(query, key, value, scale=scale, block_mask=block_mask, return_lse=True)
+    sums = kernels.column_sums(query, key, lse, real, scale=scale, block_mask=block_mask)
+    return sums.mean(dim=1) / real.sum(dim=1, keepdim=True)
+
+
+def _vision_scoring(model) -> tuple[torch.nn.Module, str, object]:
+    """(the vision attention module whose layer yields the features, "cls" or "received", a function mapping the
+    collected per-call patch scores to one flat score per LLM image token in feature order)."""
+    name, core, config = type(model).__name__, model.model, model.config
+    if name == "LlavaForConditionalGeneration":
+        layer = config.vision_feature_layer
+        layers = core.vision_tower.encoder.layers
+        if not isinstance(layer, int) or layer == 0 or not -len(layers) <= layer <= len(layers):
+            raise ValueError(f"VisionZip needs one vision_feature_layer after the embeddings; {name} uses {layer!r}")
+        drop_cls = config.vision_feature_select_strategy == "default"
+        return (layers[layer if layer < 0 else layer - 1].self_attn, "cls",
+                lambda chunks: torch.cat(chunks)[:, 1 if drop_cls else 0:].flatten())
+    if name == "PaliGemmaForConditionalGeneration":
+        return core.vision_tower.encoder.layers[-1].self_attn, "received", lambda chunks: torch.cat(chunks).flatten()
+    if name == "Gemma3ForConditionalGeneration":
+        pool = core.multi_modal_projector.kernel_size
+        side = core.multi_modal_projector.patches_per_image
+
+        def pooled(chunks):
+            scores = torch.cat(chunks)
+            return F.avg_pool2d(scores.view(-1, 1, side, side), pool).flatten()
+
+        return core.vision_tower.encoder.layers[-1].self_attn, "received", pooled
+    if name in ("SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration"):
+        connector = core.connector
+
+        def shuffled(chunks):
+            scores = torch.cat(chunks)[..., None]
+            return connector.pixel_shuffle(scores, connector.scale_factor).sum(dim=-1).flatten()
+
+        return core.vision_model.encoder.layers[-1].self_attn, "received", shuffled
+    if name == "Qwen2VLForConditionalGeneration":
+        group = config.vision_config.spatial_merge_size ** 2
+        return (core.visual.blocks[-1].attn, "received",
+                lambda chunks: torch.cat([c.view(-1, group).sum(dim=1) for c in chunks]))
+    raise ValueError(f"VisionZip does not support {name}; supported models: {', '.join(VISIONZIP_SUPPORTED)}")
+
+
+VISIONZIP_SUPPORTED = ("LlavaForConditionalGeneration", "PaliGemmaForConditionalGeneration",
+                       "Gemma3ForConditionalGeneration", "SmolVLMForConditionalGeneration",
+                       "Idefics3ForConditionalGeneration", "Qwen2VLForConditionalGeneration")

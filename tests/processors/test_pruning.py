@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import AttentionInterface
 
 import mmattn
-from mmattn import DivPrune, FastV, PyramidDrop, SparseVLM
+from mmattn import DivPrune, FastV, PyramidDrop, SparseVLM, VisionZip
 from mmattn.processors import pruning
 from mmattn.testing import TinyVLM, build_tiny
 
@@ -48,11 +49,14 @@ METHODS = {
     "fastv": lambda model, keep: FastV(layer=scoring_layer(model), keep=keep),
     "sparsevlm": lambda model, keep: SparseVLM(layer=scoring_layer(model), keep=keep),
     "divprune": lambda model, keep: DivPrune(keep=keep),
+    "visionzip": lambda model, keep: VisionZip(keep=keep),
 }
 
 
 @pytest.fixture(params=list(METHODS))
-def method(request):
+def method(request, vlm):
+    if request.param == "visionzip" and type(vlm.model).__name__ not in pruning.VISIONZIP_SUPPORTED:
+        pytest.skip(f"VisionZip does not support {type(vlm.model).__name__} (tested to refuse it)")
     return METHODS[request.param]
 
 
@@ -149,6 +153,53 @@ def eager_rater_scores(model, inputs, layer: int) -> torch.Tensor:
     return torch.stack(scores)
 
 
+def vision_feature_attention(model):
+    """The vision tower's attention module whose layer gives the image features, and whether a [CLS] ranks."""
+    core, name = model.model, type(model).__name__
+    if name == "LlavaForConditionalGeneration":  # hidden_states[i] is the output of encoder.layers[i - 1]
+        return core.vision_tower.encoder.layers[model.config.vision_feature_layer].self_attn, True
+    if name == "Qwen2VLForConditionalGeneration":
+        return core.visual.blocks[-1].attn, False
+    tower = getattr(core, "vision_tower", None) or core.vision_model
+    return tower.encoder.layers[-1].self_attn, False
+
+
+@torch.no_grad()
+def eager_vision_scores(model, inputs) -> torch.Tensor:
+    """Reference for VisionZip: the eager attention matrices of the tower's feature layer (one per image, or per
+    Qwen2-VL chunk), ranked by [CLS] row or by attention received (mean over queries), mean over heads, then
+    mapped onto the LLM's image tokens: LLaVA drops the [CLS], Gemma 3 averages k x k patches, SmolVLM /
+    Idefics3 pixel-shuffle, Qwen2-VL sums each 2 x 2 merge group."""
+    from transformers.models.clip.modeling_clip import eager_attention_forward
+
+    target, cls = vision_feature_attention(model)
+    matrices = []
+
+    def capture(module, query, key, value, attention_mask, **kwargs):
+        out, weights = eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        if module is target:
+            matrices.append(weights.mean(dim=1))
+        return out, weights
+
+    AttentionInterface.register("test_capture_eager", capture)
+    model.set_attn_implementation({"vision_config": "test_capture_eager"})
+    try:
+        model(**inputs)
+    finally:
+        model.set_attn_implementation({"vision_config": "sdpa"})
+    name, core = type(model).__name__, model.model
+    patch = torch.cat([m[:, 0, 1:] if cls else m.mean(dim=1) for m in matrices]) if name != \
+        "Qwen2VLForConditionalGeneration" else torch.cat([m[0].mean(dim=0).view(-1, 4).sum(dim=1) for m in matrices])
+    if name == "Gemma3ForConditionalGeneration":
+        side, tokens = core.multi_modal_projector.patches_per_image, core.multi_modal_projector.tokens_per_side
+        k = side // tokens
+        patch = patch.view(-1, tokens, k, tokens, k).mean(dim=(2, 4))
+    if name in ("SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration"):
+        patch = core.connector.pixel_shuffle(patch[..., None], core.connector.scale_factor).sum(dim=-1)
+    image_mask = inputs["input_ids"] == model.config.image_token_id
+    return patch.flatten().view(len(image_mask), -1)
+
+
 def reference_max_min(x: torch.Tensor, budget: int) -> list[int]:
     """DivPrune's greedy max-min selection over the full cosine-distance matrix, one pick at a time."""
     x = torch.nn.functional.normalize(x.double(), dim=-1)
@@ -180,6 +231,9 @@ def reference_choice(model, inputs, config, budget: int) -> tuple[torch.Tensor |
     engine: eager attention for FastV and SparseVLM, a plain greedy over the distance matrix for DivPrune."""
     image_mask = inputs["input_ids"] == model.config.image_token_id
     positions = image_mask.nonzero()[:, 1].view(len(image_mask), -1)
+    if isinstance(config, VisionZip):
+        scores = eager_vision_scores(model, inputs)
+        return scores, positions.gather(1, scores.topk(budget, dim=1).indices).sort(dim=1).values
     if isinstance(config, DivPrune):
         hidden = decoder_input(model, inputs, config.layer)
         picks = [reference_max_min(hidden[b, image_mask[b]], budget) for b in range(len(hidden))]
@@ -294,17 +348,19 @@ def test_remove_restores_bit_identical(vlm, method):
     model = vlm.model
     inputs = encode(vlm, [SHORT], [make_image(4)])
     before, hooks = logits(model, inputs), hook_count(model)
-    handle = mmattn.apply(model, method(model, 0.5))
+    config = method(model, 0.5)
+    handle = mmattn.apply(model, config)
     assert model.config.text_config._attn_implementation == pruning.IMPLEMENTATION
-    assert model.config.vision_config._attn_implementation == "sdpa"
+    assert model.config.vision_config._attn_implementation == \
+        (pruning.VISION_IMPLEMENTATION if isinstance(config, VisionZip) else "sdpa")
     assert hook_count(model) > hooks
     with pytest.raises(ValueError, match="applied already"):
         mmattn.apply(model, method(model, 0.5))
     logits(model, inputs)
     generate(model, inputs)
     handle.remove()
-    assert model.config.text_config._attn_implementation == "sdpa"
-    assert hook_count(model) == hooks
+    assert model.config.text_config._attn_implementation == model.config.vision_config._attn_implementation == "sdpa"
+    assert hook_count(model) == hooks and "get_image_features" not in vars(model.model)
     assert torch.equal(logits(model, inputs), before)
 
 
@@ -603,3 +659,63 @@ def test_pyramid_count_keeps_and_clamping():
     assert round(0.9 * n_image) > 3
     assert [s.kept_image_positions.shape[1] for s in stats.stages] == [3, 3]
     assert [s.image_positions.shape[1] for s in stats.stages] == [n_image, 3]
+
+
+# VisionZip (arXiv 2412.04467): the shared tests above cover its choice against eager vision attention, batches,
+# the cache and remove() on every family it supports; these cover its context tokens and its refusals.
+def test_visionzip_config_validation():
+    assert VisionZip(keep=64, contextual=10).to_dict() == {"method": "visionzip", "keep": 64, "contextual": 10}
+    for bad, message in ((dict(keep=2.0), r"^keep=2.0 is out of range"), (dict(contextual=-1), "^contextual=-1"),
+                         (dict(contextual=1.5), "^contextual=1.5"), (dict(contextual=True), "^contextual=True")):
+        with pytest.raises(ValueError, match=message):
+            VisionZip(**bad)
+
+
+@pytest.mark.parametrize("name", ["tiny/llava", "tiny/gemma3"])
+def test_visionzip_context_tokens(name):
+    """keep - contextual dominant tokens by score; the contextual targets spread evenly over the rest, each
+    entering the LLM as the mean of itself and the pruned tokens whose embeddings are most similar to it."""
+    vlm = build(name)
+    model, inputs = vlm.model, encode(vlm, [SHORT, LONG], [make_image(5), make_image(6)])
+    image_mask = inputs["input_ids"] == model.config.image_token_id
+    n_image, budget, contextual = int(image_mask[0].sum()), 8, 3
+    scores, embeds = eager_vision_scores(model, inputs), decoder_input(model, inputs, 0)
+    text_model = getattr(model.model, "text_model", None) or model.model.language_model
+    with mmattn.apply(model, VisionZip(keep=budget, contextual=contextual)):
+        captured = {}
+        hook = text_model.layers[0].register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0]))
+        try:
+            logits(model, inputs)
+        finally:
+            hook.remove()
+    stats = pruning.last_stats(model)
+    for b in range(2):
+        positions = image_mask[b].nonzero().squeeze(1)
+        dominant = scores[b].topk(budget - contextual).indices.tolist()
+        rest = [i for i in range(n_image) if i not in dominant]
+        step = len(rest) // contextual
+        targets = [rest[j * step] for j in range(contextual)]
+        others = [i for i in rest if i not in targets]
+        x = torch.nn.functional.normalize(embeds[b, positions].double(), dim=-1)
+        groups = {t: [t] for t in targets}
+        for i in others:
+            groups[max(targets, key=lambda t: (float(x[i] @ x[t]), -t))].append(i)
+        kept = sorted(dominant + targets)
+        assert stats.kept_image_positions[b].tolist() == positions[kept].tolist()
+        kept_positions = torch.cat([(~image_mask[b]).nonzero().squeeze(1), positions[kept]]).sort().values
+        entering = dict(zip(kept_positions.tolist(), captured["x"][b]))
+        for t, members in groups.items():
+            torch.testing.assert_close(entering[int(positions[t])], embeds[b, positions[members]].mean(dim=0))
+        for i in dominant:
+            assert torch.equal(entering[int(positions[i])], embeds[b, positions[i]])
+
+
+@pytest.mark.parametrize("name", ["tiny/llava-onevision", "tiny/qwen2.5-vl"])
+def test_visionzip_rejects_unsupported_unchanged(name):
+    vlm = build_tiny(name)
+    hooks = hook_count(vlm.model)
+    with pytest.raises(ValueError, match=f"VisionZip does not support {type(vlm.model).__name__}; supported"):
+        mmattn.apply(vlm.model, VisionZip(keep=0.25))
+    assert vlm.model.config.text_config._attn_implementation == vlm.model.config.vision_config._attn_implementation \
+        == "sdpa"
+    assert hook_count(vlm.model) == hooks and "get_image_features" not in vars(vlm.model.model)
