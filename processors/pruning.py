@@ -31,7 +31,8 @@ over heads) and drops all but the top ones from layer K on. Nothing runs eager a
   full-attention layer's cache, which may be pruned), so in decode steps the hooks rebuild each pruned
   layer's mask over the keys its cache returns: causal, padding and sliding window by original position.
 
-Image tokens are the ``image_token_id`` positions wherever they lie: LLaVA-OneVision's row-newline
+Image tokens are the ``image_token_id`` positions, and the ``video_token_id`` ones (video frames of LLaVA-OneVision
+and Qwen2-VL / Qwen2.5-VL; VisionZip scores images only), wherever they lie: LLaVA-OneVision's row-newline
 features and SmolVLM / Idefics3's split tile spans included; everything else is always kept.
 A forward prunes when its ``input_ids`` hold image tokens and the cache is empty (the prefill).
 """
@@ -138,12 +139,12 @@ class _PruneState:
     stage."""
 
     def __init__(self, config, stages: list[tuple[int, float | int, str]], model, num_layers: int,
-                 image_token_id: int):
+                 visual_token_ids: list[int]):
         self.config = config  # the method config applied
         self.stages = stages  # [(layer, keep, scorer)], layers strictly increasing
         self.model = weakref.ref(model)
         self.num_layers = num_layers
-        self.image_token_id = image_token_id
+        self.visual_token_ids = torch.tensor(visual_token_ids)  # image (and video) token ids: the prunable tokens
         self.prefill = False  # the current forward is a prefill with image tokens
         self.next_stage: int | None = None  # ... whose stage next_stage has not chosen yet (None: nothing to choose)
         self.image_mask: torch.Tensor | None = None  # (B, N) of the prefill
@@ -165,7 +166,8 @@ class _PruneState:
         self.started = _clock(module)
         input_ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
         cache = kwargs.get("past_key_values")
-        has_images = input_ids is not None and bool((input_ids == self.image_token_id).any())
+        visual = None if input_ids is None else torch.isin(input_ids, self.visual_token_ids.to(input_ids.device))
+        has_images = visual is not None and bool(visual.any())
         if cache is not None and cache.get_seq_length() > 0:
             if has_images:
                 raise ValueError(f"{self.config.name} prunes the prefill only: image tokens after cached tokens are "
@@ -184,7 +186,7 @@ class _PruneState:
         self.kept_stages = [None] * len(self.stages)
         self.gather = [None] * len(self.stages)
         self.stage_stats = []
-        self.image_mask = input_ids == self.image_token_id
+        self.image_mask = visual
         self.padding_mask = _padding_mask(kwargs.get("attention_mask"))
         self.prefill_len = input_ids.shape[1]
         return None
@@ -559,7 +561,10 @@ def _install(model, config, stages: list[tuple[int, float | int, str]], method: 
 
     AttentionInterface.register(IMPLEMENTATION, _attention)
     AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
-    state = _PruneState(config, stages, model, len(layers), model.config.image_token_id)
+    visual_ids = [model.config.image_token_id]
+    if not vision and getattr(model.config, "video_token_id", None) is not None:  # LLaVA-OneVision, Qwen2-VL
+        visual_ids.append(model.config.video_token_id)
+    state = _PruneState(config, stages, model, len(layers), visual_ids)
     model.set_attn_implementation({"text_config": IMPLEMENTATION})
     if vision:
         AttentionInterface.register(VISION_IMPLEMENTATION, _vision_attention)

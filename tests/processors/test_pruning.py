@@ -17,6 +17,7 @@ import mmattn
 from mmattn import DivPrune, FastV, PyramidDrop, SparseVLM, VisionZip
 from mmattn.processors import pruning
 from mmattn.testing import TinyVLM, build_tiny
+from mmattn.testing.media import random_video
 
 # tiny/gemma3 has layers (sliding, sliding, full); GEMMA3_FULL_MIDDLE reorders them (sliding, full, sliding).
 GEMMA3_FULL_MIDDLE = "tiny/gemma3:full-middle"
@@ -112,10 +113,16 @@ def eager_attentions(model, inputs) -> tuple[torch.Tensor, ...]:
         model.set_attn_implementation({"text_config": "sdpa"})
 
 
+def visual_mask(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """The prunable tokens: image tokens, and video tokens where the model has them."""
+    ids = [model.config.image_token_id, getattr(model.config, "video_token_id", None)]
+    return torch.isin(input_ids, torch.tensor([i for i in ids if i is not None]))
+
+
 def eager_image_scores(model, inputs, layer: int | None = None) -> torch.Tensor:
     """Reference: eager attention of the last query in the scoring layer, mean over heads, at the image tokens."""
     last_row = eager_attentions(model, inputs)[(layer or scoring_layer(model)) - 1][:, :, -1].mean(dim=1)
-    image_mask = inputs["input_ids"] == model.config.image_token_id
+    image_mask = visual_mask(model, inputs["input_ids"])
     return last_row[image_mask].view(last_row.shape[0], -1)
 
 
@@ -141,7 +148,7 @@ def eager_rater_scores(model, inputs, layer: int) -> torch.Tensor:
     heads): candidate rows are real text tokens after the first image token; rows whose image mass is at least
     the candidates' mean rate; each image token's score is the raters' mean attention on it."""
     attentions = eager_attentions(model, inputs)[layer - 1].mean(dim=1)  # (B, N, N)
-    image_mask = inputs["input_ids"] == model.config.image_token_id
+    image_mask = visual_mask(model, inputs["input_ids"])
     real = inputs["attention_mask"].bool()
     scores = []
     for b in range(len(attentions)):
@@ -229,7 +236,7 @@ def decoder_input(model, inputs, layer: int) -> torch.Tensor:
 def reference_choice(model, inputs, config, budget: int) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(scores or None, kept image positions (B, budget)) of an implementation written here, independent of the
     engine: eager attention for FastV and SparseVLM, a plain greedy over the distance matrix for DivPrune."""
-    image_mask = inputs["input_ids"] == model.config.image_token_id
+    image_mask = visual_mask(model, inputs["input_ids"])  # VisionZip: images only (no video in its tests)
     positions = image_mask.nonzero()[:, 1].view(len(image_mask), -1)
     if isinstance(config, VisionZip):
         scores = eager_vision_scores(model, inputs)
@@ -719,3 +726,30 @@ def test_visionzip_rejects_unsupported_unchanged(name):
     assert vlm.model.config.text_config._attn_implementation == vlm.model.config.vision_config._attn_implementation \
         == "sdpa"
     assert hook_count(vlm.model) == hooks and "get_image_features" not in vars(vlm.model.model)
+
+
+@pytest.mark.parametrize("name", ["tiny/llava-onevision", "tiny/qwen2-vl"])
+@pytest.mark.parametrize("method_name", ["fastv", "sparsevlm", "divprune"])
+def test_video_frames_pruned(name, method_name):
+    """Video tokens compete for the budget like image tokens; keep=1 changes nothing; generate() runs on the cache."""
+    vlm, method = build_tiny(name), METHODS[method_name]
+    chat = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": LONG}]}]
+    prompt = vlm.processor.apply_chat_template(chat, add_generation_prompt=True)
+    inputs = dict(vlm.processor(text=[prompt], videos=[random_video(4, 64, 48, seed=3)], return_tensors="pt"))
+    video_mask = inputs["input_ids"] == vlm.model.config.video_token_id
+    n_video = int(video_mask.sum())
+    assert n_video > 0 and not (inputs["input_ids"] == vlm.model.config.image_token_id).any()
+    reference = logits(vlm.model, inputs)
+    with mmattn.apply(vlm.model, method(vlm.model, 1.0)):
+        torch.testing.assert_close(logits(vlm.model, inputs), reference, atol=1e-5, rtol=1e-5)
+    config = method(vlm.model, 0.25)
+    budget = round(0.25 * n_video)
+    reference_scores, expected = reference_choice(vlm.model, inputs, config, budget)
+    with mmattn.apply(vlm.model, config):
+        generate(vlm.model, inputs)
+    stats = pruning.last_stats(vlm.model)
+    assert torch.equal(stats.image_positions[0], video_mask[0].nonzero().squeeze(1))
+    if reference_scores is not None:
+        torch.testing.assert_close(stats.image_scores, reference_scores, atol=1e-6, rtol=1e-5)
+    assert torch.equal(stats.kept_image_positions, expected)
+    assert stats.decode_steps == MAX_NEW_TOKENS - 1
