@@ -1,4 +1,4 @@
-"""Benchmark: prefill time and peak memory of FastV visual token pruning on CPU.
+"""Benchmark: prefill time and peak memory of visual token pruning (FastV and the other scorers) on CPU.
 
 A mid-size LLaVA-1.5-style model with random weights, built in code (LlavaForConditionalGeneration: a small
 CLIP tower, 336 px images -> 576 image tokens; a Llama text model of 16 layers, hidden 1024, 16 heads, 4 KV
@@ -11,7 +11,10 @@ of the last token) per case, the cases interleaved round by round so machine noi
   full attention matrix of every layer materialised, as ``output_attentions`` needs), the last row of layer
   K-1's matrix ranks the image tokens, layers >= K run on the kept tokens (eager);
 * ``eager_fastv_2pass``: as research code that reads ``output_attentions``: a full eager prefill returning
-  every layer's attention matrix, then the pruned eager prefill above.
+  every layer's attention matrix, then the pruned eager prefill above;
+* ``sparsevlm`` (SparseVLM(layer=2)), ``divprune`` (DivPrune(), before the LLM) and ``visionzip``
+  (VisionZip(), [CLS] attention of the tower's feature layer, before the LLM): mmattn's other scorers at the
+  same budgets.
 
 keep = 33% / 22% / 11% of the 576 image tokens (192 / 128 / 64, the standard table). Times: median over
 ``--repeats`` rounds after a warm-up round. Peak memory: measured in a child process (one prefill per case),
@@ -49,13 +52,15 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask  # noq
 from transformers.models.llama.modeling_llama import eager_attention_forward  # noqa: E402
 
 import mmattn  # noqa: E402
-from mmattn import FastV  # noqa: E402
+from mmattn import DivPrune, FastV, SparseVLM, VisionZip  # noqa: E402
 from mmattn.processors import pruning  # noqa: E402
 
 EAGER_FASTV = "bench_eager_fastv"
 IMAGE_TOKEN_ID = 1999
 PAGE = os.sysconf("SC_PAGE_SIZE")
 _EAGER_CHOICE: dict = {}  # the image tokens the last eager_fastv prefill kept
+OTHERS = {"sparsevlm": lambda keep: SparseVLM(layer=2, keep=keep), "divprune": lambda keep: DivPrune(keep=keep),
+          "visionzip": lambda keep: VisionZip(keep=keep)}
 
 
 def build_model(layers: int, hidden: int, heads: int, kv_heads: int) -> LlavaForConditionalGeneration:
@@ -175,6 +180,9 @@ def main() -> None:
             elif kind == "eager_fastv":
                 with fastv(model, keep, eager=True):
                     prefill()
+            elif kind in OTHERS:
+                with mmattn.apply(model, OTHERS[kind](keep)):
+                    prefill()
             else:  # eager_fastv_2pass
                 with eager_text(model):
                     attentions = prefill(output_attentions=True).attentions
@@ -185,7 +193,7 @@ def main() -> None:
 
     cases = {"baseline": case(None, "baseline")}
     for keep in args.keeps:
-        for kind in ("fastv", "eager_fastv", "eager_fastv_2pass"):
+        for kind in ("fastv", "eager_fastv", "eager_fastv_2pass", *OTHERS):
             cases[f"{kind}@{keep}"] = case(keep, kind)
 
     if args.memory_child:  # one prefill per case; print {case: peak RSS delta in bytes}
@@ -236,8 +244,9 @@ def main() -> None:
                 "fastv_vs_baseline": values["baseline"] / values[f"fastv@{tag}"],
                 "fastv_vs_eager_fastv": values[f"eager_fastv@{tag}"] / values[f"fastv@{tag}"],
                 "fastv_vs_eager_fastv_2pass": values[f"eager_fastv_2pass@{tag}"] / values[f"fastv@{tag}"],
+                **{f"{kind}_vs_baseline": values["baseline"] / values[f"{kind}@{tag}"] for kind in OTHERS},
             }
-    print("speedups of fastv (x, median | min):")
+    print("speedups (x, median | min):")
     for tag, r in ratios.items():
         print(f"  {tag}: " + ", ".join(f"{k} {v:.2f} | {r['min'][k]:.2f}" for k, v in r["median"].items()))
     print(f"kept image tokens shared by fastv and eager_fastv at keep {args.keeps[0]}: {agreement:.1%}")
