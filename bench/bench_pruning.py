@@ -75,13 +75,13 @@ def build_model(layers: int, hidden: int, heads: int, kv_heads: int) -> LlavaFor
     return LlavaForConditionalGeneration(config).eval()
 
 
-def make_inputs(text_tokens: int) -> dict:
-    """<bos> + 8 system tokens + 576 image tokens + the rest of the text (LLaVA-1.5's layout)."""
+def make_inputs(text_tokens: int, images: int) -> dict:
+    """<bos> + 8 system tokens + 576 image tokens per image + the rest of the text (LLaVA-1.5's layout)."""
     generator = torch.Generator().manual_seed(0)
     before, after = 9, text_tokens - 9
     text = torch.randint(3, 1900, (text_tokens,), generator=generator)
-    ids = torch.cat([text[:before], torch.full((576,), IMAGE_TOKEN_ID), text[before:before + after]])[None]
-    pixels = torch.randn(1, 3, 336, 336, generator=generator)
+    ids = torch.cat([text[:before], torch.full((576 * images,), IMAGE_TOKEN_ID), text[before:before + after]])[None]
+    pixels = torch.randn(images, 3, 336, 336, generator=generator)
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels)
 
 
@@ -154,7 +154,10 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--text-tokens", type=int, default=64)
     parser.add_argument("--keeps", type=int, nargs="+", default=[192, 128, 64],
-                        help="image tokens kept (of 576): 33%% / 22%% / 11%%")
+                        help="image tokens kept (of 576 per image): 33%% / 22%% / 11%% of one image")
+    parser.add_argument("--images", type=int, default=1, help="images in the prompt (576 tokens each)")
+    parser.add_argument("--kinds", nargs="+", default=["fastv", "eager_fastv", "eager_fastv_2pass", *OTHERS],
+                        help="pruned cases to run (baseline always runs)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after one warm-up round")
     parser.add_argument("--out", default="bench/results/pruning_cpu.json")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
@@ -165,7 +168,8 @@ def main() -> None:
     AttentionMaskInterface.register(EAGER_FASTV, eager_mask)
 
     model = build_model(args.layers, args.hidden, args.heads, args.kv_heads)
-    inputs = make_inputs(args.text_tokens)
+    inputs = make_inputs(args.text_tokens, args.images)
+    n_image = 576 * args.images
 
     def prefill(**extra):
         return model(**inputs, use_cache=True, logits_to_keep=1, **extra)
@@ -193,7 +197,7 @@ def main() -> None:
 
     cases = {"baseline": case(None, "baseline")}
     for keep in args.keeps:
-        for kind in ("fastv", "eager_fastv", "eager_fastv_2pass", *OTHERS):
+        for kind in args.kinds:
             cases[f"{kind}@{keep}"] = case(keep, kind)
 
     if args.memory_child:  # one prefill per case; print {case: peak RSS delta in bytes}
@@ -226,10 +230,10 @@ def main() -> None:
 
     n = inputs["input_ids"].shape[1]
     rows, ratios = [], {}
-    print(f"{n} tokens ({576} image), {args.layers} layers, hidden {args.hidden}, {torch.get_num_threads()} threads")
+    print(f"{n} tokens ({n_image} image), {args.layers} layers, hidden {args.hidden}, {torch.get_num_threads()} threads")
     print(f"{'case':<26}{'kept img':>9}{'median s':>10}{'vs base':>9}{'min s':>8}{'vs base':>9}{'peak MiB':>10}")
     for name in cases:
-        kept = 576 if name == "baseline" else int(name.split("@")[1])
+        kept = n_image if name == "baseline" else int(name.split("@")[1])
         speedup, speedup_min = median["baseline"] / median[name], best["baseline"] / best[name]
         rows.append({"case": name, "kept_image_tokens": kept, "prefill_s_median": median[name],
                      "prefill_s_min": best[name], "speedup_vs_baseline_median": speedup,
@@ -240,12 +244,11 @@ def main() -> None:
     for keep in args.keeps:
         tag = str(keep)
         for stat, values in (("median", median), ("min", best)):
-            ratios.setdefault(f"keep {keep} ({keep / 576:.0%})", {})[stat] = {
-                "fastv_vs_baseline": values["baseline"] / values[f"fastv@{tag}"],
-                "fastv_vs_eager_fastv": values[f"eager_fastv@{tag}"] / values[f"fastv@{tag}"],
-                "fastv_vs_eager_fastv_2pass": values[f"eager_fastv_2pass@{tag}"] / values[f"fastv@{tag}"],
-                **{f"{kind}_vs_baseline": values["baseline"] / values[f"{kind}@{tag}"] for kind in OTHERS},
-            }
+            ratio = {f"{kind}_vs_baseline": values["baseline"] / values[f"{kind}@{tag}"] for kind in args.kinds
+                     if not kind.startswith("eager")}
+            ratio.update({f"fastv_vs_{kind}": values[f"{kind}@{tag}"] / values[f"fastv@{tag}"] for kind in args.kinds
+                          if kind.startswith("eager") and "fastv" in args.kinds})
+            ratios.setdefault(f"keep {keep} ({keep / n_image:.0%})", {})[stat] = ratio
     print("speedups (x, median | min):")
     for tag, r in ratios.items():
         print(f"  {tag}: " + ", ".join(f"{k} {v:.2f} | {r['min'][k]:.2f}" for k, v in r["median"].items()))
@@ -260,7 +263,7 @@ def main() -> None:
         "torch": torch.__version__, "commit": commit + ("-dirty" if dirty else ""),
         "model": {"class": "LlavaForConditionalGeneration", "text": f"Llama {args.layers} layers, hidden {args.hidden}, "
                   f"{args.heads} heads, {args.kv_heads} kv heads", "vision": "CLIP 2 layers, hidden 64, 336 px / 14",
-                  "tokens": n, "image_tokens": 576, "dtype": "float32", "fastv_layer": 2},
+                  "tokens": n, "image_tokens": n_image, "dtype": "float32", "fastv_layer": 2},
         "memory": "peak process RSS during one prefill minus RSS before it (/proc/self/statm sampled every 2 ms, "
                   "in a child process run with MALLOC_MMAP_THRESHOLD_=131072)",
         "repeats": args.repeats, "rows": rows, "speedups": ratios,
