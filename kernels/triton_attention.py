@@ -277,9 +277,15 @@ def _tiles(d: int) -> tuple[int, int, int, int]:
     return 64, 32, 8, 1
 
 
+MAX_HEAD_DIM = 256  # one BLOCK_D tile holds the whole head; larger tiles exceed shared memory
+
+
 def _check(q, k, v):
     if not q.is_cuda and not INTERPRETED:
         raise ValueError("the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim={q.shape[-1]} is out of range for the triton backend: expected 1 <= head_dim <= "
+                         f"{MAX_HEAD_DIM} (the cpu and reference backends take any head_dim)")
     return [t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)]
 
 

@@ -124,3 +124,13 @@ def test_shape_errors(helpers):
     q, k, v = helpers.make_qkv(1, 2, 2, 5, 5, 16, F32)
     with pytest.raises(ValueError, match="block mask is for"):
         K.attention(q, k, v, block_mask=bm, backend="cpu")
+
+
+@pytest.mark.triton
+def test_triton_rejects_head_dim_over_256(interpreted):
+    q = torch.randn(1, 1, 3, 264)
+    for op in (lambda: K.attention(q, q, q, backend="triton"),
+               lambda: K.column_sums(q, q, torch.zeros(1, 1, 3), torch.ones(1, 3, dtype=torch.bool), backend="triton")):
+        with pytest.raises(ValueError, match="head_dim=264 is out of range for the triton backend"):
+            op()
+    assert K.attention(q, q, q, backend="cpu").shape == q.shape
