@@ -179,7 +179,19 @@ def _check_keep(name: str, keep) -> None:
 
 
 @dataclass(frozen=True)
-class FastV(_Method):
+class _ScoredAtLayer(_Method):
+    """Pruning scored by attention in decoder layer ``layer - 1``, keeping ``keep`` image tokens from ``layer`` on."""
+
+    layer: int = 2
+    keep: float | int = 0.5
+
+    def __post_init__(self) -> None:
+        _check_layer("layer", self.layer, 1, "the first pruned layer")
+        _check_keep("keep", self.keep)
+
+
+@dataclass(frozen=True)
+class FastV(_ScoredAtLayer):
     """FastV visual token pruning (arXiv 2403.06764) for transformers VLMs.
 
     At decoder layer ``layer - 1`` the attention of the last query to the image tokens, averaged over
@@ -189,18 +201,11 @@ class FastV(_Method):
     K=2, R=50% is ``FastV(layer=2, keep=0.5)``.
     """
 
-    layer: int = 2
-    keep: float | int = 0.5
-
     name = "fastv"
-
-    def __post_init__(self) -> None:
-        _check_layer("layer", self.layer, 1, "the first pruned layer")
-        _check_keep("keep", self.keep)
 
 
 @dataclass(frozen=True)
-class SparseVLM(_Method):
+class SparseVLM(_ScoredAtLayer):
     """Text-guided visual token pruning in the manner of SparseVLM (arXiv 2410.04417).
 
     At decoder layer ``layer - 1`` the text tokens after the first image token are candidate raters. The
@@ -212,14 +217,7 @@ class SparseVLM(_Method):
     attention instead of a separate projection of the raw embeddings.
     """
 
-    layer: int = 2
-    keep: float | int = 0.5
-
     name = "sparsevlm"
-
-    def __post_init__(self) -> None:
-        _check_layer("layer", self.layer, 1, "the first pruned layer")
-        _check_keep("keep", self.keep)
 
 
 @dataclass(frozen=True)
