@@ -133,6 +133,23 @@ def greedy(model, step_logits: torch.Tensor) -> torch.Tensor:
     return step_logits.argmax(dim=-1, keepdim=True)
 
 
+def assert_uncached_loop_matches(model, inputs, out) -> None:
+    """Each decode step of ``out`` (a generate() with logits) equals a forward without cache over the prompt and
+    the tokens generated so far, and picks the same token."""
+    prompt_len, step_inputs = inputs["input_ids"].shape[1], dict(inputs)
+    for step in range(out.sequences.shape[1] - prompt_len):
+        step_logits = logits(model, {**step_inputs, "use_cache": False})[:, -1]
+        torch.testing.assert_close(step_logits, out.logits[step], atol=1e-5, rtol=1e-5)
+        next_id = greedy(model, step_logits)
+        assert torch.equal(next_id[:, 0], out.sequences[:, prompt_len + step])
+        step_inputs["input_ids"] = torch.cat([step_inputs["input_ids"], next_id], dim=1)
+        step_inputs["attention_mask"] = torch.cat([step_inputs["attention_mask"], torch.ones_like(next_id)], dim=1)
+        for key in ("mm_token_type_ids", "token_type_ids"):  # generate() marks new tokens as PaliGemma's suffix
+            if key in step_inputs:
+                suffix = type(model).__name__ == "PaliGemmaForConditionalGeneration" and key == "token_type_ids"
+                step_inputs[key] = torch.cat([step_inputs[key], torch.full_like(next_id, int(suffix))], dim=1)
+
+
 def assert_row_generates_alone(model, batch, batch_out, i, single, single_out):
     """Row i of a batched generate() equals its single run: ids (a sample that stops early is padded
     in the batch) and the logits of every decode step."""
@@ -337,18 +354,7 @@ def test_cached_generate_equals_uncached_loop(vlm, method, monkeypatch):
 
         # Without a cache every forward is a prefill; pin its choice to the one generate() made.
         monkeypatch.setattr(pruning, "top_image_tokens", lambda scores, positions, budget: stats.kept_image_positions)
-        step_inputs = dict(inputs)
-        for step in range(steps):
-            step_logits = logits(model, {**step_inputs, "use_cache": False})[:, -1]
-            torch.testing.assert_close(step_logits, out.logits[step], atol=1e-5, rtol=1e-5)
-            next_id = greedy(model, step_logits)
-            assert torch.equal(next_id[:, 0], out.sequences[:, prompt_len + step])
-            step_inputs["input_ids"] = torch.cat([step_inputs["input_ids"], next_id], dim=1)
-            step_inputs["attention_mask"] = torch.cat([step_inputs["attention_mask"], torch.ones_like(next_id)], dim=1)
-            for key in ("mm_token_type_ids", "token_type_ids"):  # generate() marks new tokens as PaliGemma's suffix
-                if key in step_inputs:
-                    new_type = 1 if type(model).__name__ == "PaliGemmaForConditionalGeneration" and key == "token_type_ids" else 0
-                    step_inputs[key] = torch.cat([step_inputs[key], torch.full_like(next_id, new_type)], dim=1)
+        assert_uncached_loop_matches(model, inputs, out)
 
 
 def test_remove_restores_bit_identical(vlm, method):
@@ -623,18 +629,7 @@ def test_pyramid_cached_generate_equals_uncached_loop(deep, monkeypatch):
         calls = iter(range(10 ** 6))
         monkeypatch.setattr(pruning, "top_image_tokens",
                             lambda scores, positions, budget: choices[next(calls) % len(choices)])
-        step_inputs = dict(inputs)
-        for step in range(steps):
-            step_logits = logits(model, {**step_inputs, "use_cache": False})[:, -1]
-            torch.testing.assert_close(step_logits, out.logits[step], atol=1e-5, rtol=1e-5)
-            next_id = greedy(model, step_logits)
-            assert torch.equal(next_id[:, 0], out.sequences[:, prompt_len + step])
-            step_inputs["input_ids"] = torch.cat([step_inputs["input_ids"], next_id], dim=1)
-            step_inputs["attention_mask"] = torch.cat([step_inputs["attention_mask"], torch.ones_like(next_id)], dim=1)
-            for key in ("mm_token_type_ids", "token_type_ids"):
-                if key in step_inputs:
-                    new_type = 1 if type(model).__name__ == "PaliGemmaForConditionalGeneration" and key == "token_type_ids" else 0
-                    step_inputs[key] = torch.cat([step_inputs[key], torch.full_like(next_id, new_type)], dim=1)
+        assert_uncached_loop_matches(model, inputs, out)
 
 
 def test_pyramid_remove_restores_bit_identical(deep):
