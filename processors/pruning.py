@@ -40,6 +40,7 @@ A forward prunes when its ``input_ids`` hold image tokens and the cache is empty
 from __future__ import annotations
 
 import functools
+import inspect
 import time
 import weakref
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.vision_utils import get_vision_window_index
 
 from mmattn import kernels
 from mmattn.api import register_installer
@@ -159,7 +161,8 @@ class _PruneState:
         self.started = 0.0  # perf_counter at the start of the current forward
         self.collecting = False  # VisionZip: inside get_image_features, whose scoring layer records patch scores
         self.vision_scores: list[torch.Tensor] = []  # ... one (B_i, N_i) tensor per attention call
-        self.to_features = None  # ... and maps them to one flat score per LLM image token
+        self.vision_call: dict = {}  # ... with get_image_features' arguments
+        self.to_features = None  # ... which, with the arguments, map to one flat score per LLM image token
 
     def begin(self, module, args, kwargs):
         """Pre-hook on the VLM core: a prefill with image tokens prunes; a decode step reuses its choice."""
@@ -277,7 +280,7 @@ class _PruneState:
         self.collecting = False
         batch, n, _ = hidden.shape
         positions, image_mask, _ = self._current(stage, batch, n, hidden.device)
-        flat = self.to_features(self.vision_scores).to(hidden.device, torch.float32)
+        flat = self.to_features(self.vision_scores, self.vision_call).to(hidden.device, torch.float32)
         if flat.numel() != int(image_mask.sum()):
             raise ValueError(f"VisionZip scored {flat.numel()} image features; the prompts hold "
                              f"{int(image_mask.sum())} image tokens")
@@ -311,9 +314,12 @@ class _PruneState:
         before the prefill), from a fresh list each call; returns undo."""
         original = core.get_image_features
 
+        signature = inspect.signature(original)
+
         @functools.wraps(original)  # generate() reads its signature
         def get_image_features(*args, **kwargs):
             self.vision_scores, self.collecting = [], True
+            self.vision_call = signature.bind(*args, **kwargs).arguments
             try:
                 return original(*args, **kwargs)
             finally:
@@ -602,7 +608,8 @@ def _install(model, config, stages: list[tuple[int, float | int, str]], method: 
 # as before); in the tower's scoring layer it also computes, per image, each patch's score: the [CLS] query's
 # probabilities (``row_probs``) or, without a [CLS], the attention received (``column_sums`` over the real
 # queries, divided by their count), mean over heads. A per-family function then maps patch scores onto the LLM's
-# image tokens the way the projector maps patch features (drop [CLS], avg-pool, pixel-shuffle, 2x2 merge).
+# image tokens the way the projector maps patch features (drop [CLS], avg-pool, pixel-shuffle, 2x2 merge, Qwen2.5-VL's
+# window order undone).
 VISION_IMPLEMENTATION = "mmattn_prune_vision"
 _VISION_SCORING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # vision attention -> (_PruneState, mode)
 
@@ -634,7 +641,8 @@ def _patch_scores(query, key, value, scale, attention_mask, mode: str) -> torch.
 
 def _vision_scoring(model) -> tuple[torch.nn.Module, str, object]:
     """(the vision attention module whose layer yields the features, "cls" or "received", a function mapping the
-    collected per-call patch scores to one flat score per LLM image token in feature order)."""
+    collected per-call patch scores and get_image_features' arguments to one flat score per LLM image token in
+    feature order)."""
     name, core, config = type(model).__name__, model.model, model.config
     if name == "LlavaForConditionalGeneration":
         layer = config.vision_feature_layer
@@ -643,14 +651,15 @@ def _vision_scoring(model) -> tuple[torch.nn.Module, str, object]:
             raise ValueError(f"VisionZip needs one vision_feature_layer after the embeddings; {name} uses {layer!r}")
         drop_cls = config.vision_feature_select_strategy == "default"
         return (layers[layer if layer < 0 else layer - 1].self_attn, "cls",
-                lambda chunks: torch.cat(chunks)[:, 1 if drop_cls else 0:].flatten())
+                lambda chunks, call: torch.cat(chunks)[:, 1 if drop_cls else 0:].flatten())
     if name == "PaliGemmaForConditionalGeneration":
-        return core.vision_tower.encoder.layers[-1].self_attn, "received", lambda chunks: torch.cat(chunks).flatten()
+        return (core.vision_tower.encoder.layers[-1].self_attn, "received",
+                lambda chunks, call: torch.cat(chunks).flatten())
     if name == "Gemma3ForConditionalGeneration":
         pool = core.multi_modal_projector.kernel_size
         side = core.multi_modal_projector.patches_per_image
 
-        def pooled(chunks):
+        def pooled(chunks, call):
             scores = torch.cat(chunks)
             return F.avg_pool2d(scores.view(-1, 1, side, side), pool).flatten()
 
@@ -658,7 +667,7 @@ def _vision_scoring(model) -> tuple[torch.nn.Module, str, object]:
     if name in ("SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration"):
         connector = core.connector
 
-        def shuffled(chunks):
+        def shuffled(chunks, call):
             scores = torch.cat(chunks)[..., None]
             return connector.pixel_shuffle(scores, connector.scale_factor).sum(dim=-1).flatten()
 
@@ -666,10 +675,25 @@ def _vision_scoring(model) -> tuple[torch.nn.Module, str, object]:
     if name == "Qwen2VLForConditionalGeneration":
         group = config.vision_config.spatial_merge_size ** 2
         return (core.visual.blocks[-1].attn, "received",
-                lambda chunks: torch.cat([c.view(-1, group).sum(dim=1) for c in chunks]))
+                lambda chunks, call: torch.cat([c.view(-1, group).sum(dim=1) for c in chunks]))
+    if name == "Qwen2_5_VLForConditionalGeneration":
+        visual = core.visual
+        if len(visual.blocks) - 1 not in visual.fullatt_block_indexes:
+            raise ValueError(f"VisionZip needs the last vision block of {name} to attend over whole images; "
+                             f"fullatt_block_indexes={visual.fullatt_block_indexes} misses block {len(visual.blocks) - 1}")
+        group = visual.spatial_merge_size ** 2
+
+        def unwindowed(chunks, call):  # the tower runs its patches in window order; the merger output is re-sorted
+            window_index, _ = get_vision_window_index(call["image_grid_thw"], visual.spatial_merge_size,
+                                                      visual.window_size, visual.patch_size)
+            merged = torch.cat([c.view(-1, group).sum(dim=1) for c in chunks])
+            return merged[torch.argsort(window_index.to(merged.device))]
+
+        return visual.blocks[-1].attn, "received", unwindowed
     raise ValueError(f"VisionZip does not support {name}; supported models: {', '.join(VISIONZIP_SUPPORTED)}")
 
 
 VISIONZIP_SUPPORTED = ("LlavaForConditionalGeneration", "PaliGemmaForConditionalGeneration",
                        "Gemma3ForConditionalGeneration", "SmolVLMForConditionalGeneration",
-                       "Idefics3ForConditionalGeneration", "Qwen2VLForConditionalGeneration")
+                       "Idefics3ForConditionalGeneration", "Qwen2VLForConditionalGeneration",
+                       "Qwen2_5_VLForConditionalGeneration")
