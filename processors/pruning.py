@@ -159,6 +159,7 @@ class _PruneState:
         self.end = 0  # decode: original positions of the current forward end here (exclusive)
         self.decode_padding: torch.Tensor | None = None  # decode: 2D attention mask over original positions
         self.started = 0.0  # perf_counter at the start of the current forward
+        self.timed: PruningStats | None = None  # the stats of the last prefill if it pruned: its decode steps add up
         self.collecting = False  # VisionZip: inside get_image_features, whose scoring layer records patch scores
         self.vision_scores: list[torch.Tensor] = []  # ... one (B_i, N_i) tensor per attention call
         self.vision_call: dict = {}  # ... with get_image_features' arguments
@@ -184,7 +185,7 @@ class _PruneState:
             return None
         if input_ids is None:
             raise ValueError(f"{self.config.name} finds image tokens in input_ids; this forward got inputs_embeds only")
-        self.prefill = has_images
+        self.prefill, self.end = has_images, 0
         self.next_stage = 0 if has_images else None
         self.kept_stages = [None] * len(self.stages)
         self.gather = [None] * len(self.stages)
@@ -198,15 +199,16 @@ class _PruneState:
         """Forward hook on the VLM core: record the time; after a prefill that pruned layer 0, make layer 0's cache
         report every token it stands for (transformers takes positions and generate()'s new tokens from it)."""
         seconds = _clock(module) - self.started
-        stats = _STATS.get(self.model())
-        if self.prefill and self.kept_stages[0] is not None:
-            stats.prefill_seconds, stats.decode_seconds, stats.decode_steps = seconds, 0.0, 0
-            cache = getattr(output, "past_key_values", None)
-            if self.stages[0][0] == 0 and cache is not None:
-                _count_dropped_tokens(cache.layers[0], self.prefill_len - self.kept_stages[0].shape[1])
-        elif not self.prefill and stats is not None and self.end > self.prefill_len:
-            stats.decode_seconds += seconds
-            stats.decode_steps += 1
+        if self.end == 0:  # a prefill: its decode steps count toward its own stats, if it pruned
+            self.timed = _STATS[self.model()] if self.prefill else None
+            if self.timed is not None:
+                self.timed.prefill_seconds = seconds
+                cache = getattr(output, "past_key_values", None)
+                if self.stages[0][0] == 0 and cache is not None:
+                    _count_dropped_tokens(cache.layers[0], self.prefill_len - self.kept_stages[0].shape[1])
+        elif self.timed is not None:
+            self.timed.decode_seconds += seconds
+            self.timed.decode_steps += 1
 
     def _current(self, stage: int, batch: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The ``n`` tokens entering stage ``stage``: their original positions, which are image tokens and which are

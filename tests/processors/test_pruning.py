@@ -769,3 +769,16 @@ def test_video_frames_pruned(name, method_name):
         torch.testing.assert_close(stats.image_scores, reference_scores, atol=1e-6, rtol=1e-5)
     assert torch.equal(stats.kept_image_positions, expected)
     assert stats.decode_steps == MAX_NEW_TOKENS - 1
+
+
+def test_timing_counts_only_the_pruned_runs_decode_steps():
+    """A later generate() without images neither prunes nor adds its decode steps to the last pruned run's stats."""
+    vlm = build_tiny("tiny/llava")
+    inputs = encode(vlm, [SHORT], [make_image(1)])
+    text_only = vlm.processor(text=["USER: hello ASSISTANT:"], return_tensors="pt")
+    with mmattn.apply(vlm.model, FastV(layer=1, keep=0.25)):
+        generate(vlm.model, inputs)
+        stats = pruning.last_stats(vlm.model)
+        assert (stats.decode_steps, stats.prefill_seconds > 0) == (MAX_NEW_TOKENS - 1, True)
+        generate(vlm.model, text_only)
+        assert pruning.last_stats(vlm.model) is stats and stats.decode_steps == MAX_NEW_TOKENS - 1
