@@ -7,28 +7,11 @@ import pytest
 import torch
 
 from mmattn.testing import TinyVLM, tiny_names, tiny_spec
-from mmattn.testing.media import random_image, random_video
+from mmattn.testing.media import (LONG_QUESTION, QUESTION, VIDEO_QUESTION, question_inputs, random_image,
+                                  random_video)
 
 NAMES = ["tiny/qwen2-vl", "tiny/qwen2.5-vl"]
 MERGE = 4  # 2x2 patches per LLM token
-
-QUESTION = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
-LONG_QUESTION = [
-    {
-        "role": "user",
-        "content": [
-            {"type": "image"},
-            {"type": "text", "text": "Describe every object in this picture, in detail."},
-        ],
-    }
-]
-VIDEO_QUESTION = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
-
-
-def question_inputs(processor):
-    """QUESTION about a 64x48 image, through the chat template and the processor."""
-    prompt = processor.apply_chat_template(QUESTION, add_generation_prompt=True)
-    return processor(text=[prompt], images=[random_image(64, 48, seed=1)], return_tensors="pt")
 
 
 @pytest.fixture(scope="module", params=NAMES)
