@@ -48,11 +48,10 @@ from transformers import (  # noqa: E402
     LlavaConfig,
     LlavaForConditionalGeneration,
 )
-from transformers.masking_utils import AttentionMaskInterface, eager_mask  # noqa: E402
-from transformers.models.llama.modeling_llama import eager_attention_forward  # noqa: E402
 
 import mmattn  # noqa: E402
 from mmattn import DivPrune, FastV, SparseVLM, VisionZip  # noqa: E402
+from mmattn._compat import AttentionMaskInterface, eager_attention_forward, eager_mask  # noqa: E402
 from mmattn.processors import pruning  # noqa: E402
 
 EAGER_FASTV = "bench_eager_fastv"

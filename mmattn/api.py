@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ._compat import check_versions
+
 Installer = Callable[[Any, Any], Callable[[], None]]
 _INSTALLERS: dict[type, Installer] = {}
 
@@ -51,7 +53,10 @@ class Handle:
 
 
 def apply(target: Any, methods: Any | Sequence[Any]) -> Handle:
-    """Install one method config or a list of them on a diffusers pipeline or transformers model."""
+    """Install one method config or a list of them on a diffusers pipeline or transformers model.
+
+    Warns once per process when transformers or diffusers lies outside the range mmattn is tested with."""
+    check_versions()
     methods = list(methods) if isinstance(methods, (list, tuple)) else [methods]
     handle = Handle(methods)
     for method in methods:

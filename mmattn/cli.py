@@ -226,11 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         _parser().print_help()
         return 0
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+    from ._compat import quiet_upstream_logging
 
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
+    quiet_upstream_logging()
     from .hub import ModelNotAvailableError
 
     try:

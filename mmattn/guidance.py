@@ -15,6 +15,7 @@ An optional rescale r (STG, arXiv 2411.18664) replaces ε by ε·(r·std(ε_c)/s
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 
@@ -72,6 +73,10 @@ def _rescale(eps: torch.Tensor, eps_cond: torch.Tensor, r: float) -> torch.Tenso
 class GuidedDenoiser:
     """Replaces ``denoiser.forward`` with a perturbed-guidance forward shared by all branches.
 
+    The replacement keeps the original's name, docstring and signature (``inspect.signature`` reads it
+    through ``__wrapped__``): diffusers code that filters keyword arguments by the forward's signature
+    passes the same arguments as without it.
+
     ``attach`` returns the pipeline's wrapper (creating it on first use); ``detach`` removes a
     branch and, with the last one, restores the original forward exactly.
     """
@@ -82,6 +87,7 @@ class GuidedDenoiser:
         self._forward = denoiser.forward
         self._signature = inspect.signature(self._forward)
         self._step, self._calls_in_step = None, 0
+        functools.update_wrapper(self, self._forward)
         denoiser.forward = self
 
     @classmethod

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.embeddings import apply_rotary_emb
 
+from mmattn._compat import apply_rotary_emb, dispatch_attention_fn
 from mmattn.adapters import diffusion_family
 from mmattn.api import register_installer
 from mmattn.configs import PAG, SEG, SLG, STG, SoftPAG

@@ -47,12 +47,22 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.vision_utils import get_vision_window_index
-
 from mmattn import kernels
+from mmattn._compat import (
+    ATTENTION_MASK,
+    POSITION_EMBEDDINGS,
+    POSITION_IDS,
+    AttentionInterface,
+    AttentionMaskInterface,
+    cache_argument,
+    cache_length,
+    count_extra_tokens,
+    get_vision_window_index,
+    output_cache,
+    sdpa_attention_forward,
+    sdpa_mask,
+    stored_keys,
+)
 from mmattn.api import register_installer
 from mmattn.configs import DivPrune, FastV, PyramidDrop, SparseVLM, VisionZip
 from mmattn.kernels import BlockMask
@@ -169,19 +179,19 @@ class _PruneState:
         """Pre-hook on the VLM core: a prefill with image tokens prunes; a decode step reuses its choice."""
         self.started = _clock(module)
         input_ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        cache = cache_argument(kwargs)
         visual = None if input_ids is None else torch.isin(input_ids, self.visual_token_ids.to(input_ids.device))
         has_images = visual is not None and bool(visual.any())
-        if cache is not None and cache.get_seq_length() > 0:
+        if cache is not None and cache_length(cache) > 0:
             if has_images:
                 raise ValueError(f"{self.config.name} prunes the prefill only: image tokens after cached tokens are "
                                  "not supported")
             self.prefill, self.next_stage = False, None
-            mask = kwargs.get("attention_mask")
+            mask = kwargs.get(ATTENTION_MASK)
             self.decode_padding = _padding_mask(mask)
             length = input_ids.shape[1] if input_ids is not None else kwargs["inputs_embeds"].shape[1]
             # Layer 0's cache counts every token (a layer-0 stage makes it say so: see finish()).
-            self.end = cache.get_seq_length() + length
+            self.end = cache_length(cache) + length
             return None
         if input_ids is None:
             raise ValueError(f"{self.config.name} finds image tokens in input_ids; this forward got inputs_embeds only")
@@ -191,7 +201,7 @@ class _PruneState:
         self.gather = [None] * len(self.stages)
         self.stage_stats = []
         self.image_mask = visual
-        self.padding_mask = _padding_mask(kwargs.get("attention_mask"))
+        self.padding_mask = _padding_mask(kwargs.get(ATTENTION_MASK))
         self.prefill_len = input_ids.shape[1]
         return None
 
@@ -203,9 +213,9 @@ class _PruneState:
             self.timed = _STATS[self.model()] if self.prefill else None
             if self.timed is not None:
                 self.timed.prefill_seconds = seconds
-                cache = getattr(output, "past_key_values", None)
+                cache = output_cache(output)
                 if self.stages[0][0] == 0 and cache is not None:
-                    _count_dropped_tokens(cache.layers[0], self.prefill_len - self.kept_stages[0].shape[1])
+                    count_extra_tokens(cache, 0, self.prefill_len - self.kept_stages[0].shape[1])
         elif self.timed is not None:
             self.timed.decode_seconds += seconds
             self.timed.decode_steps += 1
@@ -416,26 +426,25 @@ class _PruneState:
                 self.select_diverse(stage, args[0])
             if first and self.prefill and self.next_stage == stage and self.stages[stage][2] == "vision":
                 args = (self.select_vision(stage, args[0]), *args[1:])
-            kept, mask = self.kept_stages[stage], kwargs.get("attention_mask")
+            kept, mask = self.kept_stages[stage], kwargs.get(ATTENTION_MASK)
             if kept is None:
                 return None
             if self.prefill:
                 if first:  # the decoder layers take hidden_states positionally (over the previous stage's tokens)
                     args = (_take(args[0], self.gather[stage], 1), *args[1:])
-                cos, sin = kwargs["position_embeddings"]
-                kwargs["position_embeddings"] = (_take(cos, kept, 1), _take(sin, kept, 1))
-                if kwargs.get("position_ids") is not None:
-                    kwargs["position_ids"] = _take(kwargs["position_ids"], kept, 1)
+                cos, sin = kwargs[POSITION_EMBEDDINGS]
+                kwargs[POSITION_EMBEDDINGS] = (_take(cos, kept, 1), _take(sin, kept, 1))
+                if kwargs.get(POSITION_IDS) is not None:
+                    kwargs[POSITION_IDS] = _take(kwargs[POSITION_IDS], kept, 1)
                 if mask is not None:
-                    kwargs["attention_mask"] = _take(_take(mask, kept, 2), kept, 3)
+                    kwargs[ATTENTION_MASK] = _take(_take(mask, kept, 2), kept, 3)
             else:
                 # Decode: transformers sized the mask for a full-length cache (or, when the first full-attention
                 # layer is pruned, for the pruned one), while this layer's cache holds kept tokens only (a
                 # sliding layer: the last window - 1 of them). Rebuild the mask over the keys it will return.
                 queries = args[0].shape[1] if args else kwargs["hidden_states"].shape[1]
-                cache_layer = kwargs["past_key_values"].layers[attention.layer_idx]
-                stored = cache_layer.keys.shape[-2] if getattr(cache_layer, "keys", None) is not None else 0
-                kwargs["attention_mask"] = self.decode_mask(kept, stored + queries, queries, sliding_window)
+                stored = stored_keys(cache_argument(kwargs), attention.layer_idx)
+                kwargs[ATTENTION_MASK] = self.decode_mask(kept, stored + queries, queries, sliding_window)
             return args, kwargs
 
         return hook
@@ -487,13 +496,6 @@ def _clock(module) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
-
-
-def _count_dropped_tokens(cache_layer, dropped: int) -> None:
-    """Make a pruned layer-0 cache report the ``dropped`` tokens too: transformers reads the tokens seen so far
-    (decode positions, generate()'s new input ids) from layer 0's length."""
-    stored = type(cache_layer).get_seq_length
-    cache_layer.get_seq_length = lambda: stored(cache_layer) + dropped
 
 
 def _padding_mask(mask) -> torch.Tensor | None:

@@ -13,10 +13,12 @@ from diffusers import (
     AutoencoderKL,
     AutoencoderKLWan,
     DDIMScheduler,
+    DiffusionPipeline,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    ModelMixin,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
     SD3Transformer2DModel,
@@ -29,8 +31,6 @@ from diffusers import (
     WanPipeline,
     WanTransformer3DModel,
 )
-from diffusers.models.modeling_utils import ModelMixin
-from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,

@@ -14,6 +14,8 @@ tile is 48 x 48 pixels, 6 x 6 patches of 8 pixels, pixel-shuffled by 2 into 3 x 
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from transformers import (
     GPT2Tokenizer,
@@ -25,7 +27,6 @@ from transformers import (
     SmolVLMForConditionalGeneration,
     SmolVLMImageProcessor,
 )
-from transformers.utils import is_num2words_available
 
 from . import TinyVLM, register_tiny
 from ._vlm import finish_vlm, special_token_ids
@@ -148,6 +149,10 @@ def _config_kwargs(tokenizer) -> dict:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
+
+
+def is_num2words_available() -> bool:
+    return importlib.util.find_spec("num2words") is not None
 
 
 def _smolvlm_processor(tokenizer):
