@@ -18,7 +18,9 @@ class DiffusionFamily:
     ``batched_inputs`` are the denoiser arguments with a batch dimension, the latent input first
     (dicts of tensors, as SDXL's ``added_cond_kwargs``, are expanded entry by entry).
     ``cfg_calls`` is "batched" when the pipeline runs [uncond, cond] in one forward, "separate"
-    when it calls the denoiser for cond first and then for uncond (Wan). ``block_outputs`` names
+    when it calls the denoiser for cond first and then for uncond (Wan; Flux's true CFG). ``cfg_scale``
+    is the pipeline argument holding w; ``cfg_needs_negative``: CFG runs only with a negative prompt
+    (Flux: ``true_cfg_scale > 1`` and ``negative_prompt`` or ``negative_prompt_embeds``). ``block_outputs`` names
     what a block returns, in order; ``text_first`` says joint sequences put text before image.
     """
 
@@ -29,6 +31,8 @@ class DiffusionFamily:
     self_attention: str
     batched_inputs: tuple[str, ...]
     cfg_calls: str = "batched"
+    cfg_scale: str = "guidance_scale"
+    cfg_needs_negative: bool = False
     block_outputs: tuple[str, ...] = ("hidden_states",)
     text_first: bool = False
 
@@ -67,6 +71,7 @@ DIFFUSION_FAMILIES = (
                     block_outputs=("encoder_hidden_states", "hidden_states")),
     DiffusionFamily("flux", "FluxTransformer2DModel", "transformer", ("FluxTransformerBlock", "FluxSingleTransformerBlock"), "attn",
                     ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance"),
+                    cfg_calls="separate", cfg_scale="true_cfg_scale", cfg_needs_negative=True,
                     block_outputs=("encoder_hidden_states", "hidden_states"), text_first=True),
     DiffusionFamily("wan", "WanTransformer3DModel", "transformer", ("WanTransformerBlock",), "attn1",
                     ("hidden_states", "encoder_hidden_states", "timestep", "encoder_hidden_states_image"), cfg_calls="separate"),

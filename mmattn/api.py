@@ -5,13 +5,16 @@
     # processors and forwards are the original objects again: outputs are bit-identical
 
 Each method config type has an installer (registered by its processor module) that validates
-everything first, then changes the model and returns the function that undoes its changes. If any
-method fails, the ones installed before it are undone: nothing is left half-applied.
+everything first, then changes the model and returns the function that undoes its changes. An
+installer registers each change's undo in a ``Changes`` as soon as the change is made (``installing()``),
+so an exception or Ctrl-C at any step undoes exactly what was done; if any method fails, the ones
+installed before it are undone too: nothing is left half-applied.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from ._compat import check_versions
@@ -28,6 +31,33 @@ def register_installer(config_type: type):
         return installer
 
     return decorator
+
+
+class Changes:
+    """The undo functions of the changes an installer has made so far; ``undo()`` runs them newest first."""
+
+    def __init__(self) -> None:
+        self._undo: list[Callable[[], None]] = []
+
+    def add(self, undo: Callable[[], None]) -> None:
+        """Register the undo of a change just made (call it right after the change, before the next one)."""
+        self._undo.append(undo)
+
+    def undo(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+
+@contextmanager
+def installing() -> Iterator[Changes]:
+    """``with installing() as changes: ...; return changes.undo``: on any exception (Ctrl-C included) inside
+    the block, the changes registered so far are undone before it propagates."""
+    changes = Changes()
+    try:
+        yield changes
+    except BaseException:
+        changes.undo()
+        raise
 
 
 class Handle:

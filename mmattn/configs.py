@@ -7,14 +7,40 @@ hooks on a model. Errors name the field, the value and the valid range.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+import numbers
+from dataclasses import asdict, dataclass, fields
 
 from .heads import parse_heads
 
 
+class ConfigTypeError(TypeError, ValueError):
+    """A config field of the wrong type (a string or a bool for a number). Also a ValueError, so code that catches
+    invalid settings as ValueError catches it too."""
+
+
+def _number(name: str, value) -> None:
+    """Python and NumPy ints and floats are numbers; bools and strings are not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        kind = "a bool" if isinstance(value, bool) else type(value).__name__
+        raise ConfigTypeError(f"{name}={value!r}: expected a number, got {kind}")
+
+
 def _check_range(name: str, value: float, lo: float, hi: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
+    _number(name, value)
+    if not lo <= value <= hi:
         raise ValueError(f"{name}={value!r} is out of range: expected a number in [{lo}, {hi}]")
+
+
+def _plain_numbers(config) -> None:
+    """Store NumPy scalars as Python ints and floats (JSON-ready, equal hashes)."""
+    for field in fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, bool) or type(value) in (int, float):
+            continue
+        if isinstance(value, numbers.Integral):
+            object.__setattr__(config, field.name, int(value))
+        elif isinstance(value, numbers.Real):
+            object.__setattr__(config, field.name, float(value))
 
 
 def _check_window(start: float, stop: float) -> None:
@@ -60,6 +86,7 @@ class SoftPAG(_Method):
     name = "softpag"
 
     def __post_init__(self) -> None:
+        _plain_numbers(self)
         parse_heads(self.heads)
         _check_range("strength", self.strength, 0.0, 1.0)
         _check_range("scale", self.scale, 0.0, 100.0)
@@ -107,8 +134,10 @@ class SEG(_Method):
     name = "seg"
 
     def __post_init__(self) -> None:
+        _plain_numbers(self)
         parse_heads(self.heads)
-        if not isinstance(self.sigma, (int, float)) or not self.sigma > 0:
+        _number("sigma", self.sigma)
+        if not self.sigma > 0:
             raise ValueError(f"sigma={self.sigma!r} is out of range: expected a number > 0 (inf: mean query)")
         _check_range("scale", self.scale, 0.0, 100.0)
         _check_window(self.start, self.stop)
@@ -131,7 +160,8 @@ class SLG(_Method):
     name = "slg"
 
     def __post_init__(self) -> None:
-        parse_heads(self.layers)
+        _plain_numbers(self)
+        parse_heads(self.layers, field="layers")
         _check_range("scale", self.scale, 0.0, 100.0)
         _check_window(self.start, self.stop)
 
@@ -156,7 +186,8 @@ class STG(_Method):
     name = "stg"
 
     def __post_init__(self) -> None:
-        parse_heads(self.layers)
+        _plain_numbers(self)
+        parse_heads(self.layers, field="layers")
         if self.mode not in ("attention", "residual"):
             raise ValueError(f"mode={self.mode!r}: expected 'attention' or 'residual'")
         _check_range("scale", self.scale, 0.0, 100.0)
@@ -165,17 +196,22 @@ class STG(_Method):
 
 
 def _check_layer(name: str, layer, lowest: int, meaning: str) -> None:
-    if not isinstance(layer, int) or isinstance(layer, bool) or layer < lowest:
+    if isinstance(layer, bool) or isinstance(layer, str):
+        raise ConfigTypeError(f"{name}={layer!r}: expected an int >= {lowest} ({meaning})")
+    if not isinstance(layer, numbers.Integral) or layer < lowest:
         raise ValueError(f"{name}={layer!r} is out of range: expected an int >= {lowest} ({meaning})")
 
 
 def _check_keep(name: str, keep) -> None:
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise ValueError(f"{name}={keep!r}: expected a fraction (float in [0, 1]) or a count (int >= 0)")
-    if isinstance(keep, float):
+    """``keep`` is a fraction of the image tokens (a float in [0, 1]: 1.0 keeps all) or a count (an int: 1 keeps one)."""
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
+        raise ConfigTypeError(f"{name}={keep!r}: expected a fraction (float in [0, 1]: 1.0 keeps all) or a count "
+                              f"(int >= 0: 1 keeps one token), got {type(keep).__name__}")
+    if not isinstance(keep, numbers.Integral):
         _check_range(name, keep, 0.0, 1.0)
     elif keep < 0:
-        raise ValueError(f"{name}={keep!r} is out of range: expected a count >= 0")
+        raise ValueError(f"{name}={keep!r} is out of range: expected a count >= 0 (an int counts tokens; a float in "
+                         "[0, 1] is a fraction)")
 
 
 @dataclass(frozen=True)
@@ -186,6 +222,7 @@ class _ScoredAtLayer(_Method):
     keep: float | int = 0.5
 
     def __post_init__(self) -> None:
+        _plain_numbers(self)
         _check_layer("layer", self.layer, 1, "the first pruned layer")
         _check_keep("keep", self.keep)
 
@@ -237,6 +274,7 @@ class DivPrune(_Method):
     name = "divprune"
 
     def __post_init__(self) -> None:
+        _plain_numbers(self)
         _check_keep("keep", self.keep)
         _check_layer("layer", self.layer, 0, "the first pruned layer; 0 prunes before the LLM")
 
@@ -261,6 +299,7 @@ class VisionZip(_Method):
     layer = 0  # the first pruned decoder layer: before the LLM
 
     def __post_init__(self) -> None:
+        _plain_numbers(self)
         _check_keep("keep", self.keep)
         if not isinstance(self.contextual, int) or isinstance(self.contextual, bool) or self.contextual < 0:
             raise ValueError(f"contextual={self.contextual!r} is out of range: expected an int >= 0 (context tokens "
@@ -291,7 +330,8 @@ class PyramidDrop(_Method):
         for i, stage in enumerate(stages):
             if isinstance(stage, (str, bytes)) or not isinstance(stage, (list, tuple)) or len(stage) != 2:
                 raise ValueError(f"stages[{i}]={stage!r}: expected a (layer, keep) pair")
-            layer, keep = stage
+            layer, keep = (int(x) if isinstance(x, numbers.Integral) and not isinstance(x, bool)
+                           else float(x) if isinstance(x, numbers.Real) and not isinstance(x, bool) else x for x in stage)
             _check_layer(f"stages[{i}] layer", layer, 1, "the first layer pruned by this stage")
             _check_keep(f"stages[{i}] keep", keep)
             if normalised:

@@ -11,6 +11,13 @@ yields
 and, without CFG (e.g. guidance-distilled Flux), ε = ε_c + Σ_k s_k·(ε_c − ε_k). Pipelines that call
 the denoiser separately for cond and uncond (Wan) get the branches batched into the cond call.
 An optional rescale r (STG, arXiv 2411.18664) replaces ε by ε·(r·std(ε_c)/std(ε) + 1 − r).
+
+Whether a denoiser call carries CFG is decided from what the pipeline does in that call, not from an
+attribute some pipelines lack (PixArt has no ``do_classifier_free_guidance``): while a method is
+applied, the pipeline's ``__call__`` records its own arguments (prompt rows, the CFG scale the family
+reads, negative prompts) and resets the per-call bookkeeping. A batched-CFG family guides when the
+latent batch is twice the prompt rows; a separate-call family (Wan; Flux with ``true_cfg_scale``)
+perturbs the first call of each step (cond) and passes the second (uncond / negative) through.
 """
 
 from __future__ import annotations
@@ -31,6 +38,16 @@ class Branch:
     stop: float
     rescale: float = 0.0
     rows: slice | None = None
+
+
+@dataclass
+class PipelineCall:
+    """What the running pipeline call asked for: ``rows`` prompt rows (prompts x images per prompt), the CFG
+    ``scale`` w the family reads, and ``cfg``: whether a separate-call family runs an uncond call each step."""
+
+    rows: int | None
+    scale: float
+    cfg: bool
 
 
 @dataclass
@@ -77,8 +94,8 @@ class GuidedDenoiser:
     through ``__wrapped__``): diffusers code that filters keyword arguments by the forward's signature
     passes the same arguments as without it.
 
-    ``attach`` returns the pipeline's wrapper (creating it on first use); ``detach`` removes a
-    branch and, with the last one, restores the original forward exactly.
+    ``attach`` returns the pipeline's wrapper (creating it on first use); once its last branch is removed,
+    ``release`` restores the original forward and pipeline class exactly.
     """
 
     def __init__(self, pipe, denoiser: torch.nn.Module, family):
@@ -87,8 +104,11 @@ class GuidedDenoiser:
         self._forward = denoiser.forward
         self._signature = inspect.signature(self._forward)
         self._step, self._calls_in_step = None, 0
+        self.call: PipelineCall | None = None  # set while the pipeline's __call__ runs
         functools.update_wrapper(self, self._forward)
         denoiser.forward = self
+        self._pipe_class = type(pipe)
+        pipe.__class__ = _recording_class(type(pipe))
 
     @classmethod
     def attach(cls, pipe, family) -> GuidedDenoiser:
@@ -101,24 +121,43 @@ class GuidedDenoiser:
             raise ValueError("only one applied method may set rescale; remove() the other first")
         self.info.branches.append(branch)
 
-    def detach(self, branch: Branch) -> None:
-        self.info.branches.remove(branch)
-        self.release()
-
     def release(self) -> None:
-        """With no branch left, put the original forward back."""
+        """With no branch left, put the original forward and pipeline class back."""
         if not self.info.branches and self.denoiser.__dict__.get("forward") is self:
             del self.denoiser.forward
+            if type(self.pipe) is _RECORDING.get(self._pipe_class):
+                self.pipe.__class__ = self._pipe_class
 
-    def _cfg(self) -> bool:
-        return bool(getattr(self.pipe, "do_classifier_free_guidance", False))
+    def begin_call(self, arguments: dict) -> None:
+        """The pipeline's ``__call__`` starts with ``arguments`` (its bound arguments, defaults applied)."""
+        self._step, self._calls_in_step = None, 0
+        prompt, embeds = arguments.get("prompt"), arguments.get("prompt_embeds")
+        per_prompt = arguments.get("num_images_per_prompt") or arguments.get("num_videos_per_prompt") or 1
+        rows = embeds.shape[0] if isinstance(embeds, torch.Tensor) else (
+            1 if isinstance(prompt, str) else len(prompt) if isinstance(prompt, (list, tuple)) else None)
+        scale = float(arguments.get(self.family.cfg_scale, 1.0) or 1.0)
+        negative = not self.family.cfg_needs_negative or any(
+            arguments.get(name) is not None for name in ("negative_prompt", "negative_prompt_embeds"))
+        self.call = PipelineCall(None if rows is None else rows * per_prompt, scale, scale > 1 and negative)
 
-    def _active(self, inputs) -> list[Branch]:
+    def _cfg(self, n: int) -> tuple[bool, float]:
+        """(this denoiser call's batch of ``n`` rows carries CFG / its pipeline runs an uncond call, w)."""
+        call = self.call
+        if call is None:  # the denoiser called outside a pipeline call: the pipeline's own attributes
+            cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
+            return cfg, (float(self.pipe.guidance_scale) if cfg else 1.0)
+        if self.family.cfg_calls == "batched":
+            cfg = call.scale > 1 and (n == 2 * call.rows if call.rows else n % 2 == 0)
+        else:
+            cfg = call.cfg
+        return cfg, (call.scale if cfg else 1.0)
+
+    def _active(self, inputs, cfg: bool) -> list[Branch]:
         """Branches inside their [start, stop); none on the uncond call of separate-CFG pipelines."""
         index, total = step_index(self.pipe.scheduler, inputs.get("timestep", 0))
         self._calls_in_step = self._calls_in_step + 1 if (index, total) == self._step else 0
         self._step = (index, total)
-        if self.family.cfg_calls == "separate" and self._cfg() and self._calls_in_step % 2 == 1:
+        if self.family.cfg_calls == "separate" and cfg and self._calls_in_step % 2 == 1:
             return []
         if inputs.get("skip_layers") is not None:
             return []
@@ -134,15 +173,16 @@ class GuidedDenoiser:
     def __call__(self, *args, **kwargs):
         bound = self._signature.bind(*args, **kwargs)
         inputs = bound.arguments
-        active = self._active(inputs)
+        n = inputs[self.family.batched_inputs[0]].shape[0]
+        cfg, w = self._cfg(n)
+        active = self._active(inputs, cfg)
         if not active:
             return self._forward(*args, **kwargs)
-        batched_cfg = self._cfg() and self.family.cfg_calls == "batched"
-        if self._cfg() and not batched_cfg and any(branch.rescale for branch in active):
+        batched_cfg = cfg and self.family.cfg_calls == "batched"
+        if cfg and not batched_cfg and any(branch.rescale for branch in active):
             raise ValueError(f"rescale needs the uncond prediction, which {type(self.pipe).__name__} computes in a "
                              "separate call: use rescale=0 or guidance_scale <= 1")
         self._describe_call(inputs)
-        n = inputs[self.family.batched_inputs[0]].shape[0]
         b = n // 2 if batched_cfg else n
         for name in self.family.batched_inputs:
             if name in inputs:
@@ -159,7 +199,6 @@ class GuidedDenoiser:
         cond = main[n - b:]
         delta = sum(branch.scale * (cond - sample[n + i * b: n + (i + 1) * b]) for i, branch in enumerate(active))
         rescale = max(branch.rescale for branch in active)
-        w = self.pipe.guidance_scale if self._cfg() else 1.0
         if not rescale:
             new_cond = cond + delta / w
         elif batched_cfg:  # rescale the final ε, then hand back the cond that makes the pipeline produce it
@@ -173,3 +212,41 @@ class GuidedDenoiser:
             return (main, *output[1:])
         output.sample = main
         return output
+
+
+_RECORDING: dict[type, type] = {}  # pipeline class -> its subclass whose __call__ records the call
+
+
+def _recording_class(cls: type) -> type:
+    """A subclass of pipeline class ``cls`` (same name, same signature) whose ``__call__`` tells the pipeline's
+    GuidedDenoiser what the call asked for before running the original. Dunder calls are looked up on the type,
+    so the pipeline's class is swapped while a method is applied (``release`` swaps it back)."""
+    if cls in _RECORDING.values():
+        return cls
+    if cls not in _RECORDING:
+        original = cls.__call__
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def __call__(self, *args, **kwargs):
+            guided = _guided_of(self)
+            if guided is None:
+                return original(self, *args, **kwargs)
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            guided.begin_call(bound.arguments)
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                guided.call = None
+
+        _RECORDING[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                                       "__qualname__": cls.__qualname__})
+    return _RECORDING[cls]
+
+
+def _guided_of(pipe) -> GuidedDenoiser | None:
+    from .adapters import diffusion_family
+
+    forward = diffusion_family(pipe).denoiser(pipe).__dict__.get("forward")
+    return forward if isinstance(forward, GuidedDenoiser) else None

@@ -45,18 +45,25 @@ def _parse_heads(text: str, entry: str) -> tuple[int, ...] | None:
     return tuple(sorted(set(heads)))
 
 
-def parse_heads(spec: str) -> list[HeadEntry]:
-    """Parse a selection string into entries, expanding layer ranges; no model needed."""
+def parse_heads(spec: str, field: str = "heads") -> list[HeadEntry]:
+    """Parse a selection string into entries, expanding layer ranges; no model needed. ``field`` names the
+    config field in errors."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"heads={spec!r}: expected a selection such as 'transformer_blocks.2:0,3'")
+        raise ValueError(f"{field}={spec!r}: expected a selection such as 'transformer_blocks.2:0,3'")
     entries: list[HeadEntry] = []
-    for raw in spec.split(";"):
+    for i, raw in enumerate(spec.split(";")):
         raw = raw.strip()
         if not raw:
-            continue
-        layer, _, heads_text = raw.partition(":")
+            raise ValueError(f"{field}={spec!r}: entry {i + 1} is empty; expected entries such as "
+                             "'transformer_blocks.2:0,3' separated by ';'")
+        layer, colon, heads_text = raw.partition(":")
         layer = layer.strip()
-        heads = _parse_heads(heads_text, raw) if heads_text else None
+        if not layer:
+            raise ValueError(f"heads entry {raw!r} names no layer; expected 'layer' or 'layer:heads'")
+        if colon and not heads_text.strip():
+            raise ValueError(f"heads entry {raw!r} has an empty heads part; write '{layer}:*' for every head "
+                             f"or '{layer}' alone")
+        heads = _parse_heads(heads_text, raw) if colon else None
         match = _RANGE.match(layer)
         if match:
             lo, hi = int(match["lo"]), int(match["hi"])
@@ -68,7 +75,7 @@ def parse_heads(spec: str) -> list[HeadEntry]:
     return entries
 
 
-def resolve_heads(spec: str, attention_layers: dict[str, int]) -> dict[str, tuple[int, ...]]:
+def resolve_heads(spec: str, attention_layers: dict[str, int], field: str = "heads") -> dict[str, tuple[int, ...]]:
     """Map a selection onto a model's attention layers.
 
     ``attention_layers`` maps every selectable layer name (as the user writes it) to its head count.
@@ -76,14 +83,14 @@ def resolve_heads(spec: str, attention_layers: dict[str, int]) -> dict[str, tupl
     layers and out-of-range heads raise ``ValueError`` listing what is valid.
     """
     selected: dict[str, set[int]] = {}
-    for entry in parse_heads(spec):
+    for entry in parse_heads(spec, field):
         if entry.layer not in attention_layers:
-            raise ValueError(f"heads: no attention layer named {entry.layer!r}; valid layers: {_describe(attention_layers)}")
+            raise ValueError(f"{field}: no attention layer named {entry.layer!r}; valid layers: {_describe(attention_layers)}")
         n = attention_layers[entry.layer]
         heads = range(n) if entry.heads is None else entry.heads
         bad = [h for h in heads if h >= n]
         if bad:
-            raise ValueError(f"heads: layer {entry.layer!r} has heads 0-{n - 1}; got {bad}")
+            raise ValueError(f"{field}: layer {entry.layer!r} has heads 0-{n - 1}; got {bad}")
         selected.setdefault(entry.layer, set()).update(heads)
     return {layer: tuple(sorted(h)) for layer, h in selected.items()}
 

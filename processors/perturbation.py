@@ -11,6 +11,7 @@ originals call ``dispatch_attention_fn`` (Flux, Wan) keep doing so, with the use
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -18,9 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mmattn._compat import apply_rotary_emb, dispatch_attention_fn
+from mmattn._compat import MIRRORED_PROCESSORS, apply_rotary_emb, dispatch_attention_fn
 from mmattn.adapters import diffusion_family
-from mmattn.api import register_installer
+from mmattn.api import installing, register_installer
 from mmattn.configs import PAG, SEG, SLG, STG, SoftPAG
 from mmattn.guidance import Branch, CallInfo, GuidedDenoiser
 from mmattn.heads import resolve_heads
@@ -101,9 +102,6 @@ class _PerturbedProcessor:
 
     def __init__(self, original, info: CallInfo):
         self.original, self.info, self.ops = original, info, []
-        # dispatch-based families: keep the attention backend the user chose on the original
-        self._attention_backend = getattr(original, "_attention_backend", None)
-        self._parallel_config = getattr(original, "_parallel_config", None)
 
     def _active(self, kind: str):
         return [op for op in self.ops if op.kind == kind and op.branch.rows is not None]
@@ -216,7 +214,28 @@ class PerturbedJointAttnProcessor(_PerturbedProcessor):
         return (out, ctx) if encoder_hidden_states is not None else out
 
 
-class PerturbedFluxAttnProcessor(_PerturbedProcessor):
+class _DispatchBackend:
+    """Flux / Wan: the attention backend and parallel config live on the original processor, read at call time, so
+    a ``set_attention_backend(...)`` made while a method is applied reaches it and survives ``remove()``."""
+
+    @property
+    def _attention_backend(self):
+        return getattr(self.original, "_attention_backend", None)
+
+    @_attention_backend.setter
+    def _attention_backend(self, value) -> None:
+        self.original._attention_backend = value
+
+    @property
+    def _parallel_config(self):
+        return getattr(self.original, "_parallel_config", None)
+
+    @_parallel_config.setter
+    def _parallel_config(self, value) -> None:
+        self.original._parallel_config = value
+
+
+class PerturbedFluxAttnProcessor(_DispatchBackend, _PerturbedProcessor):
     """diffusers' ``FluxAttnProcessor`` ([text, image] double-stream, pre-concatenated single-stream) plus perturbation ops."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
@@ -253,7 +272,7 @@ class PerturbedFluxAttnProcessor(_PerturbedProcessor):
         return out, attn.to_add_out(ctx.contiguous())
 
 
-class PerturbedWanAttnProcessor(_PerturbedProcessor):
+class PerturbedWanAttnProcessor(_DispatchBackend, _PerturbedProcessor):
     """diffusers' ``WanAttnProcessor`` self-attention (``attn1``, 3D RoPE) plus perturbation ops."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
@@ -333,45 +352,55 @@ def _skip_block_hook(family, branch: Branch):
     return hook
 
 
-def install_perturbation(pipe, spec: str, branch: Branch, make_op=None, skip_blocks: bool = False):
+def install_perturbation(pipe, spec: str, branch: Branch, make_op=None, skip_blocks: bool = False,
+                         field: str = "heads"):
     """Validate, then add one guidance branch: head ops on the selected layers and/or block skips.
 
-    ``make_op(branch, heads) -> HeadOp`` builds the op for one layer's selected heads. Returns undo.
+    ``make_op(branch, heads) -> HeadOp`` builds the op for one layer's selected heads. A selected layer whose
+    processor is not the diffusers processor ours mirrors (a user's own, an IP-Adapter's) is refused: its
+    unperturbed rows could not go through it unchanged. Each change's undo is registered as it is made, so
+    a failure at any step leaves the pipeline as it was. Returns undo.
     """
     family = diffusion_family(pipe)
     denoiser = family.denoiser(pipe)
     attention = family.attention_layers(denoiser)
-    selection = resolve_heads(spec, {name: attn.heads for name, attn in attention.items()})
-    guided = GuidedDenoiser.attach(pipe, family)
-    try:
+    selection = resolve_heads(spec, {name: attn.heads for name, attn in attention.items()}, field)
+    if not selection:
+        raise ValueError(f"{field}={spec!r} selects no layer")
+    if make_op is not None:
+        mirrored = MIRRORED_PROCESSORS[family.name][1]
+        for name in selection:
+            processor = attention[name].processor
+            if not isinstance(processor, _PerturbedProcessor) and type(processor).__name__ != mirrored:
+                raise ValueError(f"{name} uses {type(processor).__name__}, which mmattn cannot perturb without "
+                                 f"bypassing it (it mirrors diffusers' {mirrored}); select other layers or set "
+                                 f"that layer's processor back to {mirrored}")
+    with installing() as changes:
+        guided = GuidedDenoiser.attach(pipe, family)
+        changes.add(guided.release)
         guided.add_branch(branch)
-    except ValueError:
-        guided.release()
-        raise
+        changes.add(lambda: guided.info.branches.remove(branch))
+        blocks = family.blocks(denoiser)
+        for name, heads in selection.items():
+            if make_op is not None:
+                attn = attention[name]
+                if not isinstance(attn.processor, _PerturbedProcessor):
+                    original = attn.processor
+                    attn.set_processor(PROCESSORS[family.name](original, guided.info))
+                    changes.add(functools.partial(_restore_processor, attn, original))
+                op = make_op(branch, torch.tensor(heads, dtype=torch.long))
+                attn.processor.ops.append(op)
+                changes.add(functools.partial(attn.processor.ops.remove, op))
+            if skip_blocks:
+                hook = blocks[name].register_forward_hook(_skip_block_hook(family, branch), with_kwargs=True)
+                changes.add(hook.remove)
+    return changes.undo
 
-    installed, hooks = [], []
-    for name, heads in selection.items():
-        if make_op is not None:
-            attn = attention[name]
-            if not isinstance(attn.processor, _PerturbedProcessor):
-                attn.set_processor(PROCESSORS[family.name](attn.processor, guided.info))
-            op = make_op(branch, torch.tensor(heads, dtype=torch.long))
-            attn.processor.ops.append(op)
-            installed.append((attn, op))
-        if skip_blocks:
-            block = family.blocks(denoiser)[name]
-            hooks.append(block.register_forward_hook(_skip_block_hook(family, branch), with_kwargs=True))
 
-    def undo() -> None:
-        for hook in hooks:
-            hook.remove()
-        for attn, op in installed:
-            attn.processor.ops.remove(op)
-            if not attn.processor.ops:
-                attn.set_processor(attn.processor.original)
-        guided.detach(branch)
-
-    return undo
+def _restore_processor(attn, original) -> None:
+    """Put the original processor back once no op is left on the layer."""
+    if not attn.processor.ops:
+        attn.set_processor(original)
 
 
 @register_installer(PAG)
@@ -392,12 +421,14 @@ def install_seg(pipe, config: SEG):
 
 @register_installer(SLG)
 def install_slg(pipe, config: SLG):
-    return install_perturbation(pipe, config.layers, Branch(config.scale, config.start, config.stop), skip_blocks=True)
+    return install_perturbation(pipe, config.layers, Branch(config.scale, config.start, config.stop), skip_blocks=True,
+                                field="layers")
 
 
 @register_installer(STG)
 def install_stg(pipe, config: STG):
     branch = Branch(config.scale, config.start, config.stop, config.rescale)
     if config.mode == "residual":
-        return install_perturbation(pipe, config.layers, branch, skip_blocks=True)
-    return install_perturbation(pipe, config.layers, branch, lambda b, heads: HeadOp(b, heads, "blend", 1.0, "identity"))
+        return install_perturbation(pipe, config.layers, branch, skip_blocks=True, field="layers")
+    return install_perturbation(pipe, config.layers, branch, lambda b, heads: HeadOp(b, heads, "blend", 1.0, "identity"),
+                                field="layers")

@@ -42,6 +42,7 @@ from __future__ import annotations
 import functools
 import inspect
 import time
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -63,7 +64,7 @@ from mmattn._compat import (
     sdpa_mask,
     stored_keys,
 )
-from mmattn.api import register_installer
+from mmattn.api import installing, register_installer
 from mmattn.configs import DivPrune, FastV, PyramidDrop, SparseVLM, VisionZip
 from mmattn.kernels import BlockMask
 
@@ -342,7 +343,11 @@ class _PruneState:
 
     def budget(self, stage: int, n_current: int) -> int:
         keep = self.stages[stage][1]
-        return min(keep if isinstance(keep, int) else round(keep * self.n_image), n_current)
+        budget = keep if isinstance(keep, int) else round(keep * self.n_image)
+        if budget == 0 and keep != 0:
+            warnings.warn(f"{self.config.name}: keep={keep} (a fraction) of {self.n_image} image tokens rounds to 0: no "
+                          "image token is kept; pass an int to keep a count of tokens", stacklevel=2)
+        return min(budget, n_current)
 
     def choose(self, stage: int, positions: torch.Tensor, image_mask: torch.Tensor, scores: torch.Tensor,
                chosen: torch.Tensor | None = None) -> None:
@@ -503,9 +508,46 @@ def _padding_mask(mask) -> torch.Tensor | None:
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-        raise ValueError("Pruning needs a 2D attention_mask (batch, sequence) or none; got a prepared "
-                         f"{type(mask).__name__} {getattr(mask, 'shape', '')}")
+        raise ValueError(_MASK_ERROR.format(kind=type(mask).__name__, shape=tuple(getattr(mask, "shape", ()))))
     return mask
+
+
+_MASK_ERROR = ("pruning takes a 2D attention_mask (batch, sequence: 1 = token, 0 = padding) or none; got a {kind} of "
+               "shape {shape}. Custom 4D masks are not supported: pass the processor's 2D padding mask")
+_DYNAMIC = (None, "dynamic")  # cache implementations pruning supports: each layer's cache grows as it is filled
+
+
+def _refuse_unsupported_generation(method: str, model, kwargs: dict) -> None:
+    """Before generate() does any work: refuse what pruning's per-layer caches cannot follow."""
+    config = kwargs.get("generation_config") or model.generation_config
+    lookup = kwargs.get("prompt_lookup_num_tokens", getattr(config, "prompt_lookup_num_tokens", None))
+    if lookup or kwargs.get("assistant_model") is not None or kwargs.get("assistant_early_exit") is not None:
+        raise ValueError(f"{method} does not support assisted decoding (prompt_lookup_num_tokens, assistant_model): "
+                         "it crops the cache after rejected candidates, and pruned layers cache fewer tokens. "
+                         "Generate without it, or remove() the method first")
+    implementation = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
+    cache = cache_argument(kwargs)
+    if implementation not in _DYNAMIC or (cache is not None and type(cache).__name__ != "DynamicCache"):
+        used = implementation if implementation not in _DYNAMIC else type(cache).__name__
+        raise ValueError(f"{method} supports the default dynamic cache only; got {used!r} (pruned layers cache "
+                         "fewer tokens than the others, which a preallocated cache cannot hold)")
+    mask = kwargs.get(ATTENTION_MASK)
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
+        raise ValueError(f"{method}: " + _MASK_ERROR.format(kind=type(mask).__name__,
+                                                            shape=tuple(getattr(mask, "shape", ()))))
+
+
+def _guard_generate(model, method: str):
+    """Wrap ``model.generate`` (signature kept) to refuse unsupported generation settings up front; returns undo."""
+    original = model.generate
+
+    @functools.wraps(original)
+    def generate(*args, **kwargs):
+        _refuse_unsupported_generation(method, model, kwargs)
+        return original(*args, **kwargs)
+
+    model.generate = generate
+    return lambda: delattr(model, "generate")
 
 
 def _attention(module, query, key, value, attention_mask, **kwargs):
@@ -569,43 +611,41 @@ def _install(model, config, stages: list[tuple[int, float | int, str]], method: 
             raise ValueError(f"{method} runs on the vision tower's 'sdpa' attention; {name} uses "
                              f"{model.config.vision_config._attn_implementation!r}")
 
-    AttentionInterface.register(IMPLEMENTATION, _attention)
+    AttentionInterface.register(IMPLEMENTATION, _attention)  # process-wide names: registering twice is harmless
     AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
     visual_ids = [model.config.image_token_id]
     if not vision and getattr(model.config, "video_token_id", None) is not None:  # LLaVA-OneVision, Qwen2-VL
         visual_ids.append(model.config.video_token_id)
     state = _PruneState(config, stages, model, len(layers), visual_ids)
-    model.set_attn_implementation({"text_config": IMPLEMENTATION})
-    if vision:
-        AttentionInterface.register(VISION_IMPLEMENTATION, _vision_attention)
-        AttentionMaskInterface.register(VISION_IMPLEMENTATION, sdpa_mask)
-        model.set_attn_implementation({"vision_config": VISION_IMPLEMENTATION})
-        _VISION_SCORING[vision_module], state.to_features = (state, mode), to_features
-        unwrap = state.wrap_image_features(core)
-    scoring = {stage: layers[layer - 1].self_attn for stage, (layer, _, scorer) in enumerate(stages)
-               if scorer in ATTENTION_SCORERS}
-    for stage, module in scoring.items():
-        _SCORING_LAYERS[module], _SCORING_STAGE[module] = state, stage
-    hooks = [core.register_forward_pre_hook(state.begin, with_kwargs=True),
-             core.register_forward_hook(state.finish, with_kwargs=True)]
-    starts = [layer for layer, _, _ in stages]
-    for i in range(starts[0], len(layers)):
-        stage = max(j for j, start in enumerate(starts) if start <= i)
-        hooks.append(layers[i].register_forward_pre_hook(state.layer_hook(layers[i], stage, i == starts[stage]),
-                                                         with_kwargs=True))
-
-    def undo() -> None:
-        for hook in hooks:
-            hook.remove()
-        for module in scoring.values():
-            del _SCORING_LAYERS[module], _SCORING_STAGE[module]
+    with installing() as changes:  # each change's undo registered as it is made
+        model.set_attn_implementation({"text_config": IMPLEMENTATION})
+        changes.add(lambda: model.set_attn_implementation({"text_config": original}))
         if vision:
-            unwrap()
-            del _VISION_SCORING[vision_module]
-            model.set_attn_implementation({"vision_config": "sdpa"})
-        model.set_attn_implementation({"text_config": original})
+            AttentionInterface.register(VISION_IMPLEMENTATION, _vision_attention)
+            AttentionMaskInterface.register(VISION_IMPLEMENTATION, sdpa_mask)
+            model.set_attn_implementation({"vision_config": VISION_IMPLEMENTATION})
+            changes.add(lambda: model.set_attn_implementation({"vision_config": "sdpa"}))
+            _VISION_SCORING[vision_module], state.to_features = (state, mode), to_features
+            changes.add(functools.partial(_VISION_SCORING.pop, vision_module))
+            changes.add(state.wrap_image_features(core))
+        for stage, (layer, _, scorer) in enumerate(stages):
+            if scorer in ATTENTION_SCORERS:
+                module = layers[layer - 1].self_attn
+                _SCORING_LAYERS[module], _SCORING_STAGE[module] = state, stage
+                changes.add(functools.partial(_forget_scoring_layer, module))
+        changes.add(_guard_generate(model, method))
+        changes.add(core.register_forward_pre_hook(state.begin, with_kwargs=True).remove)
+        changes.add(core.register_forward_hook(state.finish, with_kwargs=True).remove)
+        starts = [layer for layer, _, _ in stages]
+        for i in range(starts[0], len(layers)):
+            stage = max(j for j, start in enumerate(starts) if start <= i)
+            hook = state.layer_hook(layers[i], stage, i == starts[stage])
+            changes.add(layers[i].register_forward_pre_hook(hook, with_kwargs=True).remove)
+    return changes.undo
 
-    return undo
+
+def _forget_scoring_layer(module) -> None:
+    del _SCORING_LAYERS[module], _SCORING_STAGE[module]
 
 
 # VisionZip: scores from the vision tower. The vision sub-config's attention becomes VISION_IMPLEMENTATION (SDPA

@@ -1,0 +1,180 @@
+"""The guided ε a pipeline hands its scheduler equals the README's formula on every family, from independent
+forwards of the untouched denoiser: with CFG batched (SD, SDXL, SD3, PixArt), without CFG, and with separate
+cond / uncond calls (Wan; Flux's true CFG)."""
+
+import pytest
+import torch
+
+import mmattn
+from mmattn import SLG, SoftPAG
+from mmattn.adapters import diffusion_family
+from mmattn.testing import build_tiny, tiny_spec
+
+_PIPES = {}
+
+
+def pipe_for(name):
+    if name not in _PIPES:
+        _PIPES[name] = build_tiny(name)
+    return _PIPES[name]
+
+
+def first_step(pipe, name, prompt, **call):
+    """(the ε the pipeline passes to its scheduler at step 0, [(args, kwargs, output) of each denoiser call in
+    step 0]) of a one-step run."""
+    denoiser = diffusion_family(pipe).denoiser(pipe)
+    calls, eps = [], []
+    hooks = [denoiser.register_forward_hook(lambda m, a, k, out: calls.append((a, k, out)), with_kwargs=True)]
+    step = pipe.scheduler.step
+
+    def recording_step(model_output, *args, **kwargs):
+        eps.append(model_output.clone())
+        return step(model_output, *args, **kwargs)
+
+    pipe.scheduler.step = recording_step
+    try:
+        kwargs = tiny_spec(name).defaults | {"output_type": "pt", "num_inference_steps": 1} | call
+        pipe(prompt, generator=torch.Generator().manual_seed(0), **kwargs)
+    finally:
+        del pipe.scheduler.step
+        for hook in hooks:
+            hook.remove()
+    return eps[0], calls
+
+
+def sample(output):
+    return output[0] if isinstance(output, tuple) else output.sample
+
+
+def rows_of(x, rows: slice, n: int):
+    if isinstance(x, dict):
+        return {k: rows_of(v, rows, n) for k, v in x.items()}
+    return x[rows] if isinstance(x, torch.Tensor) and x.ndim > 0 and x.shape[0] == n else x
+
+
+CASES = [  # (tiny model, pipeline arguments, CFG weight w or None, the pipeline computes uncond in its own call)
+    ("tiny/sd", {"guidance_scale": 4.0}, 4.0, False),
+    ("tiny/sd", {"guidance_scale": 1.0}, None, False),
+    ("tiny/sdxl", {"guidance_scale": 4.0}, 4.0, False),
+    ("tiny/sd3", {"guidance_scale": 4.0}, 4.0, False),
+    ("tiny/sd3", {"guidance_scale": 1.0}, None, False),
+    ("tiny/pixart", {"guidance_scale": 4.0}, 4.0, False),
+    ("tiny/pixart", {"guidance_scale": 1.0}, None, False),
+    ("tiny/flux", {}, None, False),
+    ("tiny/flux", {"true_cfg_scale": 3.0, "negative_prompt": "blurry"}, 3.0, True),
+    ("tiny/wan", {"guidance_scale": 4.0}, 4.0, True),
+    ("tiny/wan", {"guidance_scale": 1.0}, None, True),
+]
+
+
+@pytest.mark.parametrize("prompts", [1, 2])
+@pytest.mark.parametrize("name, call, w, separate", CASES)
+def test_guided_eps_is_the_formula(name, call, w, separate, prompts):
+    pipe = pipe_for(name)
+    if prompts == 2 and name not in ("tiny/pixart", "tiny/sd3", "tiny/flux"):
+        pytest.skip("two prompts: one family of each CFG pattern")
+    prompt = "a red fox" if prompts == 1 else ["a red fox", "a blue bird"]
+    family = diffusion_family(pipe)
+    layer = list(family.attention_layers(family.denoiser(pipe)))[1]
+    config = SoftPAG(heads=f"{layer}:0", strength=0.7, scale=2.0)
+    _, calls = first_step(pipe, name, prompt, **call)
+    assert len(calls) == (2 if separate and w else 1)
+    args, kwargs, out = calls[0]
+    n = sample(out).shape[0]
+    b = n // 2 if w and not separate else n
+    assert b == prompts
+    if w is None:
+        eps_u = None
+        eps_c = sample(out)
+    elif separate:
+        eps_c, eps_u = sample(out), sample(calls[1][2])
+    else:
+        eps_u, eps_c = sample(out)[:b], sample(out)[b:]
+    cond_args = tuple(rows_of(a, slice(n - b, n), n) for a in args)
+    cond_kwargs = {k: rows_of(v, slice(n - b, n), n) for k, v in kwargs.items()}
+
+    with mmattn.apply(pipe, config):
+        guided = family.denoiser(pipe).forward
+        inner, seen = guided._forward, []
+
+        def spy(*a, **k):
+            out = inner(*a, **k)
+            seen.append(sample(out).shape[0])
+            return out
+
+        guided._forward = spy
+        got, _ = first_step(pipe, name, prompt, **call)
+        guided._forward = inner
+        branch = guided.info.branches[0]
+        branch.rows = slice(0, b)
+        with torch.no_grad():
+            eps_p = sample(guided._forward(*cond_args, **cond_kwargs))
+        branch.rows = None
+    eps_g = eps_c + config.scale * (eps_c - eps_p)
+    want = eps_g if w is None else eps_u + w * (eps_c - eps_u) + config.scale * (eps_c - eps_p)
+    want = want[:, : got.shape[1]]  # PixArt's learned sigma: the scheduler gets the first channels
+    assert not torch.allclose(eps_p, eps_c, atol=1e-4), "the perturbation changes the conditional prediction"
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # the inner forward saw one perturbed copy of the conditional rows, and none on an uncond call
+    assert seen == [n + b] + ([b] if separate and w else [])
+
+
+def test_wan_bookkeeping_resets_after_a_failed_call():
+    """A fault inside the first (cond) call must not shift cond/uncond for the next pipeline call."""
+    pipe = pipe_for("tiny/wan")
+    with mmattn.apply(pipe, SoftPAG(heads="blocks.1:*", strength=1.0, scale=2.0)):
+        guided = pipe.transformer.forward
+        inner, seen = guided._forward, []
+
+        def failing(*args, **kwargs):
+            raise RuntimeError("fault in the cond call")
+
+        guided._forward = failing
+        with pytest.raises(RuntimeError, match="fault in the cond call"):
+            first_step(pipe, "tiny/wan", "a red fox")
+
+        def spy(*args, **kwargs):
+            out = inner(*args, **kwargs)
+            seen.append(sample(out).shape[0])
+            return out
+
+        guided._forward = spy
+        first_step(pipe, "tiny/wan", "a red fox")
+        guided._forward = inner
+    assert seen == [2, 1]  # cond + perturbed batched, then uncond alone
+
+
+@pytest.mark.parametrize("name", ["tiny/flux", "tiny/wan"])
+def test_backend_set_while_applied_survives_remove(name):
+    pipe = pipe_for(name)
+    denoiser = diffusion_family(pipe).denoiser(pipe)
+    layer = list(diffusion_family(pipe).attention_layers(denoiser))[1]
+    attn = diffusion_family(pipe).attention_layers(denoiser)[layer]
+    try:
+        with mmattn.apply(pipe, SoftPAG(heads=f"{layer}:0", strength=0.5)):
+            denoiser.set_attention_backend("native")
+            assert attn.processor._attention_backend.value == "native"
+        assert attn.processor._attention_backend is not None and attn.processor._attention_backend.value == "native"
+    finally:
+        denoiser.reset_attention_backend()
+    assert attn.processor._attention_backend is None
+
+
+def test_a_users_own_processor_is_refused_not_bypassed():
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    class MyProcessor(JointAttnProcessor2_0):
+        pass
+
+    pipe = build_tiny("tiny/sd3")
+    attn = pipe.transformer.transformer_blocks[1].attn
+    mine = MyProcessor()
+    attn.set_processor(mine)
+    before = dict(pipe.transformer.attn_processors)
+    with pytest.raises(ValueError, match="transformer_blocks.1 uses MyProcessor, which mmattn cannot perturb"):
+        mmattn.apply(pipe, SoftPAG(heads="transformer_blocks.0-1:0"))
+    assert dict(pipe.transformer.attn_processors) == before and attn.processor is mine
+    with mmattn.apply(pipe, SoftPAG(heads="transformer_blocks.2:0")):  # other layers still work
+        assert attn.processor is mine
+    with mmattn.apply(pipe, SLG(layers="transformer_blocks.1", start=0.0, stop=1.0)):  # a block skip keeps it
+        assert attn.processor is mine
