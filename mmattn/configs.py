@@ -50,10 +50,22 @@ def _check_window(start: float, stop: float) -> None:
         raise ValueError(f"stop={stop} is before start={start}: expected start <= stop")
 
 
+_REGISTRY: dict[str, type] = {}  # method name -> config class (see mmattn.methods)
+
+
 class _Method:
-    """Common to method configs: a name and a JSON-ready description."""
+    """Common to method configs: a name, the kind of model it applies to (``applies_to``: "diffusion" or "vlm"), a
+    JSON-ready description. A subclass that sets its own ``name`` registers itself under it."""
 
     name = "method"
+    applies_to = "diffusion"
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            if cls.name in _REGISTRY:
+                raise ValueError(f"method name {cls.name!r} is taken by {_REGISTRY[cls.name].__name__}")
+            _REGISTRY[cls.name] = cls
 
     def to_dict(self) -> dict:
         """Settings for JSON: non-finite numbers (SEG's sigma=inf) are written as strings."""
@@ -218,6 +230,8 @@ def _check_keep(name: str, keep) -> None:
 class _ScoredAtLayer(_Method):
     """Pruning scored by attention in decoder layer ``layer - 1``, keeping ``keep`` image tokens from ``layer`` on."""
 
+    applies_to = "vlm"
+
     layer: int = 2
     keep: float | int = 0.5
 
@@ -272,6 +286,7 @@ class DivPrune(_Method):
     layer: int = 0
 
     name = "divprune"
+    applies_to = "vlm"
 
     def __post_init__(self) -> None:
         _plain_numbers(self)
@@ -296,6 +311,7 @@ class VisionZip(_Method):
     contextual: int = 0
 
     name = "visionzip"
+    applies_to = "vlm"
     layer = 0  # the first pruned decoder layer: before the LLM
 
     def __post_init__(self) -> None:
@@ -321,6 +337,7 @@ class PyramidDrop(_Method):
     stages: tuple = ((2, 0.5), (4, 0.25))
 
     name = "pyramiddrop"
+    applies_to = "vlm"
 
     def __post_init__(self) -> None:
         stages = self.stages

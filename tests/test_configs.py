@@ -117,3 +117,46 @@ def test_a_4d_mask_is_refused_with_what_to_pass():
         with pytest.raises(ValueError, match=r"FastV: pruning takes a 2D attention_mask .* got a Tensor of shape "
                                              r"\(1, 1, \d+, \d+\)\. Custom 4D masks are not supported"):
             vlm.model.generate(**inputs, max_new_tokens=2)
+
+
+EXAMPLES = [
+    SoftPAG(heads="transformer_blocks.1:0,2", strength=0.3, scale=2.0, target="uniform", start=0.1, stop=0.9),
+    mmattn.PAG(heads="transformer_blocks.0-2", scope="image"),
+    SEG(heads="transformer_blocks.1:*", sigma=float("inf"), scale=4.0),
+    SEG(heads="transformer_blocks.1", sigma=np.float32(2.5)),
+    SLG(layers="transformer_blocks.7-9", scale=2.8),
+    STG(layers="blocks.1", mode="residual", rescale=0.7),
+    FastV(layer=2, keep=64), FastV(layer=3, keep=0.25),
+    mmattn.SparseVLM(layer=2, keep=0.5), mmattn.DivPrune(keep=0.1, layer=1),
+    VisionZip(keep=32, contextual=4), PyramidDrop(stages=[(2, 0.5), (6, 0.2)]),
+]
+
+
+def test_every_registered_method_has_an_example():
+    from mmattn import methods
+
+    assert sorted({config.name for config in EXAMPLES}) == methods.list_methods()
+    assert methods.list_methods("vlm") == ["divprune", "fastv", "pyramiddrop", "sparsevlm", "visionzip"]
+    assert methods.list_methods("diffusion") == ["pag", "seg", "slg", "softpag", "stg"]
+    assert methods.get("softpag") is SoftPAG
+
+
+@pytest.mark.parametrize("config", EXAMPLES, ids=lambda c: c.name)
+def test_from_dict_round_trips(config):
+    import json
+
+    from mmattn import methods
+
+    data = json.loads(json.dumps(config.to_dict()))  # through JSON, as settings.json stores it
+    assert methods.from_dict(data) == config
+
+
+def test_from_dict_errors():
+    from mmattn import methods
+
+    with pytest.raises(KeyError, match="unknown method 'fastvv'; known methods: divprune, fastv"):
+        methods.from_dict({"method": "fastvv"})
+    with pytest.raises(ValueError, match=r"fastv: unknown settings \['ratio'\]"):
+        methods.from_dict({"method": "fastv", "ratio": 0.5})
+    with pytest.raises(ValueError, match="with a 'method' key"):
+        methods.from_dict({"layer": 2})

@@ -1,0 +1,41 @@
+"""Train the shapes-world models: ``python -m mmattn.shapes.train vlm [--minutes M] [--out DIR]``.
+
+Each run is reproducible from its seed (given the thread count) and writes safetensors weights plus a model
+card (recipe, time, test scores) to ``--out`` (default: the package's shipped weights folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+WEIGHTS = Path(__file__).parent / "weights"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mmattn.shapes.train", description=__doc__.splitlines()[0])
+    parser.add_argument("model", choices=("vlm",))
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--minutes", type=float, default=None, help="stop after this many minutes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--eval-questions", type=int, default=600, help="test-split questions scored at the end")
+    parser.add_argument("--out", type=Path, default=WEIGHTS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from . import vlm
+
+    card = vlm.train(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, minutes=args.minutes,
+                     out=args.out, eval_questions=args.eval_questions)
+    print(json.dumps(card["test"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
