@@ -22,6 +22,9 @@ class DiffusionFamily:
     is the pipeline argument holding w; ``cfg_needs_negative``: CFG runs only with a negative prompt
     (Flux: ``true_cfg_scale > 1`` and ``negative_prompt`` or ``negative_prompt_embeds``). ``block_outputs`` names
     what a block returns, in order; ``text_first`` says joint sequences put text before image.
+    Token layout: the image-token grid comes from the input ``image_ids`` names (Flux's ``img_ids``:
+    (row, col) per token) or else from the latent's shape and the denoiser's patch size;
+    ``grid_factors`` are the resolutions below it that attention layers see (a UNet's down blocks).
     """
 
     name: str
@@ -35,6 +38,8 @@ class DiffusionFamily:
     cfg_needs_negative: bool = False
     block_outputs: tuple[str, ...] = ("hidden_states",)
     text_first: bool = False
+    image_ids: str | None = None
+    grid_factors: tuple[int, ...] = (1,)
 
     def denoiser(self, pipe):
         return getattr(pipe, self.denoiser_attr)
@@ -45,8 +50,8 @@ class DiffusionFamily:
 
     def token_grid(self, denoiser, inputs: dict) -> tuple[int, int, int] | None:
         """(frames, rows, cols) of the image tokens at the denoiser's first token resolution."""
-        if self.name == "flux":
-            ids = inputs.get("img_ids")
+        if self.image_ids is not None:
+            ids = inputs.get(self.image_ids)
             if ids is None:
                 return None
             ids = ids[0] if ids.ndim == 3 else ids
@@ -65,14 +70,15 @@ class DiffusionFamily:
 
 DIFFUSION_FAMILIES = (
     DiffusionFamily("unet", "UNet2DConditionModel", "unet", ("BasicTransformerBlock",), "attn1",
-                    ("sample", "encoder_hidden_states", "timestep", "timestep_cond", "added_cond_kwargs")),
+                    ("sample", "encoder_hidden_states", "timestep", "timestep_cond", "added_cond_kwargs"),
+                    grid_factors=(1, 2, 4, 8)),
     DiffusionFamily("sd3", "SD3Transformer2DModel", "transformer", ("JointTransformerBlock",), "attn",
                     ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"),
                     block_outputs=("encoder_hidden_states", "hidden_states")),
     DiffusionFamily("flux", "FluxTransformer2DModel", "transformer", ("FluxTransformerBlock", "FluxSingleTransformerBlock"), "attn",
                     ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance"),
                     cfg_calls="separate", cfg_scale="true_cfg_scale", cfg_needs_negative=True,
-                    block_outputs=("encoder_hidden_states", "hidden_states"), text_first=True),
+                    block_outputs=("encoder_hidden_states", "hidden_states"), text_first=True, image_ids="img_ids"),
     DiffusionFamily("wan", "WanTransformer3DModel", "transformer", ("WanTransformerBlock",), "attn1",
                     ("hidden_states", "encoder_hidden_states", "timestep", "encoder_hidden_states_image"), cfg_calls="separate"),
     DiffusionFamily("pixart", "PixArtTransformer2DModel", "transformer", ("BasicTransformerBlock",), "attn1",

@@ -57,7 +57,21 @@ class CallInfo:
     latent_shape: tuple[int, ...] = ()
     text_tokens: int = 0
     token_grid: tuple[int, int, int] | None = None  # (frames, rows, cols) of image tokens, when known
+    grid_factors: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # the family's downsampling factors (DiffusionFamily)
     branches: list[Branch] = field(default_factory=list)
+
+    def layer_grid(self, n_tokens: int) -> tuple[int, int, int]:
+        """The (frames, rows, cols) of a layer's ``n_tokens`` image tokens: the call's grid downsampled by one of
+        the family's factors (a UNet's deeper blocks; a DiT keeps one resolution)."""
+        if self.token_grid is None:
+            raise ValueError("SEG needs the image token grid, which this call does not reveal")
+        frames, rows, cols = self.token_grid
+        for factor in self.grid_factors:
+            grid = (frames, -(-rows // factor), -(-cols // factor))
+            if grid[0] * grid[1] * grid[2] == n_tokens:
+                return grid
+        raise ValueError(f"cannot lay {n_tokens} image tokens on a grid derived from {self.token_grid} "
+                         f"(downsampling factors {self.grid_factors})")
 
 
 def step_index(scheduler, timestep) -> tuple[int, int]:
@@ -169,6 +183,7 @@ class GuidedDenoiser:
         self.info.latent_shape = tuple(latent.shape)
         self.info.text_tokens = text.shape[1] if isinstance(text, torch.Tensor) and text.ndim == 3 else 0
         self.info.token_grid = self.family.token_grid(self.denoiser, inputs)
+        self.info.grid_factors = self.family.grid_factors
 
     def __call__(self, *args, **kwargs):
         bound = self._signature.bind(*args, **kwargs)

@@ -90,18 +90,11 @@ def prompt(processor, question: str) -> str:
     return processor.apply_chat_template(chat, add_generation_prompt=True)
 
 
-def batch(processor, items: list[tuple[scenes.Scene, scenes.QA]], answers: bool):
-    """Processor inputs for (scene, question) pairs; with ``answers``, labels on the answer word and ``</s>``
-    (everything else -100)."""
-    tok = processor.tokenizer
-    texts = [prompt(processor, qa.question) + (f" {qa.answer}</s>" if answers else "") for _, qa in items]
+def question_batch(processor, items: list[tuple[scenes.Scene, scenes.QA]]):
+    """Processor inputs asking each (scene, question) pair in a one-turn chat, left-padded."""
+    texts = [prompt(processor, qa.question) for _, qa in items]
     images = [scenes.render(s, IMAGE_SIZE) for s, _ in items]
-    inputs = processor(text=texts, images=images, return_tensors="pt", padding=True)
-    if answers:
-        labels = torch.full_like(inputs["input_ids"], -100)
-        labels[:, -2:] = inputs["input_ids"][:, -2:]  # left padding: every row ends "<answer> </s>"
-        inputs["labels"] = labels
-    return inputs
+    return processor(text=texts, images=images, return_tensors="pt", padding=True)
 
 
 def conversation_batch(processor, rng: random.Random, seeds: range, size: int):
@@ -137,7 +130,7 @@ def evaluate(vlm: TinyVLM, split: str = "test", n: int = 600, batch_size: int = 
     right, total = {}, {}
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
-        inputs = batch(processor, chunk, answers=False)
+        inputs = question_batch(processor, chunk)
         out = model.generate(**inputs, max_new_tokens=1, do_sample=False)
         words = processor.tokenizer.batch_decode(out[:, -1:], skip_special_tokens=True)
         for (_, qa), word in zip(chunk, words):

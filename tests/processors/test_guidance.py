@@ -178,3 +178,27 @@ def test_a_users_own_processor_is_refused_not_bypassed():
         assert attn.processor is mine
     with mmattn.apply(pipe, SLG(layers="transformer_blocks.1", start=0.0, stop=1.0)):  # a block skip keeps it
         assert attn.processor is mine
+
+
+def test_the_core_slot_replaces_only_the_attention_call():
+    """A core set on a family processor runs instead of the original's attention call, between the query ops
+    and the output ops; the original core through the slot changes nothing."""
+    from mmattn.processors.diffusion import FamilyProcessor
+
+    pipe = build_tiny("tiny/sd3")
+    baseline = first_step(pipe, "tiny/sd3", "a red fox")[0]
+    with mmattn.apply(pipe, SoftPAG(heads="transformer_blocks.1:0", strength=0.5, scale=0.0)):
+        processor = pipe.transformer.transformer_blocks[1].attn.processor
+        assert isinstance(processor, FamilyProcessor)
+        calls = []
+
+        def core(query, key, value, mask):
+            calls.append(query.shape)
+            return processor.original_core(query, key, value, mask)
+
+        processor.core = core
+        same = first_step(pipe, "tiny/sd3", "a red fox")[0]
+        processor.core = lambda q, k, v, m: torch.zeros_like(q)
+        zeroed = first_step(pipe, "tiny/sd3", "a red fox")[0]
+    assert calls and torch.equal(same, baseline)
+    assert not torch.allclose(zeroed, baseline)
