@@ -94,3 +94,70 @@ def diffusion_family(pipe) -> DiffusionFamily:
     found = {attr: type(getattr(pipe, attr)).__name__ for attr in ("unet", "transformer") if getattr(pipe, attr, None) is not None}
     supported = ", ".join(f"{f.name} ({f.denoiser_class})" for f in DIFFUSION_FAMILIES)
     raise ValueError(f"{type(pipe).__name__} with denoiser {found or 'none'} is not supported; supported families: {supported}")
+
+
+@dataclass(frozen=True)
+class VLMFamily:
+    """How mmattn reaches into one transformers VLM class (``model.model`` is its core).
+
+    ``text_model``: the core's attribute holding the decoder (its ``.layers``). ``video``: the model has video
+    frame tokens (``config.video_token_id``) that pruning treats as image tokens. Encoder-side scoring (VisionZip):
+    ``vision_layers`` is the core's path to the vision tower's layers and ``vision_attention`` each layer's
+    attention attribute; the scoring layer is ``config.vision_feature_layer`` where ``feature_layer_from_config``
+    (LLaVA), else the last. ``vision_scores`` is "cls" (the [CLS] query's probabilities) or "received" (attention
+    each patch receives); ``to_tokens`` names how patch scores map onto LLM image tokens as the projector maps
+    features: "drop_cls", "flat", "avg_pool" (Gemma 3), "pixel_shuffle" (SmolVLM / Idefics3), "merge" (Qwen2-VL's
+    2x2 groups), "merge_unwindowed" (Qwen2.5-VL: the same, out of the tower's window order). No ``vision_scores``:
+    encoder-side scoring is not supported.
+    """
+
+    name: str
+    text_model: str = "language_model"
+    video: bool = False
+    vision_layers: str | None = None
+    vision_attention: str = "self_attn"
+    feature_layer_from_config: bool = False
+    vision_scores: str | None = None
+    to_tokens: str | None = None
+
+    def text_layers(self, model) -> torch.nn.ModuleList:
+        return getattr(model.model, self.text_model).layers
+
+    def vision_layer_list(self, model) -> torch.nn.ModuleList:
+        module = model.model
+        for part in self.vision_layers.split("."):
+            module = getattr(module, part)
+        return module
+
+
+VLM_FAMILIES = (
+    VLMFamily("LlavaForConditionalGeneration", vision_layers="vision_tower.encoder.layers",
+              feature_layer_from_config=True, vision_scores="cls", to_tokens="drop_cls"),
+    VLMFamily("LlavaOnevisionForConditionalGeneration", video=True),
+    VLMFamily("Qwen2VLForConditionalGeneration", video=True, vision_layers="visual.blocks", vision_attention="attn",
+              vision_scores="received", to_tokens="merge"),
+    VLMFamily("Qwen2_5_VLForConditionalGeneration", video=True, vision_layers="visual.blocks", vision_attention="attn",
+              vision_scores="received", to_tokens="merge_unwindowed"),
+    VLMFamily("Gemma3ForConditionalGeneration", vision_layers="vision_tower.encoder.layers", vision_scores="received",
+              to_tokens="avg_pool"),
+    VLMFamily("PaliGemmaForConditionalGeneration", vision_layers="vision_tower.encoder.layers",
+              vision_scores="received", to_tokens="flat"),
+    VLMFamily("SmolVLMForConditionalGeneration", text_model="text_model", vision_layers="vision_model.encoder.layers",
+              vision_scores="received", to_tokens="pixel_shuffle"),
+    VLMFamily("Idefics3ForConditionalGeneration", text_model="text_model", vision_layers="vision_model.encoder.layers",
+              vision_scores="received", to_tokens="pixel_shuffle"),
+)
+
+
+def supported_vlms(encoder_side: bool = False) -> tuple[str, ...]:
+    """Class names of the VLM families (with encoder-side scoring only, when ``encoder_side``)."""
+    return tuple(f.name for f in VLM_FAMILIES if not encoder_side or f.vision_scores is not None)
+
+
+def vlm_family(model, method: str, encoder_side: bool = False) -> VLMFamily:
+    """The family of ``model`` by its class; ``method`` names the caller in the error for an unsupported model."""
+    name = type(model).__name__
+    for family in VLM_FAMILIES:
+        if family.name == name and (not encoder_side or family.vision_scores is not None):
+            return family
+    raise ValueError(f"{method} does not support {name}; supported models: {', '.join(supported_vlms(encoder_side))}")

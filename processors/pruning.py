@@ -64,22 +64,13 @@ from mmattn._compat import (
     sdpa_mask,
     stored_keys,
 )
+from mmattn.adapters import supported_vlms, vlm_family
 from mmattn.api import installing, register_installer
 from mmattn.configs import DivPrune, FastV, PyramidDrop, SparseVLM, VisionZip
 from mmattn.kernels import BlockMask
 
 IMPLEMENTATION = "mmattn_prune"
 ATTENTION_SCORERS = ("last_query", "text")  # score at layer K - 1, inside its attention
-SUPPORTED = (
-    "LlavaForConditionalGeneration",
-    "LlavaOnevisionForConditionalGeneration",
-    "Qwen2VLForConditionalGeneration",
-    "Qwen2_5_VLForConditionalGeneration",
-    "Gemma3ForConditionalGeneration",
-    "PaliGemmaForConditionalGeneration",
-    "SmolVLMForConditionalGeneration",
-    "Idefics3ForConditionalGeneration",
-)
 
 
 @dataclass
@@ -588,11 +579,9 @@ def install_visionzip(model, config: VisionZip):
 def _install(model, config, stages: list[tuple[int, float | int, str]], method: str):
     """Validate, switch the text model to the pruning attention and hook the pruned layers; returns undo."""
     name = type(model).__name__
-    if name not in SUPPORTED:
-        raise ValueError(f"{method} does not support {name}; supported models: {', '.join(SUPPORTED)}")
+    family = vlm_family(model, method)
     core = model.model
-    text_model = core.text_model if hasattr(core, "text_model") else core.language_model  # SmolVLM, Idefics3
-    layers = text_model.layers
+    layers = family.text_layers(model)
     text_config = model.config.text_config
     for i, (layer, _, scorer) in enumerate(stages):
         lowest = 1 if scorer in ATTENTION_SCORERS else 0
@@ -606,7 +595,7 @@ def _install(model, config, stages: list[tuple[int, float | int, str]], method: 
                          + (" (pruning is applied already)" if original == IMPLEMENTATION else ""))
     vision = stages[0][2] == "vision"
     if vision:
-        vision_module, mode, to_features = _vision_scoring(model)
+        vision_module, mode, to_features = _vision_scoring(model, vlm_family(model, method, encoder_side=True))
         if model.config.vision_config._attn_implementation != "sdpa":
             raise ValueError(f"{method} runs on the vision tower's 'sdpa' attention; {name} uses "
                              f"{model.config.vision_config._attn_implementation!r}")
@@ -614,7 +603,7 @@ def _install(model, config, stages: list[tuple[int, float | int, str]], method: 
     AttentionInterface.register(IMPLEMENTATION, _attention)  # process-wide names: registering twice is harmless
     AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
     visual_ids = [model.config.image_token_id]
-    if not vision and getattr(model.config, "video_token_id", None) is not None:  # LLaVA-OneVision, Qwen2-VL
+    if not vision and family.video:  # LLaVA-OneVision, Qwen2-VL
         visual_ids.append(model.config.video_token_id)
     state = _PruneState(config, stages, model, len(layers), visual_ids)
     with installing() as changes:  # each change's undo registered as it is made
@@ -683,61 +672,63 @@ def _patch_scores(query, key, value, scale, attention_mask, mode: str) -> torch.
     return sums.mean(dim=1) / real.sum(dim=1, keepdim=True)
 
 
-def _vision_scoring(model) -> tuple[torch.nn.Module, str, object]:
+def _vision_scoring(model, family) -> tuple[torch.nn.Module, str, object]:
     """(the vision attention module whose layer yields the features, "cls" or "received", a function mapping the
     collected per-call patch scores and get_image_features' arguments to one flat score per LLM image token in
-    feature order)."""
-    name, core, config = type(model).__name__, model.model, model.config
-    if name == "LlavaForConditionalGeneration":
+    feature order), from the family's table entry (mmattn.adapters.VLM_FAMILIES)."""
+    name, config, layers = type(model).__name__, model.config, family.vision_layer_list(model)
+    index = -1
+    if family.feature_layer_from_config:
         layer = config.vision_feature_layer
-        layers = core.vision_tower.encoder.layers
         if not isinstance(layer, int) or layer == 0 or not -len(layers) <= layer <= len(layers):
             raise ValueError(f"VisionZip needs one vision_feature_layer after the embeddings; {name} uses {layer!r}")
-        drop_cls = config.vision_feature_select_strategy == "default"
-        return (layers[layer if layer < 0 else layer - 1].self_attn, "cls",
-                lambda chunks, call: torch.cat(chunks)[:, 1 if drop_cls else 0:].flatten())
-    if name == "PaliGemmaForConditionalGeneration":
-        return (core.vision_tower.encoder.layers[-1].self_attn, "received",
-                lambda chunks, call: torch.cat(chunks).flatten())
-    if name == "Gemma3ForConditionalGeneration":
-        pool = core.multi_modal_projector.kernel_size
-        side = core.multi_modal_projector.patches_per_image
-
-        def pooled(chunks, call):
-            scores = torch.cat(chunks)
-            return F.avg_pool2d(scores.view(-1, 1, side, side), pool).flatten()
-
-        return core.vision_tower.encoder.layers[-1].self_attn, "received", pooled
-    if name in ("SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration"):
-        connector = core.connector
-
-        def shuffled(chunks, call):
-            scores = torch.cat(chunks)[..., None]
-            return connector.pixel_shuffle(scores, connector.scale_factor).sum(dim=-1).flatten()
-
-        return core.vision_model.encoder.layers[-1].self_attn, "received", shuffled
-    if name == "Qwen2VLForConditionalGeneration":
-        group = config.vision_config.spatial_merge_size ** 2
-        return (core.visual.blocks[-1].attn, "received",
-                lambda chunks, call: torch.cat([c.view(-1, group).sum(dim=1) for c in chunks]))
-    if name == "Qwen2_5_VLForConditionalGeneration":
-        visual = core.visual
-        if len(visual.blocks) - 1 not in visual.fullatt_block_indexes:
-            raise ValueError(f"VisionZip needs the last vision block of {name} to attend over whole images; "
-                             f"fullatt_block_indexes={visual.fullatt_block_indexes} misses block {len(visual.blocks) - 1}")
-        group = visual.spatial_merge_size ** 2
-
-        def unwindowed(chunks, call):  # the tower runs its patches in window order; the merger output is re-sorted
-            window_index, _ = get_vision_window_index(call["image_grid_thw"], visual.spatial_merge_size,
-                                                      visual.window_size, visual.patch_size)
-            merged = torch.cat([c.view(-1, group).sum(dim=1) for c in chunks])
-            return merged[torch.argsort(window_index.to(merged.device))]
-
-        return visual.blocks[-1].attn, "received", unwindowed
-    raise ValueError(f"VisionZip does not support {name}; supported models: {', '.join(VISIONZIP_SUPPORTED)}")
+        index = layer if layer < 0 else layer - 1
+    attention = getattr(layers[index], family.vision_attention)
+    return attention, family.vision_scores, _TO_TOKENS[family.to_tokens](model, name)
 
 
-VISIONZIP_SUPPORTED = ("LlavaForConditionalGeneration", "PaliGemmaForConditionalGeneration",
-                       "Gemma3ForConditionalGeneration", "SmolVLMForConditionalGeneration",
-                       "Idefics3ForConditionalGeneration", "Qwen2VLForConditionalGeneration",
-                       "Qwen2_5_VLForConditionalGeneration")
+def _drop_cls(model, name):
+    drop = model.config.vision_feature_select_strategy == "default"
+    return lambda chunks, call: torch.cat(chunks)[:, 1 if drop else 0:].flatten()
+
+
+def _flat(model, name):
+    return lambda chunks, call: torch.cat(chunks).flatten()
+
+
+def _avg_pool(model, name):
+    pool = model.model.multi_modal_projector.kernel_size
+    side = model.model.multi_modal_projector.patches_per_image
+    return lambda chunks, call: F.avg_pool2d(torch.cat(chunks).view(-1, 1, side, side), pool).flatten()
+
+
+def _pixel_shuffle(model, name):
+    connector = model.model.connector
+    return lambda chunks, call: connector.pixel_shuffle(torch.cat(chunks)[..., None],
+                                                        connector.scale_factor).sum(dim=-1).flatten()
+
+
+def _merge(model, name):
+    group = model.config.vision_config.spatial_merge_size ** 2
+    return lambda chunks, call: torch.cat([c.view(-1, group).sum(dim=1) for c in chunks])
+
+
+def _merge_unwindowed(model, name):
+    visual = model.model.visual
+    if len(visual.blocks) - 1 not in visual.fullatt_block_indexes:
+        raise ValueError(f"VisionZip needs the last vision block of {name} to attend over whole images; "
+                         f"fullatt_block_indexes={visual.fullatt_block_indexes} misses block {len(visual.blocks) - 1}")
+    merged = _merge(model, name)
+
+    def unwindowed(chunks, call):  # the tower runs its patches in window order; the merger output is re-sorted
+        window_index, _ = get_vision_window_index(call["image_grid_thw"], visual.spatial_merge_size,
+                                                  visual.window_size, visual.patch_size)
+        scores = merged(chunks, call)
+        return scores[torch.argsort(window_index.to(scores.device))]
+
+    return unwindowed
+
+
+_TO_TOKENS = {"drop_cls": _drop_cls, "flat": _flat, "avg_pool": _avg_pool, "pixel_shuffle": _pixel_shuffle,
+              "merge": _merge, "merge_unwindowed": _merge_unwindowed}
+VISIONZIP_SUPPORTED = supported_vlms(encoder_side=True)

@@ -1,4 +1,7 @@
-"""Train the shapes-world models: ``python -m mmattn.shapes.train vlm [--minutes M] [--out DIR]``.
+"""Train the shapes-world models: ``python -m mmattn.shapes.train classifier|vlm [--minutes M] [--out DIR]``.
+
+shapes-classifier first: shapes-vlm's vision tower starts from its tower (``--vision-init``, by default the
+classifier weights in ``--out`` when they exist).
 
 Each run is reproducible from its seed (given the thread count) and writes safetensors weights plus a model
 card (recipe, time, test scores) to ``--out`` (default: the package's shipped weights folder).
@@ -17,22 +20,29 @@ WEIGHTS = Path(__file__).parent / "weights"
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmattn.shapes.train", description=__doc__.splitlines()[0])
-    parser.add_argument("model", choices=("vlm",))
+    parser.add_argument("model", choices=("classifier", "vlm"))
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--minutes", type=float, default=None, help="stop after this many minutes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--eval-questions", type=int, default=600, help="test-split questions scored at the end")
+    parser.add_argument("--eval", type=int, default=600, help="test-split questions (vlm) or images (classifier) "
+                        "scored at the end")
+    parser.add_argument("--vision-init", type=Path, default=None, help="vlm: shapes-classifier weights for the tower")
     parser.add_argument("--out", type=Path, default=WEIGHTS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from . import vlm
+    from . import classifier, vlm
 
-    card = vlm.train(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, minutes=args.minutes,
-                     out=args.out, eval_questions=args.eval_questions)
+    common = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, minutes=args.minutes,
+                  out=args.out)
+    if args.model == "classifier":
+        card = classifier.train(**common, eval_images=args.eval)
+    else:
+        init = args.vision_init or (args.out / classifier.WEIGHTS.name)
+        card = vlm.train(**common, eval_questions=args.eval, vision_init=init if init.exists() else None)
     print(json.dumps(card["test"], indent=2))
     return 0
 

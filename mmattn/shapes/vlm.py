@@ -141,13 +141,20 @@ def evaluate(vlm: TinyVLM, split: str = "test", n: int = 600, batch_size: int = 
 
 
 def train(steps: int = 3000, batch_size: int = 16, lr: float = 2e-3, seed: int = 0, minutes: float | None = None,
-          log_every: int = 100, out: Path | None = None, progress=None, eval_questions: int = 600) -> dict:
+          log_every: int = 100, out: Path | None = None, progress=None, eval_questions: int = 600,
+          vision_init: Path | None = None) -> dict:
     """Train shapes-vlm from ``seed`` on train-split questions (AdamW, warmup then cosine decay); stops after
-    ``steps`` or ``minutes``. Writes the weights and a model card to ``out`` (a folder) when given. Returns the card."""
+    ``steps`` or ``minutes``. ``vision_init``: a shapes-classifier safetensors file whose tower initialises the
+    vision tower. Writes the weights and a model card to ``out`` (a folder) when given. Returns the card."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     vlm = build(seed)
     model, processor = vlm.model, vlm.processor
+    if vision_init is not None:
+        from safetensors.torch import load_file
+
+        tower = {k.removeprefix("tower."): v for k, v in load_file(vision_init).items() if k.startswith("tower.")}
+        model.model.vision_tower.load_state_dict(tower)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
@@ -167,7 +174,7 @@ def train(steps: int = 3000, batch_size: int = 16, lr: float = 2e-3, seed: int =
         if progress is not None:
             progress(step, float(loss))
         if done % log_every == 0:
-            history.append({"step": done, "loss": round(float(loss), 4),
+            history.append({"step": done, "loss": round(loss.item(), 4),
                             "minutes": round((time.perf_counter() - started) / 60, 2)})
             print(json.dumps(history[-1]), flush=True)
         if minutes is not None and time.perf_counter() - started > minutes * 60:
@@ -176,6 +183,7 @@ def train(steps: int = 3000, batch_size: int = 16, lr: float = 2e-3, seed: int =
     card = {"model": "mmattn/shapes-vlm", "architecture": "LlavaForConditionalGeneration (CLIP vision + Llama)",
             "image_tokens": IMAGE_TOKENS, "seed": seed, "steps": done, "batch_size": batch_size, "lr": lr,
             "train_minutes": round((time.perf_counter() - started) / 60, 1), "threads": torch.get_num_threads(),
+            "vision_init": None if vision_init is None else Path(vision_init).name,
             "parameters": sum(p.numel() for p in model.parameters()), "history": history,
             "test": evaluate(vlm, "test", eval_questions)}
     if out is not None:

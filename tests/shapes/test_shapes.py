@@ -1,6 +1,7 @@
 """Shapes world: the generator is deterministic and fully covered by the vocabulary; shapes-vlm builds, trains a
 few steps and (with its shipped weights) answers held-out questions."""
 
+import json
 import random
 
 import pytest
@@ -70,5 +71,9 @@ def test_shapes_vlm_has_144_image_tokens_and_learns():
 def test_training_script_runs_a_few_steps(tmp_path):
     from mmattn.shapes.train import main
 
-    assert main(["vlm", "--steps", "2", "--batch-size", "2", "--eval-questions", "12", "--out", str(tmp_path)]) == 0
+    assert main(["vlm", "--steps", "2", "--batch-size", "2", "--eval", "12", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "shapes-vlm.safetensors").exists() and (tmp_path / "shapes-vlm.json").exists()
+    assert main(["classifier", "--steps", "2", "--batch-size", "2", "--eval", "4", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "shapes-classifier.safetensors").exists()
+    assert main(["vlm", "--steps", "1", "--batch-size", "2", "--eval", "6", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "shapes-vlm.json").read_text())["vision_init"] == "shapes-classifier.safetensors"

@@ -1,0 +1,177 @@
+"""shapes-classifier: what is in each cell of a shapes-world image, to score generated images.
+
+A CLIP vision tower (``CLIPVisionModel``, the same configuration as shapes-vlm's) reads a 48 x 48 image (larger
+ones are resized); the patch features of layer -2 (shapes-vlm's feature layer) in each of the 3 x 3 grid cells
+are averaged and three linear heads predict
+the cell's shape (or "empty"), colour and size. ``describe(images)`` returns the objects found, so a generated
+image can be checked against its prompt (``matches(scene_things, found)``). Its trained tower also initialises
+shapes-vlm's vision tower.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import scenes
+
+IMAGE_SIZE, PATCH = 48, 4
+WEIGHTS = Path(__file__).parent / "weights" / "shapes-classifier.safetensors"
+CARD = Path(__file__).parent / "weights" / "shapes-classifier.json"
+SHAPE_CLASSES = ("empty", *scenes.SHAPES)
+COLOUR_CLASSES = tuple(scenes.COLOURS)
+SIZE_CLASSES = tuple(scenes.SIZES)
+MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's, as CLIPImageProcessor normalises
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ShapesClassifier(torch.nn.Module):
+    def __init__(self, vision_config: dict):
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        super().__init__()
+        config = CLIPVisionConfig(**vision_config, image_size=IMAGE_SIZE, patch_size=PATCH, hidden_act="quick_gelu")
+        self.tower = CLIPVisionModel(config)
+        width = config.hidden_size
+        self.shape = torch.nn.Linear(width, len(SHAPE_CLASSES))
+        self.colour = torch.nn.Linear(width, len(COLOUR_CLASSES))
+        self.size = torch.nn.Linear(width, len(SIZE_CLASSES))
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits (B, 9, classes) of shape, colour and size per cell (row-major: cell = row * 3 + column)."""
+        # layer -2's features without [CLS]: what shapes-vlm's projector reads (LLaVA's feature layer)
+        hidden = self.tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]
+        side = IMAGE_SIZE // PATCH
+        grid = hidden.transpose(1, 2).reshape(hidden.shape[0], -1, side, side)
+        cells = F.adaptive_avg_pool2d(grid, 3).flatten(2).transpose(1, 2)  # (B, 9, width)
+        return self.shape(cells), self.colour(cells), self.size(cells)
+
+
+def pixels(images) -> torch.Tensor:
+    """(B, 3, 48, 48) CLIP-normalised pixels of PIL images (resized to 48 x 48 when needed)."""
+    arrays = [np.asarray(im.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE)), dtype=np.float32) / 255 for im in images]
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+
+
+def targets(batch: list[scenes.Scene]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per cell: shape class (0 = empty), colour and size classes (-100 where the cell is empty)."""
+    shape = torch.zeros(len(batch), 9, dtype=torch.long)
+    colour = torch.full((len(batch), 9), -100)
+    size = torch.full((len(batch), 9), -100)
+    for i, s in enumerate(batch):
+        for t in s.things:
+            cell = t.row * 3 + t.column
+            shape[i, cell] = SHAPE_CLASSES.index(t.shape)
+            colour[i, cell] = COLOUR_CLASSES.index(t.colour)
+            size[i, cell] = SIZE_CLASSES.index(t.size)
+    return shape, colour, size
+
+
+def build(seed: int = 0) -> ShapesClassifier:
+    from .vlm import VISION
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ShapesClassifier(VISION)
+    return model.eval()
+
+
+def load() -> ShapesClassifier:
+    from safetensors.torch import load_file
+
+    if not WEIGHTS.exists():
+        raise FileNotFoundError(f"shapes-classifier weights are missing ({WEIGHTS}); train them with "
+                                "`python -m mmattn.shapes.train classifier`")
+    model = build()
+    model.load_state_dict(load_file(WEIGHTS))
+    return model
+
+
+@torch.no_grad()
+def describe(model: ShapesClassifier, images) -> list[set[tuple[str, str, str, int, int]]]:
+    """The objects found in each image: {(shape, colour, size, column, row)}."""
+    shape, colour, size = model(pixels(images))
+    found = []
+    for b in range(shape.shape[0]):
+        things = set()
+        for cell in range(9):
+            s = int(shape[b, cell].argmax())
+            if s:
+                things.add((SHAPE_CLASSES[s], COLOUR_CLASSES[int(colour[b, cell].argmax())],
+                            SIZE_CLASSES[int(size[b, cell].argmax())], cell % 3, cell // 3))
+        found.append(things)
+    return found
+
+
+@torch.no_grad()
+def evaluate(model: ShapesClassifier, split: str = "test", n: int = 500, batch_size: int = 100) -> dict:
+    """Cell accuracy of each head, and the share of images whose every object (shape, colour, size, cell) is found
+    exactly with nothing else."""
+    model.eval()
+    right = {"shape": 0, "colour": 0, "size": 0}
+    count = {"shape": 0, "colour": 0, "size": 0}
+    exact = 0
+    seeds = list(scenes.split_seeds(split, n))
+    for i in range(0, n, batch_size):
+        batch = [scenes.scene(seed) for seed in seeds[i:i + batch_size]]
+        images = [scenes.render(s, IMAGE_SIZE) for s in batch]
+        logits = model(pixels(images))
+        for name, logit, target in zip(right, logits, targets(batch)):
+            valid = target != -100
+            right[name] += int((logit.argmax(-1) == target)[valid].sum())
+            count[name] += int(valid.sum())
+        for s, found in zip(batch, describe(model, images)):
+            exact += found == {(t.shape, t.colour, t.size, t.column, t.row) for t in s.things}
+    return {**{f"{k}_accuracy": right[k] / count[k] for k in right}, "scene_exact": exact / n, "images": n}
+
+
+def train(steps: int = 1500, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, minutes: float | None = None,
+          log_every: int = 100, out: Path | None = None, eval_images: int = 500) -> dict:
+    """Train shapes-classifier on train-split scenes (AdamW, warmup then cosine decay); stops after ``steps`` or
+    ``minutes``. Writes weights and a model card to ``out`` when given. Returns the card."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    model = build(seed).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup)
+                                                 * 0.5 * (1 + np.cos(np.pi * min(i, steps) / steps)))
+    seeds = scenes.split_seeds("train", 10_000_000)
+    started, history, done = time.perf_counter(), [], 0
+    for step in range(steps):
+        batch = [scenes.scene(rng.choice(seeds)) for _ in range(batch_size)]
+        logits = model(pixels([scenes.render(s, IMAGE_SIZE) for s in batch]))
+        loss = sum(F.cross_entropy(logit.flatten(0, 1), target.flatten(), ignore_index=-100)
+                   for logit, target in zip(logits, targets(batch)))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        done = step + 1
+        if done % log_every == 0:
+            history.append({"step": done, "loss": round(loss.item(), 4),
+                            "minutes": round((time.perf_counter() - started) / 60, 2)})
+            print(json.dumps(history[-1]), flush=True)
+        if minutes is not None and time.perf_counter() - started > minutes * 60:
+            break
+    model.eval()
+    card = {"model": "mmattn/shapes-classifier", "architecture": "CLIPVisionModel + per-cell linear heads",
+            "seed": seed, "steps": done, "batch_size": batch_size, "lr": lr,
+            "train_minutes": round((time.perf_counter() - started) / 60, 1), "threads": torch.get_num_threads(),
+            "parameters": sum(p.numel() for p in model.parameters()), "history": history,
+            "test": evaluate(model, "test", eval_images)}
+    if out is not None:
+        from safetensors.torch import save_file
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS.name)
+        (out / CARD.name).write_text(json.dumps(card, indent=2))
+    return card
