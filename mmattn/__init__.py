@@ -3,7 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .api import Handle, apply
-from .configs import PAG, SEG, SLG, STG, DivPrune, FastV, PyramidDrop, SoftPAG, SparseVLM, VisionZip
+from .configs import PAG, SEG, SLG, STG, DivPrune, FastV, PyramidDrop, SoftPAG, SparseVLM, VisionZip, ZeroTuning
 
 try:
     __version__ = version("mmattn")
@@ -13,5 +13,6 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 # Processor modules register the installers that apply() dispatches to.
 from .processors import perturbation as _perturbation  # noqa: E402,F401
 from .processors import pruning as _pruning  # noqa: E402,F401
+from .processors import sinks as _sinks  # noqa: E402,F401
 
-__all__ = ["apply", "Handle", "FastV", "PyramidDrop", "SparseVLM", "DivPrune", "VisionZip", "PAG", "SEG", "SLG", "STG", "SoftPAG", "__version__"]
+__all__ = ["apply", "Handle", "FastV", "PyramidDrop", "SparseVLM", "DivPrune", "VisionZip", "PAG", "SEG", "SLG", "STG", "SoftPAG", "ZeroTuning", "__version__"]

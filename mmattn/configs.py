@@ -364,3 +364,32 @@ class PyramidDrop(_Method):
 
     def to_dict(self) -> dict:
         return {"method": self.name, "stages": [list(stage) for stage in self.stages]}
+
+
+@dataclass(frozen=True)
+class ZeroTuning(_Method):
+    """ZeroTuning (arXiv 2505.11739): tune the attention the initial token receives, on chosen heads of a VLM's
+    text model.
+
+    On the selected heads the initial token's attention weight is multiplied by ``gamma`` before the row is
+    renormalised, i.e. ``log(gamma)`` is added to its logit: gamma > 1 sharpens the rest of the row's
+    distribution less (more mass to the sink), gamma < 1 flattens it toward the other tokens. ``heads`` selects
+    decoder layers and heads by the names ``layers.<i>`` (e.g. ``"layers.0-3:*"``, ``"layers.2:0,5"``).
+    ``gamma=1`` leaves the model exactly as it is. The initial token is each row's first non-padding token (the
+    paper's <BOS> where the prompt starts with one); prefill and decode steps both see it. It runs in the fused
+    path (``kernels.grouped_attention`` with two key groups weighted [gamma, 1]) and composes with pruning.
+    Sliding-window layers are refused (the initial token leaves their window).
+    """
+
+    heads: str
+    gamma: float = 1.5
+
+    name = "zerotuning"
+    applies_to = "vlm"
+
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
+        parse_heads(self.heads)
+        _number("gamma", self.gamma)
+        if not 0 < self.gamma <= 100:
+            raise ValueError(f"gamma={self.gamma!r} is out of range: expected a number in (0, 100] (1: unchanged)")

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from mmattn import kernels
+from mmattn import kernels, text_attention
 from mmattn._compat import (
     ATTENTION_MASK,
     POSITION_EMBEDDINGS,
@@ -69,7 +69,7 @@ from mmattn.api import installing, register_installer
 from mmattn.configs import DivPrune, FastV, PyramidDrop, SparseVLM, VisionZip
 from mmattn.kernels import BlockMask
 
-IMPLEMENTATION = "mmattn_prune"
+IMPLEMENTATION = text_attention.IMPLEMENTATION  # the text model's attention while pruning is applied
 ATTENTION_SCORERS = ("last_query", "text")  # score at layer K - 1, inside its attention
 
 
@@ -114,7 +114,7 @@ class PruningStats:
 
 _STATS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> PruningStats
 _SCORING_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attention module -> _PruneState
-_SCORING_STAGE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attention module -> its stage index
+_PRUNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the pruning method applied
 
 
 def last_stats(model) -> PruningStats | None:
@@ -541,13 +541,16 @@ def _guard_generate(model, method: str):
     return lambda: delattr(model, "generate")
 
 
-def _attention(module, query, key, value, attention_mask, **kwargs):
-    """The text model's attention under pruning: SDPA as transformers runs it, plus a stage's choice in its
-    scoring layer (K - 1) during a pruned prefill."""
-    state = _SCORING_LAYERS.get(module)
-    if state is not None and state.next_stage == _SCORING_STAGE[module]:
-        state.select(_SCORING_STAGE[module], query, key, value, kwargs.get("scaling"), attention_mask)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+class _Scorer:
+    """Observer op (mmattn.text_attention) in a stage's scoring layer (K - 1): during a pruned prefill, the stage
+    chooses from the attention the layer computes."""
+
+    def __init__(self, state: _PruneState, stage: int):
+        self.state, self.stage = state, stage
+
+    def observe(self, module, query, key, value, attention_mask, kwargs) -> None:
+        if self.state.next_stage == self.stage:
+            self.state.select(self.stage, query, key, value, kwargs.get("scaling"), attention_mask)
 
 
 @register_installer(FastV)
@@ -582,17 +585,15 @@ def _install(model, config, stages: list[tuple[int, float | int, str]], method: 
     family = vlm_family(model, method)
     core = model.model
     layers = family.text_layers(model)
-    text_config = model.config.text_config
     for i, (layer, _, scorer) in enumerate(stages):
         lowest = 1 if scorer in ATTENTION_SCORERS else 0
         if not layer < len(layers):
             where = f"stages[{i}] " if method == "PyramidDrop" else ""
             raise ValueError(f"{where}layer={layer} is out of range for {name}: its language model has {len(layers)} "
                              f"layers; expected {lowest} <= layer <= {len(layers) - 1}")
-    original = text_config._attn_implementation
-    if original != "sdpa":
-        raise ValueError(f"{method} runs on the text model's 'sdpa' attention; {name} uses {original!r}"
-                         + (" (pruning is applied already)" if original == IMPLEMENTATION else ""))
+    if model in _PRUNED:
+        raise ValueError(f"{method} cannot be applied to {name}: {_PRUNED[model]} (pruning) is applied already")
+    text_attention.check(model, method)
     vision = stages[0][2] == "vision"
     if vision:
         vision_module, mode, to_features = _vision_scoring(model, vlm_family(model, method, encoder_side=True))
@@ -600,15 +601,14 @@ def _install(model, config, stages: list[tuple[int, float | int, str]], method: 
             raise ValueError(f"{method} runs on the vision tower's 'sdpa' attention; {name} uses "
                              f"{model.config.vision_config._attn_implementation!r}")
 
-    AttentionInterface.register(IMPLEMENTATION, _attention)  # process-wide names: registering twice is harmless
-    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
     visual_ids = [model.config.image_token_id]
     if not vision and family.video:  # LLaVA-OneVision, Qwen2-VL
         visual_ids.append(model.config.video_token_id)
     state = _PruneState(config, stages, model, len(layers), visual_ids)
     with installing() as changes:  # each change's undo registered as it is made
-        model.set_attn_implementation({"text_config": IMPLEMENTATION})
-        changes.add(lambda: model.set_attn_implementation({"text_config": original}))
+        changes.add(text_attention.use(model, method))
+        _PRUNED[model] = method
+        changes.add(functools.partial(_PRUNED.pop, model))
         if vision:
             AttentionInterface.register(VISION_IMPLEMENTATION, _vision_attention)
             AttentionMaskInterface.register(VISION_IMPLEMENTATION, sdpa_mask)
@@ -620,8 +620,9 @@ def _install(model, config, stages: list[tuple[int, float | int, str]], method: 
         for stage, (layer, _, scorer) in enumerate(stages):
             if scorer in ATTENTION_SCORERS:
                 module = layers[layer - 1].self_attn
-                _SCORING_LAYERS[module], _SCORING_STAGE[module] = state, stage
-                changes.add(functools.partial(_forget_scoring_layer, module))
+                changes.add(text_attention.add_op(module, _Scorer(state, stage)))
+                _SCORING_LAYERS[module] = state
+                changes.add(functools.partial(_SCORING_LAYERS.pop, module))
         changes.add(_guard_generate(model, method))
         changes.add(core.register_forward_pre_hook(state.begin, with_kwargs=True).remove)
         changes.add(core.register_forward_hook(state.finish, with_kwargs=True).remove)
@@ -631,10 +632,6 @@ def _install(model, config, stages: list[tuple[int, float | int, str]], method: 
             hook = state.layer_hook(layers[i], stage, i == starts[stage])
             changes.add(layers[i].register_forward_pre_hook(hook, with_kwargs=True).remove)
     return changes.undo
-
-
-def _forget_scoring_layer(module) -> None:
-    del _SCORING_LAYERS[module], _SCORING_STAGE[module]
 
 
 # VisionZip: scores from the vision tower. The vision sub-config's attention becomes VISION_IMPLEMENTATION (SDPA

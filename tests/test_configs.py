@@ -129,6 +129,7 @@ EXAMPLES = [
     FastV(layer=2, keep=64), FastV(layer=3, keep=0.25),
     mmattn.SparseVLM(layer=2, keep=0.5), mmattn.DivPrune(keep=0.1, layer=1),
     VisionZip(keep=32, contextual=4), PyramidDrop(stages=[(2, 0.5), (6, 0.2)]),
+    mmattn.ZeroTuning(heads="layers.0-1:*", gamma=0.5),
 ]
 
 
@@ -136,7 +137,8 @@ def test_every_registered_method_has_an_example():
     from mmattn import methods
 
     assert sorted({config.name for config in EXAMPLES}) == methods.list_methods()
-    assert methods.list_methods("vlm") == ["divprune", "fastv", "pyramiddrop", "sparsevlm", "visionzip"]
+    assert methods.list_methods("vlm") == ["divprune", "fastv", "pyramiddrop", "sparsevlm", "visionzip",
+                                             "zerotuning"]
     assert methods.list_methods("diffusion") == ["pag", "seg", "slg", "softpag", "stg"]
     assert methods.get("softpag") is SoftPAG
 
