@@ -36,6 +36,35 @@ def visible(mask: torch.Tensor) -> torch.Tensor:
     return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
 
 
+# Masks from composable predicates over original token positions: ``predicate(q, k) -> bool`` with q (.., Nq, 1)
+# and k (B, 1, Nk) broadcasting, as transformers composes its masks (causal, sliding window, padding).
+def causal(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    return k <= q
+
+
+def sliding_window(size: int):
+    """Keys within the last ``size`` positions up to the query (transformers' sliding-window layers)."""
+    return lambda q, k: k > q - size
+
+
+def not_padding(padding: torch.Tensor):
+    """Keys whose position is a real token of the 2D (B, N) ``padding`` mask (1 = token, 0 = padding)."""
+    real = padding.bool()
+    return lambda q, k: real.gather(1, k[:, 0].expand(real.shape[0], -1))[:, None, :]
+
+
+def position_mask(q_positions: torch.Tensor, k_positions: torch.Tensor, *predicates) -> torch.Tensor:
+    """(B, 1, Nq, Nk) bool: every predicate holds for (query position, key position); ``q_positions`` (Nq,) or
+    (B, Nq), ``k_positions`` (B, Nk)."""
+    q, k = q_positions[..., :, None], k_positions[:, None, :]
+    if q.dim() == 2:
+        q = q[None]
+    allowed = predicates[0](q, k)
+    for predicate in predicates[1:]:
+        allowed = allowed & predicate(q, k)
+    return allowed[:, None]
+
+
 def dense_visibility(attention_mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int,
                      device) -> torch.Tensor:
     """(B or 1, 1, q_len, kv_len) bool visibility of one attention call: its mask, or with none (transformers

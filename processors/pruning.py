@@ -249,8 +249,7 @@ class _PruneState:
                 after_image = torch.arange(n, device=query.device) > image_mask[b].int().argmax()
                 rows = (real[b] & ~image_mask[b] & after_image).nonzero().squeeze(1)
             if attention_mask is not None:
-                visible = attention_mask[b if attention_mask.shape[0] > 1 else 0, 0, rows]
-                visible = visible if visible.dtype == torch.bool else visible > torch.finfo(visible.dtype).min / 2
+                visible = text_attention.visible(attention_mask[b if attention_mask.shape[0] > 1 else 0, 0, rows])
             else:
                 visible = real[b] & (torch.arange(n, device=query.device) <= rows[:, None])
             q, k, v = query[b:b + 1, :, rows], key[b:b + 1], value[b:b + 1]
@@ -403,13 +402,13 @@ class _PruneState:
         device = kept.device
         new = torch.arange(self.prefill_len, self.end, device=device).expand(kept.shape[0], -1)
         key_positions = torch.cat([kept, new], dim=1)[:, -keys:]  # (B, keys)
-        query_positions = torch.arange(self.end - queries, self.end, device=device)[None, :, None]  # (1, q, 1)
-        allowed = key_positions[:, None, :] <= query_positions
+        query_positions = torch.arange(self.end - queries, self.end, device=device)
+        predicates = [text_attention.causal]
         if sliding_window is not None:
-            allowed &= key_positions[:, None, :] > query_positions - sliding_window
+            predicates.append(text_attention.sliding_window(sliding_window))
         if self.decode_padding is not None:
-            allowed &= self.decode_padding.to(device).bool().gather(1, key_positions)[:, None, :]
-        return allowed[:, None]
+            predicates.append(text_attention.not_padding(self.decode_padding.to(device)))
+        return text_attention.position_mask(query_positions, key_positions, *predicates)
 
     def layer_hook(self, layer, stage: int, first: bool):
         """Pre-hook for a layer pruned by ``stage`` (the last stage whose layer is <= it); ``first`` (the stage's
@@ -660,8 +659,7 @@ def _patch_scores(query, key, value, scale, attention_mask, mode: str) -> torch.
     block_mask = None
     real = torch.ones(query.shape[0], query.shape[2], dtype=torch.bool, device=query.device)
     if attention_mask is not None:
-        visible = attention_mask if attention_mask.dtype == torch.bool \
-            else attention_mask > torch.finfo(attention_mask.dtype).min / 2
+        visible = text_attention.visible(attention_mask)
         block_mask = BlockMask.from_dense(visible)
         real = visible.any(dim=-1)[:, 0].expand_as(real)
     _, lse = kernels.attention(query, key, value, scale=scale, block_mask=block_mask, return_lse=True)
