@@ -44,7 +44,7 @@ import inspect
 import time
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +85,34 @@ class StageStats:
     kept_image_positions: torch.Tensor
 
 
+class _Interval:
+    """One forward's time: ``perf_counter`` on CPU; on CUDA two events, so nothing synchronises while the model
+    runs (the first read of ``seconds`` waits for the end event)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.begin = self._now()
+        self.end = None
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def stop(self) -> _Interval:
+        self.end = self._now()
+        return self
+
+    @property
+    def seconds(self) -> float:
+        if not self.cuda:
+            return self.end - self.begin
+        self.end.synchronize()
+        return self.begin.elapsed_time(self.end) / 1000
+
+
 @dataclass
 class PruningStats:
     """What the last pruned prefill did, per sample (every sample has the same counts), and how long it took.
@@ -92,9 +120,10 @@ class PruningStats:
     ``tokens_per_layer``: tokens entering each decoder layer; ``image_positions`` (B, n_image) and
     ``image_scores`` (B, n_image): the image tokens and the first stage's scores of them (see
     :class:`StageStats`); ``kept_image_positions`` (B, k): the image tokens kept after the last stage,
-    ascending; ``stages``: each stage's own choice. ``prefill_seconds``: wall time of the prefill's forward
-    through the VLM core (vision tower and decoder layers, not the LM head); ``decode_seconds`` and
-    ``decode_steps``: the same summed over the decode forwards since (CUDA is synchronised around each).
+    ascending; ``stages``: each stage's own choice. ``prefill_seconds``: time of the prefill's forward through the
+    VLM core (vision tower and decoder layers, not the LM head); ``decode_seconds`` and ``decode_steps``: the same
+    summed over the decode forwards since. On CUDA the times are device times between two events, read when
+    asked for: nothing synchronises while the model runs.
     """
 
     tokens_per_layer: list[int]
@@ -102,9 +131,20 @@ class PruningStats:
     image_scores: torch.Tensor
     kept_image_positions: torch.Tensor
     stages: list[StageStats]
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    decode_steps: int = 0
+    prefill: _Interval | None = field(default=None, repr=False)
+    decodes: list[_Interval] = field(default_factory=list, repr=False)
+
+    @property
+    def prefill_seconds(self) -> float:
+        return 0.0 if self.prefill is None else self.prefill.seconds
+
+    @property
+    def decode_seconds(self) -> float:
+        return sum(interval.seconds for interval in self.decodes)
+
+    @property
+    def decode_steps(self) -> int:
+        return len(self.decodes)
 
     @property
     def equivalent_tokens(self) -> float:
@@ -160,7 +200,7 @@ class _PruneState:
         self.prefill_len = 0
         self.end = 0  # decode: original positions of the current forward end here (exclusive)
         self.decode_padding: torch.Tensor | None = None  # decode: 2D attention mask over original positions
-        self.started = 0.0  # perf_counter at the start of the current forward
+        self.interval: _Interval | None = None  # the current forward's time
         self.timed: PruningStats | None = None  # the stats of the last prefill if it pruned: its decode steps add up
         self.collecting = False  # VisionZip: inside get_image_features, whose scoring layer records patch scores
         self.vision_scores: list[torch.Tensor] = []  # ... one (B_i, N_i) tensor per attention call
@@ -169,7 +209,7 @@ class _PruneState:
 
     def begin(self, module, args, kwargs):
         """Pre-hook on the VLM core: a prefill with image tokens prunes; a decode step reuses its choice."""
-        self.started = _clock(module)
+        self.interval = _Interval(next(module.parameters()).device)
         input_ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
         cache = cache_argument(kwargs)
         visual = None if input_ids is None else torch.isin(input_ids, self.visual_token_ids.to(input_ids.device))
@@ -200,17 +240,16 @@ class _PruneState:
     def finish(self, module, args, kwargs, output):
         """Forward hook on the VLM core: record the time; after a prefill that pruned layer 0, make layer 0's cache
         report every token it stands for (transformers takes positions and generate()'s new tokens from it)."""
-        seconds = _clock(module) - self.started
+        interval = self.interval.stop()
         if self.end == 0:  # a prefill: its decode steps count toward its own stats, if it pruned
             self.timed = _STATS[self.model()] if self.prefill else None
             if self.timed is not None:
-                self.timed.prefill_seconds = seconds
+                self.timed.prefill = interval
                 cache = output_cache(output)
                 if self.stages[0][0] == 0 and cache is not None:
                     count_extra_tokens(cache, 0, self.prefill_len - self.kept_stages[0].shape[1])
         elif self.timed is not None:
-            self.timed.decode_seconds += seconds
-            self.timed.decode_steps += 1
+            self.timed.decodes.append(interval)
 
     def _current(self, stage: int, batch: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The ``n`` tokens entering stage ``stage``: their original positions, which are image tokens and which are
@@ -483,14 +522,6 @@ def max_min_diverse(x: torch.Tensor, budget: int, chunk: int = 1024) -> torch.Te
         picked.append(int(distance.argmax()))
         distance = torch.minimum(distance, 1 - x @ x[picked[-1]])
     return torch.tensor(picked, device=x.device)
-
-
-def _clock(module) -> float:
-    """perf_counter after the work queued on the module's CUDA device (if any) is done."""
-    device = next(module.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def _padding_mask(mask) -> torch.Tensor | None:
