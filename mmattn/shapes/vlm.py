@@ -123,29 +123,33 @@ def conversation_batch(processor, rng: random.Random, seeds: range, size: int):
 
 @torch.no_grad()
 def evaluate(vlm: TinyVLM, split: str = "test", n: int = 600, batch_size: int = 50) -> dict:
-    """Greedy one-word answers to every question of ``n // 6`` scenes of ``split``: accuracy overall and per type."""
+    """Greedy one-word answers to every question of ``n // 6`` scenes of ``split``: accuracy overall and per type,
+    and the mean time of one batch's answer (its prefill: one new token)."""
     model, processor = vlm.model, vlm.processor
     items = [(s, qa) for seed in scenes.split_seeds(split, max(1, n // 6)) for s in [scenes.scene(seed)]
              for qa in scenes.questions(s)]
-    right, total = {}, {}
+    right, total, seconds = {}, {}, []
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
         inputs = question_batch(processor, chunk)
+        started = time.perf_counter()
         out = model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        seconds.append(time.perf_counter() - started)
         words = processor.tokenizer.batch_decode(out[:, -1:], skip_special_tokens=True)
         for (_, qa), word in zip(chunk, words):
             total[qa.kind] = total.get(qa.kind, 0) + 1
             right[qa.kind] = right.get(qa.kind, 0) + (word.strip() == qa.answer)
     per_type = {kind: right[kind] / total[kind] for kind in scenes.QUESTION_TYPES if kind in total}
-    return {"accuracy": sum(right.values()) / sum(total.values()), "per_type": per_type, "questions": len(items)}
+    return {"accuracy": sum(right.values()) / sum(total.values()), "per_type": per_type, "questions": len(items),
+            "batch_seconds": sum(seconds) / len(seconds), "batch_size": batch_size}
 
 
 def train(steps: int = 3000, batch_size: int = 16, lr: float = 2e-3, seed: int = 0, minutes: float | None = None,
           log_every: int = 100, out: Path | None = None, progress=None, eval_questions: int = 600,
-          vision_init: Path | None = None) -> dict:
+          vision_init: Path | None = None, freeze_vision: bool = True) -> dict:
     """Train shapes-vlm from ``seed`` on train-split questions (AdamW, warmup then cosine decay); stops after
     ``steps`` or ``minutes``. ``vision_init``: a shapes-classifier safetensors file whose tower initialises the
-    vision tower. Writes the weights and a model card to ``out`` (a folder) when given. Returns the card."""
+    vision tower (kept frozen with ``freeze_vision``: the projector and the language model learn). Writes the weights and a model card to ``out`` (a folder) when given. Returns the card."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     vlm = build(seed)
@@ -155,8 +159,10 @@ def train(steps: int = 3000, batch_size: int = 16, lr: float = 2e-3, seed: int =
 
         tower = {k.removeprefix("tower."): v for k, v in load_file(vision_init).items() if k.startswith("tower.")}
         model.model.vision_tower.load_state_dict(tower)
+        model.model.vision_tower.requires_grad_(not freeze_vision)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01,
+                                  betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(min(i, steps) / steps * 3.14159)).item()))
@@ -184,6 +190,7 @@ def train(steps: int = 3000, batch_size: int = 16, lr: float = 2e-3, seed: int =
             "image_tokens": IMAGE_TOKENS, "seed": seed, "steps": done, "batch_size": batch_size, "lr": lr,
             "train_minutes": round((time.perf_counter() - started) / 60, 1), "threads": torch.get_num_threads(),
             "vision_init": None if vision_init is None else Path(vision_init).name,
+            "vision_frozen": vision_init is not None and freeze_vision,
             "parameters": sum(p.numel() for p in model.parameters()), "history": history,
             "test": evaluate(vlm, "test", eval_questions)}
     if out is not None:

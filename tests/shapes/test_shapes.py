@@ -77,3 +77,14 @@ def test_training_script_runs_a_few_steps(tmp_path):
     assert (tmp_path / "shapes-classifier.safetensors").exists()
     assert main(["vlm", "--steps", "1", "--batch-size", "2", "--eval", "6", "--out", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "shapes-vlm.json").read_text())["vision_init"] == "shapes-classifier.safetensors"
+
+
+def test_vqa_harness_writes_its_table(tmp_path, monkeypatch):
+    from mmattn.shapes import evaluate
+
+    monkeypatch.setattr(vlm, "load", lambda: vlm.build(seed=0))  # untrained: the harness, not the scores
+    result = evaluate.run(questions=6, out=tmp_path)
+    assert [(r["method"], r["keep"]) for r in result["rows"][:2]] == [("none", 1.0), ("FastV", 0.33)]
+    assert len(result["rows"]) == 1 + 5 * len(evaluate.KEEPS)
+    table = (tmp_path / "vqa.md").read_text()
+    assert "| VisionZip | 11% | 16 |" in table and json.loads((tmp_path / "vqa.json").read_text())["rows"]
