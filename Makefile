@@ -28,7 +28,7 @@ install: $(UV)
 	$(UV_INSTALL) $(BIN)/python -e ".[dev]"
 
 run: install
-	HF_HUB_OFFLINE=1 $(BIN)/mmattn generate --out $(OUT)
+	HF_HUB_OFFLINE=1 $(BIN)/mmattn generate --overwrite --out $(OUT)
 
 test: test-lowest test-newest
 

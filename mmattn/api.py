@@ -13,6 +13,7 @@ installed before it are undone too: nothing is left half-applied.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -82,6 +83,40 @@ class Handle:
         return f"Handle({', '.join(type(m).__name__ for m in self.methods)}; {state})"
 
 
+def _compiled(module: Any) -> bool:
+    """A ``torch.compile(module)`` wrapper (nothing is one before torch._dynamo is imported)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return eval_frame is not None and isinstance(module, eval_frame.OptimizedModule)
+
+
+def _check_target(target: Any) -> None:
+    """Refuse what apply() cannot patch, saying what to pass instead."""
+    from diffusers import ModelMixin
+
+    from .adapters import DIFFUSION_FAMILIES
+    from .testing import TinyVLM
+
+    name = type(target).__name__
+    if _compiled(target):
+        inner = type(target._orig_mod).__name__
+        raise TypeError(f"apply() got an OptimizedModule (torch.compile of {inner}), whose forward mmattn cannot patch: "
+                        f"compile in place with module.compile() instead of module = torch.compile(module)"
+                        + (", and pass the pipeline" if isinstance(target._orig_mod, ModelMixin) else ""))
+    if isinstance(target, ModelMixin):
+        attr = next((f.denoiser_attr for f in DIFFUSION_FAMILIES if f.denoiser_class == name), "transformer")
+        raise TypeError(f"apply() got a {name}, a part of a diffusers pipeline; pass the pipeline that holds it "
+                        f"(mmattn.apply(pipe, ...), not mmattn.apply(pipe.{attr}, ...)): guidance runs in the pipeline call")
+    if isinstance(target, TinyVLM):
+        raise TypeError(f"apply() got a {name}, which holds a model and its processor; pass its .model "
+                        "(mmattn.apply(vlm.model, ...))")
+    for attr in ("unet", "transformer"):
+        if _compiled(getattr(target, attr, None)):
+            inner = type(getattr(target, attr)._orig_mod).__name__
+            raise ValueError(f"{name}.{attr} is an OptimizedModule (torch.compile of {inner}), whose forward mmattn "
+                             f"cannot patch: keep the module and compile it in place, pipe.{attr}.compile(), instead of "
+                             f"pipe.{attr} = torch.compile(pipe.{attr})")
+
+
 def apply(target: Any, methods: Any | Sequence[Any]) -> Handle:
     """Install one method config or a list of them on a diffusers pipeline or transformers model.
 
@@ -93,6 +128,7 @@ def apply(target: Any, methods: Any | Sequence[Any]) -> Handle:
         if type(method) not in _INSTALLERS:
             known = ", ".join(sorted(t.__name__ for t in _INSTALLERS))
             raise TypeError(f"{type(method).__name__} is not an mmattn method; known methods: {known}")
+    _check_target(target)
     try:
         for method in methods:
             handle._undo.append(_INSTALLERS[type(method)](target, method))

@@ -3,17 +3,26 @@
     mmattn generate                                   # tiny/sd3 + SoftPAG, outputs under outputs/generate
     mmattn generate --model tiny/sd3 --heads "transformer_blocks.1:0,2" --strength 0.5 --scale 3 \\
         --prompt "a red fox" --seed 0 --seed 1 --out outputs/fox
+
+Every setting is checked before any work. Exit status: 0 done; 1 an error (one line); 2 a usage error
+(one line, as argparse's); 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
 
-from . import __version__
+import torch
+
+from . import SoftPAG, __version__, methods
+from .pipelines.head_search import OBJECTIVES
 
 DEFAULT_MODEL = "tiny/sd3"
 DEFAULT_VIDEO_MODEL = "tiny/wan"
@@ -22,70 +31,234 @@ PENDING = {
     "demo": "the Gradio demo lands with the demo issue",
     "bench": "benchmarks are scripts in the source tree: python bench/bench_kernels.py, bench/bench_perturbation.py",
 }
+# The diffusion methods and their flags come from the method registry: each flag sets the config field of its name.
+METHODS = {name: methods.get(name) for name in methods.list_methods("diffusion")}
+SELECTION_FIELDS = ("heads", "layers")  # set by --heads
+GUIDANCE_FLAGS = ("scale", "start", "stop")  # fields every diffusion method has
+COMMON_FLAGS = ("heads", *GUIDANCE_FLAGS)
+METHOD_FLAGS = {name: tuple(f.name for f in methods.settings(name) if f.name not in SELECTION_FIELDS + GUIDANCE_FLAGS)
+                for name in METHODS}
+DTYPES = ("float32", "bfloat16", "float16")
+# The pipeline call argument each flag sets.
+CALL_FLAGS = {"num_inference_steps": "steps", "height": "height", "width": "width", "num_frames": "num_frames",
+              "guidance_scale": "guidance_scale"}
+# Multiples of height and width that pipelines check themselves (their check_inputs), beside the latent patch grid.
+PIPELINE_SIZE_MULTIPLE = {"unet": 8, "pixart": 8, "wan": 16}
+# What generate and video write into --out, and so what --overwrite deletes there.
+GENERATED_FILES = ("settings.json", "comparison.png", "comparison.gif")
+GENERATED_FOLDERS = ("baseline", *METHODS, "none")
+SEARCH_FILES = ("checkpoint.json", "heads.json")
+
+
+class UsageError(Exception):
+    """A command line that cannot run on any model: reported as argparse's errors are, exit status 2."""
+
+
+def _usage_line(prog: str, message) -> str:
+    return f"{prog}: error: {message} (see {prog} --help)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser that reports a usage error in one line; ``--help`` still prints the usage."""
+
+    def error(self, message: str):
+        self.exit(2, _usage_line(self.prog, message) + "\n")
+
+
+def _int_type(lowest: int, below: int | None = None, expected: str | None = None):
+    """argparse type: an int >= ``lowest`` (and < ``below``); ``expected`` describes the range in errors."""
+    expected = expected or f"an int >= {lowest}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an int: expected {expected}") from None
+        if value < lowest or (below is not None and value >= below):
+            raise argparse.ArgumentTypeError(f"{value} is out of range: expected {expected}")
+        return value
+
+    return parse
+
+
+_seed = _int_type(0, 2**64, "an int with 0 <= seed < 2**64")
+
+
+def _device(text: str) -> str:
+    try:
+        return str(torch.device(text))
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device: expected e.g. cpu, cuda, cuda:1") from None
+
+
+def _objective(text: str) -> str:
+    if text in OBJECTIVES or (text.startswith("clip:") and text[5:]):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: expected {' | '.join(OBJECTIVES)} | clip:<CLIP model id>")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmattn", description="Training-free attention interventions for diffusion models and VLMs.")
+    parser = _Parser(prog="mmattn", description="Training-free attention interventions for diffusion models and VLMs.")
     parser.add_argument("--version", action="version", version=f"mmattn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     gen = sub.add_parser("generate", help="generate images with an attention intervention; writes images + settings.json")
-    _generation_args(gen, DEFAULT_MODEL, "softpag", "outputs/generate")
-    gen.set_defaults(run=_generate, kind="image")
+    _generation_args(gen, DEFAULT_MODEL, "softpag", "outputs/generate", frames=False)
+    gen.set_defaults(run=_generate, kind="image", prog=gen.prog)
     video = sub.add_parser("video", help="generate videos (Wan) with an intervention; writes GIFs + settings.json")
-    _generation_args(video, DEFAULT_VIDEO_MODEL, "stg", "outputs/video")
-    video.add_argument("--num-frames", type=int, help="frames (Wan: 4k+1; default: the model's)")
-    video.set_defaults(run=_generate, kind="video")
+    _generation_args(video, DEFAULT_VIDEO_MODEL, "stg", "outputs/video", frames=True)
+    video.set_defaults(run=_generate, kind="video", prog=video.prog)
 
     heads = sub.add_parser("heads", help="attention heads: HeadHunter search for SoftPAG")
     heads_sub = heads.add_subparsers(dest="heads_command", metavar="ACTION", required=True)
     search = heads_sub.add_parser("search", help="greedy HeadHunter search; writes heads.json with a SoftPAG head spec")
-    search.add_argument("--model", default=DEFAULT_MODEL, help=f"model id, local folder or tiny/<name> (default {DEFAULT_MODEL})")
-    search.add_argument("--objective", default="sharpness", help="sharpness | colorfulness | clip:<CLIP model id>")
+    search.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"image or video model: id, local folder or tiny/<name> (default {DEFAULT_MODEL})")
+    search.add_argument("--objective", type=_objective, default="sharpness",
+                        help=f"{' | '.join(OBJECTIVES)} | clip:<CLIP model id> (default sharpness)")
     search.add_argument("--prompt", action="append", help="prompt (repeat; default: two built-in prompts)")
-    search.add_argument("--seed", action="append", type=int, help="seed (repeat; default 0)")
-    search.add_argument("--rounds", type=int, default=1, help="greedy rounds R (default 1)")
-    search.add_argument("--top-k", type=int, default=2, help="heads kept per round k (default 2)")
+    search.add_argument("--seed", action="append", type=_seed, help="seed (repeat; default 0)")
+    search.add_argument("--rounds", type=_int_type(1), default=1, help="greedy rounds R (default 1)")
+    search.add_argument("--top-k", type=_int_type(1), default=2, help="heads kept per round k (default 2)")
     search.add_argument("--layers", help="restrict candidates to a head spec (default: every self-attention head)")
     search.add_argument("--strength", type=float, default=1.0, help="SoftPAG blend u used while searching")
     search.add_argument("--scale", type=float, default=3.0, help="perturbation guidance scale s")
-    search.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
-    search.add_argument("--out", default="outputs/heads", help="output folder: heads.json and checkpoint.json")
-    search.set_defaults(run=_heads_search)
+    _call_args(search, frames=True)
+    _machine_args(search)
+    search.add_argument("--out", default="outputs/heads",
+                        help="output folder: heads.json and checkpoint.json; a checkpoint.json there is resumed")
+    search.add_argument("--overwrite", action="store_true",
+                        help="start afresh: delete --out's checkpoint.json and heads.json (other files stay); "
+                             "needed for a non-empty --out without checkpoint.json")
+    search.set_defaults(run=_heads_search, prog=search.prog)
 
     for name, message in PENDING.items():
         pending = sub.add_parser(name, help=f"(not yet available) {message}")
-        pending.set_defaults(run=lambda args, message=message, name=name: _pending(name, message))
+        pending.set_defaults(run=lambda args, message=message, name=name: _pending(name, message), prog=pending.prog)
     return parser
 
 
-def _generation_args(parser, default_model: str, default_method: str, default_out: str) -> None:
+def _generation_args(parser, default_model: str, default_method: str, default_out: str, frames: bool) -> None:
+    """The flags of generate and video. Method flags default to None (not given); the config fills its defaults."""
     parser.add_argument("--model", default=default_model, help=f"model id, local folder or tiny/<name> (default {default_model})")
     parser.add_argument("--prompt", action="append", help="prompt (repeat for several; default: one built-in prompt)")
-    parser.add_argument("--seed", action="append", type=int, help="seed (repeat for several; default 0)")
-    parser.add_argument("--method", choices=("softpag", "pag", "seg", "slg", "stg", "none"), default=default_method,
+    parser.add_argument("--seed", action="append", type=_seed, help="seed (repeat for several; default 0)")
+    parser.add_argument("--method", choices=(*METHODS, "none"), default=default_method,
                         help=f"intervention (default {default_method})")
     parser.add_argument("--heads", help="head or layer selection, e.g. 'transformer_blocks.1:0,2' (default: the middle block)")
-    parser.add_argument("--strength", type=float, default=1.0, help="softpag: blend u in [0, 1] (1 = PAG)")
-    parser.add_argument("--target", choices=("identity", "uniform"), default="identity", help="softpag: target map")
-    parser.add_argument("--scope", choices=("joint", "image"), default="joint", help="softpag/pag: 'image' = SD3 image block only")
-    parser.add_argument("--sigma", type=float, default=10.0, help="seg: query blur width in tokens (inf: mean query)")
-    parser.add_argument("--mode", choices=("attention", "residual"), default="attention", help="stg: what is skipped")
-    parser.add_argument("--rescale", type=float, default=0.0, help="stg: rescale r in [0, 1]")
-    parser.add_argument("--scale", type=float, help="perturbation guidance scale s (default: the method's)")
-    parser.add_argument("--start", type=float, help="first fraction of steps with guidance (default: the method's)")
-    parser.add_argument("--stop", type=float, help="fraction of steps where guidance stops (default: the method's)")
-    parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
-    parser.add_argument("--height", type=int)
-    parser.add_argument("--width", type=int)
+    _method_args(parser)
+    _call_args(parser, frames)
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale w")
+    _machine_args(parser)
     parser.add_argument("--no-baseline", action="store_true", help="skip the baseline and the side-by-side comparison")
     parser.add_argument("--out", default=default_out, help=f"output folder (default {default_out})")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --out, first deleting what an earlier run wrote there (settings.json, "
+                             "comparison.*, the images in baseline/ and the method folders); other files stay")
+
+
+def _method_args(parser) -> None:
+    """One flag per setting of the registered diffusion methods, from the config fields (help, choices, defaults)."""
+    seen: dict[str, list] = {}
+    for name in METHODS:
+        for f in methods.settings(name):
+            if f.name not in SELECTION_FIELDS:
+                seen.setdefault(f.name, []).append((name, f))
+    for flag, owners in seen.items():
+        f = owners[0][1]
+        users = "every method" if flag in GUIDANCE_FLAGS else "/".join(name for name, _ in owners)
+        defaults = ", ".join(f"{name} {g.default}" for name, g in owners)
+        parser.add_argument(f"--{flag}", type=type(f.default), choices=f.metadata.get("choices"),
+                            help=f"{users}: {f.metadata.get('help', flag)} (default: {defaults})")
+
+
+def _call_args(parser, frames: bool) -> None:
+    parser.add_argument("--steps", type=_int_type(1), help="denoising steps (default: the model's)")
+    parser.add_argument("--height", type=_int_type(1), help="pixels; a multiple of the model's VAE scale x patch size")
+    parser.add_argument("--width", type=_int_type(1), help="pixels; a multiple of the model's VAE scale x patch size")
+    if frames:
+        parser.add_argument("--num-frames", type=_int_type(1), help="video models: frames (Wan: 4k+1; default: the model's)")
+
+
+def _machine_args(parser) -> None:
+    parser.add_argument("--device", type=_device, help="torch device (default: cuda where available, else cpu)")
+    parser.add_argument("--dtype", choices=DTYPES,
+                        help="weights' dtype (default: bfloat16 on cuda, float16 where the GPU lacks bfloat16; float32 else)")
 
 
 def _pending(name: str, message: str) -> int:
     print(f"mmattn {name}: not available in this version: {message}", file=sys.stderr)
     return 2
+
+
+def _device_and_dtype(args) -> tuple[torch.device, torch.dtype]:
+    """--device and --dtype, or the defaults: cuda in bfloat16 (float16 without bf16 support), else cpu in float32."""
+    if args.device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"--device={device} is not available here ({reason}); expected cpu"
+                             f"{' or cuda' if torch.cuda.is_available() else ''}") from error
+    if args.dtype:
+        return device, getattr(torch, args.dtype)
+    if device.type == "cuda":
+        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return device, torch.float32
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _checked_out(path: str, overwrite: bool, resumable: str | None = None) -> Path:
+    """The --out folder, refused before any work when it cannot be written or, without --overwrite, holds files
+    (``resumable``: a file there that the command resumes from)."""
+    out = Path(path)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out={path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out={path}: {existing} is not writable")
+    if out.is_dir() and any(out.iterdir()) and not overwrite and not (resumable and (out / resumable).is_file()):
+        raise ValueError(f"--out={path} is not empty: pass --overwrite to replace the outputs of an earlier run, "
+                         "or choose another folder")
+    return out
+
+
+def _clear_outputs(out: Path, files: tuple[str, ...], folders: tuple[str, ...] = ()) -> None:
+    """--overwrite: delete what an earlier run wrote into ``out``: ``files``, and the per-prompt images in ``folders``."""
+    for name in files:
+        (out / name).unlink(missing_ok=True)
+    for folder in (out / name for name in folders):
+        if folder.is_dir():
+            for image in [*folder.glob("prompt*_seed*.png"), *folder.glob("prompt*_seed*.gif")]:
+                image.unlink()
+            if not any(folder.iterdir()):
+                folder.rmdir()
+
+
+def _check_method_flags(args) -> None:
+    """A method flag given for another method than --method is an error, not silently dropped."""
+    applicable = () if args.method == "none" else COMMON_FLAGS + METHOD_FLAGS[args.method]
+    for flag in dict.fromkeys(COMMON_FLAGS + sum(METHOD_FLAGS.values(), ())):
+        if getattr(args, flag) is not None and flag not in applicable:
+            methods = [m for m, flags in METHOD_FLAGS.items() if flag in COMMON_FLAGS + flags]
+            raise UsageError(f"--{flag} applies to --method {', '.join(methods)}; not to --method {args.method}")
+
+
+def _method(args, heads: str):
+    """The method config the arguments describe, on ``heads`` (None for --method none); flags not given take the
+    config's defaults."""
+    if args.method == "none":
+        return None
+    given = {flag: getattr(args, flag) for flag in GUIDANCE_FLAGS + METHOD_FLAGS[args.method]
+             if getattr(args, flag) is not None}
+    selection = "layers" if args.method in ("slg", "stg") else "heads"
+    return METHODS[args.method](**{selection: heads}, **given)
 
 
 def _default_heads(pipe) -> str:
@@ -95,23 +268,53 @@ def _default_heads(pipe) -> str:
     return f"{layers[len(layers) // 2]}:*"
 
 
-def _method(args, pipe):
-    """The method config the generate arguments describe (None for --method none)."""
-    from . import PAG, SEG, SLG, STG, SoftPAG
+def _size_multiple(pipe) -> int:
+    """What height and width must be multiples of: the VAE's downsampling times the denoiser's patch (Flux packs
+    2x2 latents into a token), and any multiple the pipeline checks itself."""
+    from .adapters import diffusion_family
 
-    if args.method == "none":
-        return None
-    spec = args.heads or _default_heads(pipe)
-    common = {k: v for k, v in (("scale", args.scale), ("start", args.start), ("stop", args.stop)) if v is not None}
-    if args.method == "softpag":
-        return SoftPAG(heads=spec, strength=args.strength, target=args.target, scope=args.scope, **common)
-    if args.method == "pag":
-        return PAG(heads=spec, scope=args.scope, **common)
-    if args.method == "seg":
-        return SEG(heads=spec, sigma=args.sigma, **common)
-    if args.method == "slg":
-        return SLG(layers=spec, **common)
-    return STG(layers=spec, mode=args.mode, rescale=args.rescale, **common)
+    family = diffusion_family(pipe)
+    patch = 2 if family.name == "flux" else getattr(family.denoiser(pipe).config, "patch_size", None) or 1
+    patch = patch[-1] if isinstance(patch, (tuple, list)) else patch
+    vae = getattr(pipe, "vae_scale_factor_spatial", None) or pipe.vae_scale_factor
+    return math.lcm(vae * patch, PIPELINE_SIZE_MULTIPLE.get(family.name, 1))
+
+
+def _call(args, pipe) -> dict:
+    """The pipeline call arguments: the flags over the model's defaults, checked against what the model accepts.
+    Steps and the CFG scale are always written out (the pipeline's defaults where not given)."""
+    from .hub import pipeline_defaults
+
+    given = {key: getattr(args, flag, None) for key, flag in CALL_FLAGS.items()}
+    call = pipeline_defaults(args.model) | {key: value for key, value in given.items() if value is not None}
+    parameters = inspect.signature(type(pipe).__call__).parameters
+    for key in ("num_inference_steps", "guidance_scale"):
+        default = parameters[key].default if key in parameters else None
+        if key not in call and isinstance(default, (int, float)):
+            call[key] = default
+    steps, trained = call["num_inference_steps"], pipe.scheduler.config.get("num_train_timesteps")
+    if trained and steps > trained:
+        raise ValueError(f"--steps={steps} is out of range for {args.model}: expected an int in [1, {trained}] "
+                         "(its scheduler's num_train_timesteps)")
+    multiple = _size_multiple(pipe)
+    for key in ("height", "width"):
+        if key in call and call[key] % multiple:
+            raise ValueError(f"--{key}={call[key]} does not suit {args.model}: expected a multiple of {multiple}")
+    if "num_frames" in call:
+        temporal = getattr(pipe, "vae_scale_factor_temporal", None)
+        if temporal is None:
+            raise ValueError(f"--num-frames={call['num_frames']} applies to video models; {args.model} makes images")
+        if (call["num_frames"] - 1) % temporal:
+            raise ValueError(f"--num-frames={call['num_frames']} does not suit {args.model}: expected {temporal}k+1 "
+                             f"frames (1, {temporal + 1}, {2 * temporal + 1}, ...)")
+    return call
+
+
+def _warn_if_unguided(prog: str, method, steps: int) -> None:
+    """Say so when no step i of the run lies in the method's window: start <= i/steps < stop."""
+    if not any(method.start <= i / steps < method.stop for i in range(steps)):
+        print(f"{prog}: warning: {method.name} guides no step: no step i of {steps} has start={method.start} <= "
+              f"i/{steps} < stop={method.stop}, so its outputs equal the baseline", file=sys.stderr)
 
 
 def _grid(rows: list[list], labels: list[str]):
@@ -134,24 +337,29 @@ def _grid(rows: list[list], labels: list[str]):
 
 def _generate(args) -> int:
     """Images (``generate``) or videos (``video``): baseline and intervention per prompt and seed."""
-    import torch
     from tqdm.auto import tqdm
 
     from . import apply
-    from .hub import load_pipeline, pipeline_defaults
+    from .hub import load_pipeline
 
     video = args.kind == "video"
-    pipe = load_pipeline(args.model, kinds=(args.kind,))
+    _check_method_flags(args)
+    device, dtype = _device_and_dtype(args)
+    _method(args, args.heads or "layer")  # every setting checked before the model loads; the default heads need it
+    out = _checked_out(args.out, args.overwrite)
+    pipe = load_pipeline(args.model, dtype=dtype, kinds=(args.kind,), device=device)
     pipe.set_progress_bar_config(leave=False)
-    call = pipeline_defaults(args.model) | {"output_type": "pil"}
-    for key, value in (("num_inference_steps", args.steps), ("height", args.height), ("width", args.width),
-                       ("guidance_scale", args.guidance_scale), ("num_frames", getattr(args, "num_frames", None))):
-        if value is not None:
-            call[key] = value
-    method = _method(args, pipe)
+    call = _call(args, pipe)
+    method = _method(args, args.heads or _default_heads(pipe))
+    if method is not None:
+        with apply(pipe, method):  # the heads checked against the model before anything is generated
+            pass
+        _warn_if_unguided(args.prog, method, call["num_inference_steps"])
+    if args.overwrite:
+        _clear_outputs(out, GENERATED_FILES, GENERATED_FOLDERS)
+    call["output_type"] = "pil"
     prompts = args.prompt or ["a photograph of a lighthouse on a cliff at sunset"]
     seeds = args.seed or [0]
-    out = Path(args.out)
     variants = ([("baseline", None)] if not args.no_baseline else []) + [(args.method, method)]
 
     rows, records = [], []
@@ -179,14 +387,18 @@ def _generate(args) -> int:
         labels = [label for label, _ in variants]
         _save([_grid([[frames[t] for frames in row] for row in rows], labels) for t in range(len(rows[0][0]))], comparison)
         written += f" and {comparison.name}"
+    first = rows[0][0]
+    ran = {"height": first[0].height, "width": first[0].width} | ({"num_frames": len(first)} if video else {})
     settings = {
         "mmattn_version": __version__,
         "model": args.model,
         "pipeline": type(pipe).__name__,
+        "device": str(device),
+        "dtype": _dtype_name(dtype),
         "method": method.to_dict() if method else None,
         "prompts": prompts,
         "seeds": seeds,
-        "call": call,
+        "call": call | ran,
         "outputs": records,
         "seconds": round(time.perf_counter() - started, 3),
     }
@@ -204,38 +416,52 @@ def _save(frames: list, path: Path) -> None:
 
 
 def _heads_search(args) -> int:
-    from .hub import load_pipeline, pipeline_defaults
+    from .hub import load_pipeline, pipeline_kind
     from .pipelines.head_search import CLIPScore, HeadSearch
 
+    device, dtype = _device_and_dtype(args)
+    SoftPAG(heads=args.layers or "layer", strength=args.strength, scale=args.scale)  # checked before the model loads
+    out = _checked_out(args.out, args.overwrite, resumable="checkpoint.json")
     objective = CLIPScore.from_pretrained(args.objective[5:]) if args.objective.startswith("clip:") else args.objective
-    pipe = load_pipeline(args.model, kinds=("image",))
-    call = pipeline_defaults(args.model) | ({"num_inference_steps": args.steps} if args.steps else {})
-    out = Path(args.out)
+    pipe = load_pipeline(args.model, dtype=dtype, device=device)
+    call = _call(args, pipe)
     search = HeadSearch(pipe, objective, args.prompt or ["a photograph of a red fox in snow", "a watercolor of a harbour"],
                         seeds=args.seed or [0], rounds=args.rounds, top_k=args.top_k, strength=args.strength,
                         scale=args.scale, layers=args.layers, call_kwargs=call, checkpoint=out / "checkpoint.json")
+    if args.overwrite:
+        _clear_outputs(out, SEARCH_FILES)
     result = search.run()
-    (out / "heads.json").write_text(json.dumps({"model": args.model, **result.to_json()}, indent=2))
+    out.mkdir(parents=True, exist_ok=True)
+    saved = {"model": args.model, "device": str(device), "dtype": _dtype_name(dtype), **result.to_json()}
+    (out / "heads.json").write_text(json.dumps(saved, indent=2))
     print(f"heads: {result.spec}")
-    print(f"wrote {out / 'heads.json'}; use: mmattn generate --model {args.model} --heads \"{result.spec}\"")
+    command = "video" if pipeline_kind(args.model) == "video" else "generate"
+    print(f"wrote {out / 'heads.json'}; use: mmattn {command} --model {args.model} --heads \"{result.spec}\"")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the command they were given to, not by the top-level parser as parse_args() does
+        parser.exit(2, _usage_line(getattr(args, "prog", parser.prog), f"unrecognized arguments: {' '.join(unknown)}") + "\n")
     if args.command is None:
-        _parser().print_help()
+        parser.print_help()
         return 0
     from ._compat import quiet_upstream_logging
 
     quiet_upstream_logging()
-    from .hub import ModelNotAvailableError
-
     try:
         return args.run(args)
-    except (ModelNotAvailableError, ValueError, KeyError) as error:
+    except UsageError as error:
+        print(_usage_line(args.prog, error), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{args.prog}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, OSError, RuntimeError, ImportError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"mmattn {args.command}: error: {message}", file=sys.stderr)
+        print(f"{args.prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
         return 1
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from .heads import parse_heads
 
@@ -33,14 +33,14 @@ def _check_range(name: str, value: float, lo: float, hi: float) -> None:
 
 def _plain_numbers(config) -> None:
     """Store NumPy scalars as Python ints and floats (JSON-ready, equal hashes)."""
-    for field in fields(config):
-        value = getattr(config, field.name)
+    for f in fields(config):
+        value = getattr(config, f.name)
         if isinstance(value, bool) or type(value) in (int, float):
             continue
         if isinstance(value, numbers.Integral):
-            object.__setattr__(config, field.name, int(value))
+            object.__setattr__(config, f.name, int(value))
         elif isinstance(value, numbers.Real):
-            object.__setattr__(config, field.name, float(value))
+            object.__setattr__(config, f.name, float(value))
 
 
 def _check_window(start: float, stop: float) -> None:
@@ -53,12 +53,23 @@ def _check_window(start: float, stop: float) -> None:
 _REGISTRY: dict[str, type] = {}  # method name -> config class (see mmattn.methods)
 
 
+def _setting(default, help: str, choices: tuple | None = None):
+    """A config field with what a command line or a demo control shows for it (``help``, ``choices``)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+_SCALE = "perturbation guidance scale s in [0, 100]"
+_START = "first fraction of the denoising steps with guidance, in [0, 1]"
+_STOP = "fraction of the denoising steps where guidance stops, in [0, 1]"
+
+
 class _Method:
     """Common to method configs: a name, the kind of model it applies to (``applies_to``: "diffusion" or "vlm"), a
     JSON-ready description. A subclass that sets its own ``name`` registers itself under it."""
 
     name = "method"
     applies_to = "diffusion"
+    fixed: tuple[str, ...] = ()  # inherited fields this method does not let a user set (PAG: strength, target)
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -88,12 +99,12 @@ class SoftPAG(_Method):
     """
 
     heads: str
-    strength: float = 1.0
-    scale: float = 3.0
-    target: str = "identity"
-    start: float = 0.0
-    stop: float = 1.0
-    scope: str = "joint"
+    strength: float = _setting(1.0, "blend u in [0, 1] toward the target map (1 = PAG)")
+    scale: float = _setting(3.0, _SCALE)
+    target: str = _setting("identity", "target map: identity (PAG) or uniform (SoftUG)", ("identity", "uniform"))
+    start: float = _setting(0.0, _START)
+    stop: float = _setting(1.0, _STOP)
+    scope: str = _setting("joint", "joint sequence, or image: the SD3 image x image block only", ("joint", "image"))
 
     name = "softpag"
 
@@ -119,6 +130,7 @@ class PAG(SoftPAG):
     """
 
     name = "pag"
+    fixed = ("strength", "target")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -138,10 +150,10 @@ class SEG(_Method):
     """
 
     heads: str
-    sigma: float = 10.0
-    scale: float = 3.0
-    start: float = 0.0
-    stop: float = 1.0
+    sigma: float = _setting(10.0, "query blur width in tokens, > 0 (inf: the mean query)")
+    scale: float = _setting(3.0, _SCALE)
+    start: float = _setting(0.0, _START)
+    stop: float = _setting(1.0, _STOP)
 
     name = "seg"
 
@@ -165,9 +177,9 @@ class SLG(_Method):
     """
 
     layers: str
-    scale: float = 2.8
-    start: float = 0.01
-    stop: float = 0.2
+    scale: float = _setting(2.8, _SCALE)
+    start: float = _setting(0.01, _START)
+    stop: float = _setting(0.2, _STOP)
 
     name = "slg"
 
@@ -189,11 +201,12 @@ class STG(_Method):
     """
 
     layers: str
-    mode: str = "attention"
-    scale: float = 1.0
-    rescale: float = 0.0
-    start: float = 0.0
-    stop: float = 1.0
+    mode: str = _setting("attention", "what is skipped: attention (output = V) or residual (the block)",
+                         ("attention", "residual"))
+    scale: float = _setting(1.0, _SCALE)
+    rescale: float = _setting(0.0, "rescale r in [0, 1] of the guided prediction's std toward the conditional's")
+    start: float = _setting(0.0, _START)
+    stop: float = _setting(1.0, _STOP)
 
     name = "stg"
 

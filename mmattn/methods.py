@@ -28,9 +28,10 @@ def list_methods(target: str | None = None) -> list[str]:
     return sorted(name for name, cls in _REGISTRY.items() if target is None or cls.applies_to == target)
 
 
-def fields(name: str) -> list[dataclasses.Field]:
-    """The settings of method ``name`` (dataclass fields, in order, with their defaults and types)."""
-    return list(dataclasses.fields(get(name)))
+def settings(name: str) -> list[dataclasses.Field]:
+    """The fields of method ``name`` a user sets (with ``help`` / ``choices`` metadata), without the ones it fixes."""
+    cls = get(name)
+    return [f for f in dataclasses.fields(cls) if f.name not in cls.fixed]
 
 
 def from_dict(data: dict) -> _Method:

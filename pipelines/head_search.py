@@ -24,7 +24,7 @@ from mmattn.api import apply
 from mmattn.configs import SoftPAG
 
 Objective = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
-"""(images (B, 3, H, W) in [0, 1], prompts) -> score per image, higher is better."""
+"""(images (B, 3, H, W) float32 on the CPU in [0, 1], prompts) -> score per image, higher is better."""
 
 
 def sharpness(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -49,9 +49,10 @@ class CLIPScore:
 
     @classmethod
     def from_pretrained(cls, model_id: str = "openai/clip-vit-large-patch14") -> CLIPScore:
-        from transformers import CLIPModel, CLIPProcessor
+        """Offline, a model not in the cache fails with one line naming the id and HF_HUB_OFFLINE."""
+        from mmattn.hub import load_clip
 
-        return cls(CLIPModel.from_pretrained(model_id), CLIPProcessor.from_pretrained(model_id))
+        return cls(*load_clip(model_id))
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -127,10 +128,14 @@ class HeadSearch:
         self.checkpoint = Path(checkpoint) if checkpoint else None
         self.progress = progress
 
+    @property
+    def objective_name(self) -> str:
+        return getattr(self.objective, "__name__", type(self.objective).__name__)
+
     def settings(self) -> dict:
         return {"prompts": self.prompts, "seeds": self.seeds, "rounds": self.rounds, "top_k": self.top_k,
                 "strength": self.strength, "scale": self.scale, "call": self.call_kwargs,
-                "objective": getattr(self.objective, "__name__", type(self.objective).__name__),
+                "objective": self.objective_name,
                 "candidates": [f"{n}:{h}" for n, h in self.candidates]}
 
     @torch.no_grad()
@@ -145,14 +150,30 @@ class HeadSearch:
         else:
             output = self.pipe(prompts, generator=generators, **call)
         images = output.frames if hasattr(output, "frames") else output.images
+        frames = images.shape[1] if images.ndim == 5 else 1
         if images.ndim == 5:  # video (B, F, C, H, W): score every frame with its prompt
-            prompts = [p for p in prompts for _ in range(images.shape[1])]
+            prompts = [p for p in prompts for _ in range(frames)]
             images = images.flatten(0, 1)
-        return float(self.objective(images.float(), prompts).mean())
+        scores = self.objective(images.float().cpu(), prompts)
+        nan = torch.isnan(scores).nonzero().flatten()
+        if len(nan):
+            pair = int(nan[0]) // frames
+            prompt, seed = self.prompts[pair // len(self.seeds)], self.seeds[pair % len(self.seeds)]
+            raise ValueError(f"objective {self.objective_name!r} returned NaN for prompt {prompt!r}, seed {seed} "
+                             f"(heads: {heads_to_spec(heads) or 'none'})")
+        return float(scores.mean())
 
     def _load(self) -> dict:
         if self.checkpoint and self.checkpoint.exists():
-            state = json.loads(self.checkpoint.read_text())
+            try:
+                state = json.loads(self.checkpoint.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise ValueError(f"checkpoint {self.checkpoint} is not valid JSON ({error}); delete it to start the "
+                                 "search afresh") from error
+            if not (isinstance(state, dict) and isinstance(state.get("rounds"), list)
+                    and isinstance(state.get("chosen"), list) and "baseline" in state):
+                raise ValueError(f"checkpoint {self.checkpoint} is not a head search checkpoint (expected an object with "
+                                 "settings, baseline, rounds and chosen); delete it to start the search afresh")
             if state.get("settings") != self.settings():
                 raise ValueError(f"checkpoint {self.checkpoint} was written with other settings; "
                                  "use another path or delete it")

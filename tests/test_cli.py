@@ -1,16 +1,25 @@
 """The console script: help, version, clear offline errors, and the main job on the embedded default."""
 
+import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from diffusers import DiffusionPipeline
 
 import mmattn
+from mmattn import cli as cli_module
+from mmattn import hub
+from mmattn.cli import main
+from mmattn.testing import build_tiny
 
 MMATTN = str(Path(sys.executable).with_name("mmattn"))
+REPO = Path(__file__).resolve().parents[1]
 
 
 def cli(*args, cwd=None):
@@ -107,3 +116,231 @@ def test_heads_search_writes_a_spec_generate_accepts(tmp_path):
     assert saved["spec"].startswith("transformer_blocks.1:") and (out / "checkpoint.json").exists()
     generated = cli("generate", "--heads", saved["spec"], "--no-baseline", "--out", str(tmp_path / "gen"))
     assert generated.returncode == 0, generated.stderr
+
+
+# In-process runs of main() below: the same code the console script runs, without an interpreter start-up each.
+
+
+def run(capsys, *args):
+    """(exit status, stdout, stderr lines) of ``mmattn *args`` run in this process."""
+    try:
+        status = main(list(args))
+    except SystemExit as exit:  # argparse: --help, usage errors
+        status = exit.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err.strip().splitlines()
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if a model is loaded: the arguments must be refused before any work."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(hub, "load_pipeline", refuse)
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize("args, prog, message", [
+    (["generate", "--bogus"], "mmattn generate", "unrecognized arguments: --bogus"),
+    (["generate", "--method", "sag"], "mmattn generate", "argument --method: invalid choice: 'sag'"),
+    (["heads"], "mmattn heads", "the following arguments are required: ACTION"),
+])
+def test_usage_errors_are_one_line_and_help_shows_usage(capsys, args, prog, message):
+    status, _, err = run(capsys, *args)
+    assert status == 2 and len(err) == 1, err
+    assert err[0].startswith(f"{prog}: error: ") and message in err[0] and err[0].endswith(f"(see {prog} --help)")
+    status, out, _ = run(capsys, *prog.split()[1:], "--help")
+    assert status == 0 and out.startswith(f"usage: {prog} [-h]")
+
+
+def test_ctrl_c_exits_130_with_a_short_message(capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hub, "load_pipeline", interrupted)
+    status, _, err = run(capsys, "generate")
+    assert status == 130 and err == ["mmattn generate: interrupted"]
+
+
+def test_offline_clip_objective_is_one_line(capsys, tmp_path, no_loading):
+    status, _, err = run(capsys, "heads", "search", "--objective", "clip:someone/no-clip", "--out", str(tmp_path / "h"))
+    assert status == 1 and len(err) == 1, err
+    assert err[0].startswith("mmattn heads search: error: model 'someone/no-clip' is not available offline")
+    assert "HF_HUB_OFFLINE=1" in err[0]
+
+
+def test_out_that_cannot_be_written_is_refused_before_loading(capsys, tmp_path, monkeypatch, no_loading):
+    file = tmp_path / "file.txt"
+    file.write_text("")
+    for out in (file, file / "sub"):
+        status, _, err = run(capsys, "generate", "--out", str(out))
+        assert status == 1 and err == [f"mmattn generate: error: --out={out}: {file} is a file, not a folder"]
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    status, _, err = run(capsys, "heads", "search", "--out", str(tmp_path / "new"))
+    assert status == 1 and err == [f"mmattn heads search: error: --out={tmp_path / 'new'}: {tmp_path} is not writable"]
+
+
+@pytest.mark.slow
+def test_a_non_empty_out_needs_overwrite(capsys, tmp_path):
+    out = tmp_path / "run"
+    quick = ("--steps", "1", "--no-baseline", "--out", str(out))
+    assert run(capsys, "generate", *quick)[0] == 0
+    (out / "notes.txt").write_text("mine")
+    status, _, err = run(capsys, "generate", *quick)
+    assert status == 1 and len(err) == 1 and "is not empty: pass --overwrite" in err[0]
+    assert run(capsys, "generate", "--method", "seg", "--overwrite", *quick)[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "seg", "settings.json"]  # softpag/ went
+    assert json.loads((out / "settings.json").read_text())["method"]["method"] == "seg"
+
+
+@pytest.mark.slow
+def test_a_model_folder_runs_and_is_checked_for_its_kind_before_loading(capsys, tmp_path, monkeypatch):
+    build_tiny("tiny/sd3").save_pretrained(tmp_path / "sd3")
+    status, _, err = run(capsys, "generate", "--model", str(tmp_path / "sd3"), "--steps", "1", "--no-baseline",
+                         "--out", str(tmp_path / "out"))
+    settings = json.loads((tmp_path / "out/settings.json").read_text())
+    assert status == 0 and settings["pipeline"] == "StableDiffusion3Pipeline"
+    # what ran, the pipeline's defaults included: its default size and CFG scale
+    assert {"height": 32, "width": 32, "num_inference_steps": 1, "guidance_scale": 7.0}.items() <= settings["call"].items()
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded an image model for video"))
+    status, _, err = run(capsys, "video", "--model", str(tmp_path / "sd3"))
+    assert status == 1 and err == [f"mmattn video: error: model {str(tmp_path / 'sd3')!r} is of kind 'image'; "
+                                   "this needs one of: video"]
+
+
+def test_a_folder_that_is_not_a_pipeline_is_one_line(capsys, tmp_path):
+    status, _, err = run(capsys, "generate", "--model", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert status == 1 and err == [f"mmattn generate: error: model {str(tmp_path)!r} is a folder without "
+                                   "model_index.json: not a diffusers pipeline"]
+
+
+@pytest.mark.parametrize("text", ['{"settings": {"prompts": [', "[]"])
+def test_a_broken_checkpoint_is_one_line_naming_the_file(capsys, tmp_path, text):
+    (tmp_path / "checkpoint.json").write_text(text)
+    status, _, err = run(capsys, "heads", "search", "--steps", "1", "--out", str(tmp_path))
+    assert status == 1 and len(err) == 1, err
+    assert err[0].startswith(f"mmattn heads search: error: checkpoint {tmp_path / 'checkpoint.json'} is not ")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--steps", "0"], "argument --steps: 0 is out of range: expected an int >= 1"),
+    (["generate", "--height", "0"], "argument --height: 0 is out of range: expected an int >= 1"),
+    (["generate", "--width", "-8"], "argument --width: -8 is out of range: expected an int >= 1"),
+    (["generate", "--seed", "-1"], "argument --seed: -1 is out of range: expected an int with 0 <= seed < 2**64"),
+    (["generate", "--seed", str(2**64)], f"argument --seed: {2**64} is out of range"),
+    (["generate", "--seed", "x"], "argument --seed: 'x' is not an int"),
+    (["video", "--num-frames", "0"], "argument --num-frames: 0 is out of range: expected an int >= 1"),
+    (["heads", "search", "--steps", "0"], "argument --steps: 0 is out of range: expected an int >= 1"),
+    (["heads", "search", "--top-k", "0"], "argument --top-k: 0 is out of range: expected an int >= 1"),
+    (["generate", "--device", "gpu"], "argument --device: 'gpu' is not a torch device"),
+    (["generate", "--method", "pag", "--strength", "0.5"], "--strength applies to --method softpag; not to --method pag"),
+    (["generate", "--sigma", "3"], "--sigma applies to --method seg; not to --method softpag"),
+    (["generate", "--method", "stg", "--scope", "image"], "--scope applies to --method pag, softpag; not to --method stg"),
+    (["video", "--method", "seg", "--rescale", "0.5"], "--rescale applies to --method stg; not to --method seg"),
+    (["generate", "--method", "none", "--heads", "transformer_blocks.1"],
+     "--heads applies to --method pag, seg, slg, softpag, stg; not to --method none"),
+])
+def test_invalid_values_and_flags_of_other_methods_are_usage_errors(capsys, no_loading, args, message):
+    status, _, err = run(capsys, *args)
+    assert status == 2 and len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--steps", "1001"], "--steps=1001 is out of range for tiny/sd3: expected an int in [1, 1000]"),
+    (["generate", "--height", "30"], "--height=30 does not suit tiny/sd3: expected a multiple of 4"),
+    (["generate", "--model", "tiny/sd", "--width", "36"], "--width=36 does not suit tiny/sd: expected a multiple of 8"),
+    (["video", "--num-frames", "4"], "--num-frames=4 does not suit tiny/wan: expected 2k+1 frames (1, 3, 5, ...)"),
+    (["heads", "search", "--num-frames", "5"], "--num-frames=5 applies to video models; tiny/sd3 makes images"),
+    (["heads", "search", "--steps", "1001"], "--steps=1001 is out of range for tiny/sd3"),
+])
+def test_values_the_model_does_not_take_fail_before_generating(capsys, tmp_path, args, message):
+    status, _, err = run(capsys, *args, "--out", str(tmp_path / "out"))
+    assert status == 1 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_window_that_covers_no_step_warns(capsys, tmp_path):
+    status, _, err = run(capsys, "generate", "--method", "slg", "--start", "0.5", "--stop", "0.6", "--steps", "1",
+                         "--no-baseline", "--out", str(tmp_path))
+    assert status == 0
+    assert ("mmattn generate: warning: slg guides no step: no step i of 1 has start=0.5 <= i/1 < stop=0.6, so its "
+            "outputs equal the baseline") in err
+
+
+@pytest.mark.slow
+def test_settings_record_what_ran(capsys, tmp_path):
+    status, _, err = run(capsys, "video", "--num-frames", "3", "--height", "16", "--width", "48", "--steps", "1",
+                         "--no-baseline", "--out", str(tmp_path))
+    assert status == 0 and not any("warning" in line for line in err)
+    call = json.loads((tmp_path / "settings.json").read_text())["call"]
+    assert {"num_frames": 3, "height": 16, "width": 48, "num_inference_steps": 1}.items() <= call.items()
+    from PIL import Image
+
+    gif = Image.open(tmp_path / "stg/prompt00_seed0.gif")
+    assert gif.n_frames == 3 and gif.size == (48, 16)
+
+
+@pytest.mark.slow
+def test_heads_search_on_a_video_model(capsys, tmp_path):
+    status, out, _ = run(capsys, "heads", "search", "--model", "tiny/wan", "--layers", "blocks.1:0", "--rounds", "1",
+                         "--top-k", "1", "--steps", "1", "--out", str(tmp_path))
+    assert status == 0 and 'use: mmattn video --model tiny/wan --heads "blocks.1:0"' in out
+    saved = json.loads((tmp_path / "heads.json").read_text())
+    assert saved["model"] == "tiny/wan" and saved["spec"] == "blocks.1:0" and saved["dtype"] == "float32"
+
+
+def test_accelerate_is_installed_for_real_checkpoints():
+    import accelerate  # noqa: F401
+    from diffusers.utils import is_accelerate_available
+
+    assert is_accelerate_available()
+    assert re.search(r'^\s*"accelerate[><=~]', (REPO / "pyproject.toml").read_text(), re.MULTILINE)
+
+
+@pytest.mark.parametrize("cuda, bf16, expected", [(False, False, ("cpu", torch.float32)),
+                                                  (True, True, ("cuda", torch.bfloat16)),
+                                                  (True, False, ("cuda", torch.float16))])
+def test_default_device_and_dtype(monkeypatch, cuda, bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    device, dtype = cli_module._device_and_dtype(argparse.Namespace(device=None, dtype=None))
+    assert (str(device), dtype) == expected
+
+
+@pytest.mark.slow
+def test_device_and_dtype_are_applied_and_recorded(capsys, tmp_path, monkeypatch):
+    loaded = []
+    load = hub.load_pipeline
+    monkeypatch.setattr(hub, "load_pipeline", lambda *args, **kwargs: loaded.append(load(*args, **kwargs)) or loaded[-1])
+    status, _, err = run(capsys, "generate", "--device", "cpu", "--dtype", "bfloat16", "--steps", "1", "--no-baseline",
+                         "--out", str(tmp_path))
+    assert status == 0, err
+    assert loaded[0].transformer.dtype == torch.bfloat16 and loaded[0].transformer.device.type == "cpu"
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    assert settings["device"] == "cpu" and settings["dtype"] == "bfloat16"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_unavailable_device_is_one_line(capsys, no_loading):
+    status, _, err = run(capsys, "generate", "--device", "cuda")
+    assert status == 1 and len(err) == 1 and err[0].startswith("mmattn generate: error: --device=cuda is not available here")
+
+
+def test_method_flags_come_from_the_registry():
+    """Every setting of every registered diffusion method is a flag of generate and video, with its choices."""
+    from mmattn import cli, methods
+
+    parser = cli._parser()
+    for command in ("generate", "video"):
+        sub = parser._subparsers._group_actions[0].choices[command]
+        actions = {a.dest: a for a in sub._actions}
+        assert set(actions["method"].choices) == set(methods.list_methods("diffusion")) | {"none"}
+        for name in methods.list_methods("diffusion"):
+            for f in methods.settings(name):
+                flag = "heads" if f.name in ("heads", "layers") else f.name
+                assert flag in actions, (command, name, f.name)
+                assert actions[flag].choices == f.metadata.get("choices")
+    assert "strength" not in cli.METHOD_FLAGS["pag"] and cli.METHOD_FLAGS["softpag"] == ("strength", "target", "scope")

@@ -10,9 +10,7 @@ shapes-vlm's vision tower.
 
 from __future__ import annotations
 
-import json
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import scenes
+from ._training import fit, save
 
 IMAGE_SIZE, PATCH = 48, 4
 WEIGHTS = Path(__file__).parent / "weights" / "shapes-classifier.safetensors"
@@ -138,40 +137,21 @@ def train(steps: int = 1500, batch_size: int = 32, lr: float = 2e-3, seed: int =
     ``minutes``. Writes weights and a model card to ``out`` when given. Returns the card."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    model = build(seed).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup)
-                                                 * 0.5 * (1 + np.cos(np.pi * min(i, steps) / steps)))
+    model = build(seed)
     seeds = scenes.split_seeds("train", 10_000_000)
-    started, history, done = time.perf_counter(), [], 0
-    for step in range(steps):
+
+    def loss_of_step():
         batch = [scenes.scene(rng.choice(seeds)) for _ in range(batch_size)]
         logits = model(pixels([scenes.render(s, IMAGE_SIZE) for s in batch]))
-        loss = sum(F.cross_entropy(logit.flatten(0, 1), target.flatten(), ignore_index=-100)
+        return sum(F.cross_entropy(logit.flatten(0, 1), target.flatten(), ignore_index=-100)
                    for logit, target in zip(logits, targets(batch)))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        done = step + 1
-        if done % log_every == 0:
-            history.append({"step": done, "loss": round(loss.item(), 4),
-                            "minutes": round((time.perf_counter() - started) / 60, 2)})
-            print(json.dumps(history[-1]), flush=True)
-        if minutes is not None and time.perf_counter() - started > minutes * 60:
-            break
-    model.eval()
+
+    run = fit(model, loss_of_step, steps, lr, minutes, log_every, desc="shapes-classifier")
     card = {"model": "mmattn/shapes-classifier", "architecture": "CLIPVisionModel + per-cell linear heads",
-            "seed": seed, "steps": done, "batch_size": batch_size, "lr": lr,
-            "train_minutes": round((time.perf_counter() - started) / 60, 1), "threads": torch.get_num_threads(),
-            "parameters": sum(p.numel() for p in model.parameters()), "history": history,
+            "data": "shapes-world train split, 48 x 48 renders", "seed": seed, "steps": run["steps"],
+            "batch_size": batch_size, "lr": lr, "train_minutes": run["minutes"], "threads": torch.get_num_threads(),
+            "parameters": sum(p.numel() for p in model.parameters()), "history": run["history"],
             "test": evaluate(model, "test", eval_images)}
     if out is not None:
-        from safetensors.torch import save_file
-
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS.name)
-        (out / CARD.name).write_text(json.dumps(card, indent=2))
+        save(model, out, WEIGHTS.name, CARD.name, card)
     return card

@@ -9,7 +9,6 @@ shipped weights (``mmattn/shapes/weights/shapes-vlm.safetensors``).
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from ..testing import TinyVLM
 from ..testing.llava import LLAVA_CHAT_TEMPLATE
 from . import scenes
+from ._training import fit, save
 
 IMAGE_SIZE, PATCH = 48, 4
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2  # 144
@@ -145,11 +145,12 @@ def evaluate(vlm: TinyVLM, split: str = "test", n: int = 600, batch_size: int = 
 
 
 def train(steps: int = 3000, batch_size: int = 16, lr: float = 2e-3, seed: int = 0, minutes: float | None = None,
-          log_every: int = 100, out: Path | None = None, progress=None, eval_questions: int = 600,
+          log_every: int = 100, out: Path | None = None, eval_questions: int = 600,
           vision_init: Path | None = None, freeze_vision: bool = True) -> dict:
     """Train shapes-vlm from ``seed`` on train-split questions (AdamW, warmup then cosine decay); stops after
     ``steps`` or ``minutes``. ``vision_init``: a shapes-classifier safetensors file whose tower initialises the
-    vision tower (kept frozen with ``freeze_vision``: the projector and the language model learn). Writes the weights and a model card to ``out`` (a folder) when given. Returns the card."""
+    vision tower (kept frozen with ``freeze_vision``: the projector and the language model learn). Writes the
+    weights and a model card to ``out`` (a folder) when given. Returns the card."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     vlm = build(seed)
@@ -160,44 +161,17 @@ def train(steps: int = 3000, batch_size: int = 16, lr: float = 2e-3, seed: int =
         tower = {k.removeprefix("tower."): v for k, v in load_file(vision_init).items() if k.startswith("tower.")}
         model.model.vision_tower.load_state_dict(tower)
         model.model.vision_tower.requires_grad_(not freeze_vision)
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01,
-                                  betas=(0.9, 0.98))
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(min(i, steps) / steps * 3.14159)).item()))
     seeds = scenes.split_seeds("train", 10_000_000)
-    started, history, done = time.perf_counter(), [], 0
-    for step in range(steps):
-        inputs = conversation_batch(processor, rng, seeds, batch_size)
-        loss = model(**inputs).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        done = step + 1
-        if progress is not None:
-            progress(step, float(loss))
-        if done % log_every == 0:
-            history.append({"step": done, "loss": round(loss.item(), 4),
-                            "minutes": round((time.perf_counter() - started) / 60, 2)})
-            print(json.dumps(history[-1]), flush=True)
-        if minutes is not None and time.perf_counter() - started > minutes * 60:
-            break
-    model.eval()
+    run = fit(model, lambda: model(**conversation_batch(processor, rng, seeds, batch_size)).loss, steps, lr,
+              minutes, log_every, clip=1.0, desc="shapes-vlm")
     card = {"model": "mmattn/shapes-vlm", "architecture": "LlavaForConditionalGeneration (CLIP vision + Llama)",
-            "image_tokens": IMAGE_TOKENS, "seed": seed, "steps": done, "batch_size": batch_size, "lr": lr,
-            "train_minutes": round((time.perf_counter() - started) / 60, 1), "threads": torch.get_num_threads(),
+            "data": "shapes-world train split: one conversation per scene, all six questions in random order",
+            "image_tokens": IMAGE_TOKENS, "seed": seed, "steps": run["steps"], "batch_size": batch_size, "lr": lr,
+            "train_minutes": run["minutes"], "threads": torch.get_num_threads(),
             "vision_init": None if vision_init is None else Path(vision_init).name,
             "vision_frozen": vision_init is not None and freeze_vision,
-            "parameters": sum(p.numel() for p in model.parameters()), "history": history,
+            "parameters": sum(p.numel() for p in model.parameters()), "history": run["history"],
             "test": evaluate(vlm, "test", eval_questions)}
     if out is not None:
-        from safetensors.torch import save_file
-
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS.name)
-        (out / CARD.name).write_text(json.dumps(card, indent=2))
+        save(model, out, WEIGHTS.name, CARD.name, card)
     return card

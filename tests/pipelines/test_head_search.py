@@ -1,6 +1,7 @@
 """HeadHunter search on the tiny SD3: greedy choice, resume from checkpoint, spec usable by SoftPAG."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -117,3 +118,29 @@ def test_search_runs_on_other_families(name, layers):
     result = HeadSearch(pipe, "colorfulness", ["a fox"], rounds=1, top_k=1, layers=f"{layers}:*",
                         call_kwargs=tiny_spec(name).defaults, progress=False).run()
     assert len(result.chosen) == 1 and result.chosen[0][0] == layers and len(result.rounds[0]) == 4
+
+
+def test_a_nan_score_names_the_objective_prompt_and_seed(sd3):
+    def half_nan(images, prompts):
+        scores = sharpness(images, prompts)
+        scores[2] = float("nan")  # pairs: (a fox, 0), (a fox, 5), (a car, 0), (a car, 5)
+        return scores
+
+    hs = search(sd3, half_nan, seeds=[0, 5], call_kwargs=tiny_spec("tiny/sd3").defaults | {"num_inference_steps": 1})
+    with pytest.raises(ValueError, match=r"objective 'half_nan' returned NaN for prompt 'a car', seed 0 \(heads: none\)"):
+        hs.run()
+
+
+@pytest.mark.parametrize("text", ['{"settings": {"prompts": ["a f', "[]", b"\xff\xfe"])
+def test_a_broken_checkpoint_names_the_file(sd3, tmp_path, text):
+    path = tmp_path / "checkpoint.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ValueError, match=f"checkpoint {re.escape(str(path))} is not .*; delete it to start the search afresh"):
+        search(sd3, checkpoint=path).run()
+
+
+def test_an_offline_clip_objective_names_the_id():
+    from mmattn.hub import ModelNotAvailableError
+
+    with pytest.raises(ModelNotAvailableError, match=r"model 'someone/no-clip' is not available offline \(HF_HUB_OFFLINE=1\)"):
+        CLIPScore.from_pretrained("someone/no-clip")

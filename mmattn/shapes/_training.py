@@ -1,0 +1,56 @@
+"""The training loop and the weights-and-card writer shared by the shapes-world models."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+
+def fit(model: torch.nn.Module, loss_of_step: Callable[[], torch.Tensor], steps: int, lr: float,
+        minutes: float | None = None, log_every: int = 100, clip: float | None = None,
+        desc: str = "training") -> dict:
+    """AdamW (weight decay 0.01) over ``model``'s trainable parameters, linear warmup over the first 5 % of
+    ``steps`` then cosine decay; ``loss_of_step()`` draws a batch and returns its loss. Stops after ``steps`` or
+    ``minutes``. Returns {"steps", "minutes", "history"} (the loss every ``log_every`` steps)."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+    model.train()
+    started, history, done = time.perf_counter(), [], 0
+    with tqdm(total=steps, desc=desc, mininterval=5) as bar:
+        for step in range(steps):
+            loss = loss_of_step()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(parameters, clip)
+            optimizer.step()
+            schedule.step()
+            done = step + 1
+            bar.update()
+            if done % log_every == 0:
+                history.append({"step": done, "loss": round(loss.item(), 4),
+                                "minutes": round((time.perf_counter() - started) / 60, 2)})
+                bar.set_postfix(loss=history[-1]["loss"])
+            if minutes is not None and time.perf_counter() - started > minutes * 60:
+                break
+    model.eval()
+    return {"steps": done, "minutes": round((time.perf_counter() - started) / 60, 1), "history": history}
+
+
+def save(model: torch.nn.Module, out: Path, weights: str, card_name: str, card: dict) -> None:
+    """``model``'s state dict as safetensors ``out/weights`` and ``card`` as JSON ``out/card_name``."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / weights)
+    (out / card_name).write_text(json.dumps(card, indent=2))
