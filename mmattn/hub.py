@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .adapters import DIFFUSION_FAMILIES
-from .testing import TinyVLM, build_tiny, tiny_names, tiny_spec
+from .testing import build_tiny, tiny_names, tiny_spec
 
 VIDEO_DENOISERS = ("WanTransformer3DModel",)
 
@@ -91,10 +91,20 @@ def load_clip(model_id: str):
         raise _not_available(model_id, error, tiny=False) from error
 
 
-def load_vlm(model_id: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> TinyVLM:
-    """A transformers VLM with its processor: ``tiny/<name>`` built offline, else from_pretrained."""
+SHIPPED_VLMS = ("mmattn/shapes-vlm",)  # trained models inside the package, loadable offline by name
+
+
+def load_vlm(model_id: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """(model, processor) of a transformers VLM: ``mmattn/shapes-vlm`` (shipped weights) and ``tiny/<name>`` offline,
+    else ``from_pretrained`` (a hub id in the cache or a local folder)."""
+    if model_id in SHIPPED_VLMS:
+        from .shapes import vlm
+
+        shipped = vlm.load()
+        return shipped.model.to(dtype), shipped.processor
     if model_id.startswith("tiny/"):
-        return _tiny(model_id, ("vlm",), seed, dtype)
+        tiny = _tiny(model_id, ("vlm",), seed, dtype)
+        return tiny.model, tiny.processor
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     try:
@@ -102,7 +112,7 @@ def load_vlm(model_id: str, dtype: torch.dtype = torch.float32, seed: int = 0) -
         model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=dtype)
     except OSError as error:
         raise _not_available(model_id, error) from error
-    return TinyVLM(model.eval(), processor)
+    return model.eval(), processor
 
 
 def pipeline_defaults(model_id: str) -> dict:

@@ -14,12 +14,12 @@ from tqdm.auto import tqdm
 
 def fit(model: torch.nn.Module, loss_of_step: Callable[[], torch.Tensor], steps: int, lr: float,
         minutes: float | None = None, log_every: int = 100, clip: float | None = None,
-        desc: str = "training") -> dict:
+        desc: str = "training", betas: tuple[float, float] = (0.9, 0.999)) -> dict:
     """AdamW (weight decay 0.01) over ``model``'s trainable parameters, linear warmup over the first 5 % of
     ``steps`` then cosine decay; ``loss_of_step()`` draws a batch and returns its loss. Stops after ``steps`` or
     ``minutes``. Returns {"steps", "minutes", "history"} (the loss every ``log_every`` steps)."""
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01, betas=betas)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
@@ -47,10 +47,34 @@ def fit(model: torch.nn.Module, loss_of_step: Callable[[], torch.Tensor], steps:
 
 
 def save(model: torch.nn.Module, out: Path, weights: str, card_name: str, card: dict) -> None:
-    """``model``'s state dict as safetensors ``out/weights`` and ``card`` as JSON ``out/card_name``."""
+    """``model``'s state dict as safetensors ``out/weights``, ``card`` as JSON ``out/card_name`` and as a readable
+    model card beside it (``.md``)."""
     from safetensors.torch import save_file
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / weights)
     (out / card_name).write_text(json.dumps(card, indent=2))
+    (out / card_name).with_suffix(".md").write_text(card_markdown(card))
+
+
+def card_markdown(card: dict) -> str:
+    """The model card: what the model is, its data and recipe, how long it trained, its test scores."""
+    lines = [f"# {card['model']}", "", f"{card['architecture']}, {card['parameters']:,} parameters.", "",
+             f"- data: {card.get('data', 'shapes-world train split')} (mmattn.shapes.scenes; test split disjoint)",
+             f"- recipe: seed {card['seed']}, {card['steps']} steps of batch {card['batch_size']}, AdamW lr {card['lr']} "
+             "(warmup 5 %, cosine decay)" + (f", vision tower from {card['vision_init']}"
+                                              + (" (frozen)" if card.get("vision_frozen") else "")
+                                              if card.get("vision_init") else ""),
+             f"- time: {card['train_minutes']} min on {card['threads']} CPU thread(s)"
+             + "".join(f"; continued from a run of {p['steps']} steps ({p['train_minutes']} min)"
+                       for p in card.get("continued_from", [])),
+             f"- reproduce: `{card.get('command') or 'python -m mmattn.shapes.train --help'}`", "", "## Test scores", ""]
+    for key, value in card["test"].items():
+        if isinstance(value, dict):
+            lines += [f"- {key}: " + ", ".join(f"{k} {v:.1%}" for k, v in value.items())]
+        elif isinstance(value, float):
+            lines += [f"- {key}: {value:.1%}" if value <= 1 else f"- {key}: {value:.3g}"]
+        else:
+            lines += [f"- {key}: {value}"]
+    return "\n".join(lines) + "\n"

@@ -132,7 +132,7 @@ def evaluate(model: ShapesClassifier, split: str = "test", n: int = 500, batch_s
 
 
 def train(steps: int = 1500, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, minutes: float | None = None,
-          log_every: int = 100, out: Path | None = None, eval_images: int = 500) -> dict:
+          log_every: int = 100, out: Path | None = None, eval_images: int = 500, command: str | None = None) -> dict:
     """Train shapes-classifier on train-split scenes (AdamW, warmup then cosine decay); stops after ``steps`` or
     ``minutes``. Writes weights and a model card to ``out`` when given. Returns the card."""
     torch.manual_seed(seed)
@@ -147,7 +147,7 @@ def train(steps: int = 1500, batch_size: int = 32, lr: float = 2e-3, seed: int =
                    for logit, target in zip(logits, targets(batch)))
 
     run = fit(model, loss_of_step, steps, lr, minutes, log_every, desc="shapes-classifier")
-    card = {"model": "mmattn/shapes-classifier", "architecture": "CLIPVisionModel + per-cell linear heads",
+    card = {"model": "mmattn/shapes-classifier", "command": command, "architecture": "CLIPVisionModel + per-cell linear heads",
             "data": "shapes-world train split, 48 x 48 renders", "seed": seed, "steps": run["steps"],
             "batch_size": batch_size, "lr": lr, "train_minutes": run["minutes"], "threads": torch.get_num_threads(),
             "parameters": sum(p.numel() for p in model.parameters()), "history": run["history"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -30,19 +31,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval", type=int, default=600, help="test-split questions (vlm) or images (classifier) "
                         "scored at the end")
     parser.add_argument("--vision-init", type=Path, default=None, help="vlm: shapes-classifier weights for the tower")
+    parser.add_argument("--init", type=Path, default=None, help="vlm: shapes-vlm weights to continue training from")
     parser.add_argument("--out", type=Path, default=WEIGHTS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from . import classifier, vlm
 
+    command = "python -m mmattn.shapes.train " + " ".join(sys.argv[1:] if argv is None else argv)
     common = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, minutes=args.minutes,
-                  out=args.out)
+                  out=args.out, command=command)
     if args.model == "classifier":
         card = classifier.train(**common, eval_images=args.eval)
     else:
         init = args.vision_init or (args.out / classifier.WEIGHTS.name)
-        card = vlm.train(**common, eval_questions=args.eval, vision_init=init if init.exists() else None)
+        card = vlm.train(**common, eval_questions=args.eval, vision_init=init if init.exists() else None,
+                         init=args.init)
     print(json.dumps(card["test"], indent=2))
     return 0
 

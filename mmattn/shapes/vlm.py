@@ -9,6 +9,7 @@ shipped weights (``mmattn/shapes/weights/shapes-vlm.safetensors``).
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from pathlib import Path
@@ -146,10 +147,12 @@ def evaluate(vlm: TinyVLM, split: str = "test", n: int = 600, batch_size: int = 
 
 def train(steps: int = 3000, batch_size: int = 16, lr: float = 2e-3, seed: int = 0, minutes: float | None = None,
           log_every: int = 100, out: Path | None = None, eval_questions: int = 600,
-          vision_init: Path | None = None, freeze_vision: bool = True) -> dict:
+          vision_init: Path | None = None, freeze_vision: bool = True, init: Path | None = None,
+          command: str | None = None) -> dict:
     """Train shapes-vlm from ``seed`` on train-split questions (AdamW, warmup then cosine decay); stops after
     ``steps`` or ``minutes``. ``vision_init``: a shapes-classifier safetensors file whose tower initialises the
-    vision tower (kept frozen with ``freeze_vision``: the projector and the language model learn). Writes the
+    vision tower (kept frozen with ``freeze_vision``: the projector and the language model learn). ``init``: a
+    shapes-vlm safetensors file to continue from (a new schedule; its card's history is kept). Writes the
     weights and a model card to ``out`` (a folder) when given. Returns the card."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -161,17 +164,26 @@ def train(steps: int = 3000, batch_size: int = 16, lr: float = 2e-3, seed: int =
         tower = {k.removeprefix("tower."): v for k, v in load_file(vision_init).items() if k.startswith("tower.")}
         model.model.vision_tower.load_state_dict(tower)
         model.model.vision_tower.requires_grad_(not freeze_vision)
+    previous = []
+    if init is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(init))
+        card_file = Path(init).with_suffix(".json")
+        if card_file.exists():
+            previous = [json.loads(card_file.read_text())]
+            previous[0].pop("history", None)
     seeds = scenes.split_seeds("train", 10_000_000)
     run = fit(model, lambda: model(**conversation_batch(processor, rng, seeds, batch_size)).loss, steps, lr,
-              minutes, log_every, clip=1.0, desc="shapes-vlm")
-    card = {"model": "mmattn/shapes-vlm", "architecture": "LlavaForConditionalGeneration (CLIP vision + Llama)",
+              minutes, log_every, clip=1.0, desc="shapes-vlm", betas=(0.9, 0.98))
+    card = {"model": "mmattn/shapes-vlm", "command": command, "architecture": "LlavaForConditionalGeneration (CLIP vision + Llama)",
             "data": "shapes-world train split: one conversation per scene, all six questions in random order",
             "image_tokens": IMAGE_TOKENS, "seed": seed, "steps": run["steps"], "batch_size": batch_size, "lr": lr,
             "train_minutes": run["minutes"], "threads": torch.get_num_threads(),
             "vision_init": None if vision_init is None else Path(vision_init).name,
             "vision_frozen": vision_init is not None and freeze_vision,
             "parameters": sum(p.numel() for p in model.parameters()), "history": run["history"],
-            "test": evaluate(vlm, "test", eval_questions)}
+            "continued_from": previous, "test": evaluate(vlm, "test", eval_questions)}
     if out is not None:
         save(model, out, WEIGHTS.name, CARD.name, card)
     return card

@@ -88,3 +88,24 @@ def test_vqa_harness_writes_its_table(tmp_path, monkeypatch):
     assert len(result["rows"]) == 1 + 5 * len(evaluate.KEEPS)
     table = (tmp_path / "vqa.md").read_text()
     assert "| VisionZip | 11% | 16 |" in table and json.loads((tmp_path / "vqa.json").read_text())["rows"]
+
+
+def test_shipped_classifier_reads_held_out_scenes():
+    from mmattn.shapes import classifier
+
+    scores = classifier.evaluate(classifier.load(), "test", n=100)
+    assert scores["scene_exact"] >= 0.97, scores
+
+
+def test_shipped_vlm_loads_by_name_and_answers_held_out_questions():
+    from transformers import LlavaForConditionalGeneration
+
+    from mmattn.hub import load_vlm
+
+    model, processor = load_vlm("mmattn/shapes-vlm")
+    assert isinstance(model, LlavaForConditionalGeneration) and processor.tokenizer.image_token == "<image>"
+    card = json.loads(vlm.CARD.read_text())
+    scores = vlm.evaluate(vlm.TinyVLM(model, processor), "test", n=120)
+    assert set(scores["per_type"]) == set(scenes.QUESTION_TYPES)
+    assert scores["accuracy"] >= card["test"]["accuracy"] - 0.06, (scores, card["test"])
+    assert scores["accuracy"] >= 0.85, scores
