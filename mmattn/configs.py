@@ -144,7 +144,8 @@ class SEG(_Method):
     """Smoothed energy guidance (arXiv 2408.00760): blur the image-token queries of the selected heads.
 
     The blur is a Gaussian of width ``sigma`` (in tokens) over the spatial token grid (rows and
-    columns; per frame for video), with reflect padding; ``sigma=inf`` replaces every query by the
+    columns; per frame for video), with the official code's kernel size and reflect padding; ``sigma=inf``
+    or any sigma above 9999 (the official sentinel, e.g. its default 9999999) replaces every query by the
     mean query. Text tokens of joint attention are not blurred. Guidance adds
     ``scale·(ε_c − ε_blurred)``. The paper blurs whole layers: select all heads (``layer:*``) for that.
     """

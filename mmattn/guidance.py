@@ -31,13 +31,22 @@ import torch
 
 @dataclass(eq=False)
 class Branch:
-    """One perturbed branch: its guidance term, and its batch rows while a forward runs."""
+    """One perturbed branch: its guidance term, and its batch rows while a forward runs.
+
+    Step i of n guides when start <= i/n < stop, or with ``open_window`` when start < i/n < stop (SD3's own
+    skip-layer guidance window, which SLG follows)."""
 
     scale: float
     start: float
     stop: float
     rescale: float = 0.0
     rows: slice | None = None
+    open_window: bool = False
+
+    def covers(self, index: int, total: int) -> bool:
+        if self.open_window:
+            return total * self.start < index < total * self.stop
+        return self.start <= index / total < self.stop
 
 
 @dataclass
@@ -175,7 +184,7 @@ class GuidedDenoiser:
             return []
         if inputs.get("skip_layers") is not None:
             return []
-        return [b for b in self.info.branches if b.scale != 0.0 and b.start <= index / total < b.stop]
+        return [b for b in self.info.branches if b.scale != 0.0 and b.covers(index, total)]
 
     def _describe_call(self, inputs) -> None:
         latent = inputs[self.family.batched_inputs[0]]

@@ -78,26 +78,32 @@ def blend(out: torch.Tensor, value: torch.Tensor, op: HeadOp, heads_axis: int = 
     out[rows, heads] = torch.lerp(o, v.to(o.dtype).expand_as(o), op.strength)
 
 
+INFINITE_SIGMA = 9999.0  # the official SEG code's threshold: a larger sigma means the mean query
+
+
 def gaussian_blur_tokens(x: torch.Tensor, grid: tuple[int, int, int], sigma: float) -> torch.Tensor:
     """Blur (B, H, N, D) tokens laid out row-major as (frames, rows, cols) over rows and cols.
 
-    Separable Gaussian, kernel ceil(6σ) rounded up to odd and clipped to the grid, reflect padding;
-    σ = inf gives the mean over each frame.
+    The official SEG rule (SEG-SDXL ``pipeline_seg.py``): a Gaussian kernel of ceil(6σ) taps rounded up to odd,
+    clipped to the grid side L (L if L is odd, L + 1 if even), reflect padding of half the kernel; σ = inf or
+    σ > 9999 (the official "infinite" sentinel) gives the mean over each frame. Deviation: the official code
+    clips by the width for both axes of its square grids; on a non-square grid each axis is clipped by its own
+    length (the same on square grids).
     """
     b, h, n, d = x.shape
     frames, rows, cols = grid
     x = x.reshape(b * h, frames, rows, cols, d)
-    if math.isinf(sigma):
+    if math.isinf(sigma) or sigma > INFINITE_SIGMA:
         return x.mean(dim=(2, 3), keepdim=True).expand_as(x).reshape(b, h, n, d)
     planes = x.permute(0, 1, 4, 2, 3).reshape(-1, 1, rows, cols)  # one plane per (head, frame, channel)
     for axis, length in ((2, rows), (3, cols)):
-        size = min(math.ceil(6 * sigma) | 1, 2 * length - 1)
+        size = min(math.ceil(6 * sigma) | 1, length if length % 2 else length + 1)
         radius = size // 2
         taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2)
         kernel = (taps / taps.sum()).to(planes.dtype)
         if radius:
             pad = (0, 0, radius, radius) if axis == 2 else (radius, radius, 0, 0)
-            padded = F.pad(planes, pad, mode="reflect")  # radius < length by the clip above
+            padded = F.pad(planes, pad, mode="reflect")  # radius <= length // 2 < length by the clip above
             weight = kernel.view(1, 1, -1, 1) if axis == 2 else kernel.view(1, 1, 1, -1)
             planes = F.conv2d(padded, weight)
     x = planes.reshape(b * h, frames, d, rows, cols).permute(0, 1, 3, 4, 2)
@@ -213,8 +219,8 @@ def install_seg(pipe, config: SEG):
 
 @register_installer(SLG)
 def install_slg(pipe, config: SLG):
-    return install_perturbation(pipe, config.layers, Branch(config.scale, config.start, config.stop), skip_blocks=True,
-                                field="layers")
+    branch = Branch(config.scale, config.start, config.stop, open_window=True)  # SD3's n*start < i < n*stop
+    return install_perturbation(pipe, config.layers, branch, skip_blocks=True, field="layers")
 
 
 @register_installer(STG)

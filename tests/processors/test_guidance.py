@@ -2,6 +2,8 @@
 forwards of the untouched denoiser: with CFG batched (SD, SDXL, SD3, PixArt), without CFG, and with separate
 cond / uncond calls (Wan; Flux's true CFG)."""
 
+import math
+
 import pytest
 import torch
 
@@ -202,3 +204,43 @@ def test_the_core_slot_replaces_only_the_attention_call():
         zeroed = first_step(pipe, "tiny/sd3", "a red fox")[0]
     assert calls and torch.equal(same, baseline)
     assert not torch.allclose(zeroed, baseline)
+
+
+def official_seg_blur(planes: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Written from SEG-SDXL's rule: (C, H, W) planes, kernel ceil(6σ) made odd, clipped to W (odd) or W + 1
+    (even), a 2-D product kernel, reflect padding of k // 2; σ above 9999: the mean."""
+    import torch.nn.functional as F
+
+    if sigma > 9999:
+        return planes.mean(dim=(-2, -1), keepdim=True).expand_as(planes)
+    k = math.ceil(6 * sigma)
+    k = k + 1 - k % 2
+    width = planes.shape[-1]
+    k = min(k, width if width % 2 else width + 1)
+    taps = torch.exp(-0.5 * (torch.linspace(-(k - 1) / 2, (k - 1) / 2, k) / sigma) ** 2)
+    taps = taps / taps.sum()
+    kernel = (taps[:, None] * taps[None, :]).expand(planes.shape[0], 1, k, k)
+    padded = F.pad(planes[None], [k // 2] * 4, mode="reflect")
+    return F.conv2d(padded, kernel, groups=planes.shape[0])[0]
+
+
+@pytest.mark.parametrize("side, sigma", [(16, 10.0), (16, 1.0), (4, 10.0), (5, 2.0), (7, 0.4), (8, 9999999.0)])
+def test_seg_blur_follows_the_official_kernel_clip(side, sigma):
+    from mmattn.processors.perturbation import gaussian_blur_tokens
+
+    x = torch.randn(1, 2, side * side, 3, generator=torch.Generator().manual_seed(side))
+    got = gaussian_blur_tokens(x, (1, side, side), sigma)
+    planes = x[0].permute(0, 2, 1).reshape(6, side, side)  # (heads * D, rows, cols)
+    want = official_seg_blur(planes, sigma).reshape(2, 3, side * side).permute(0, 2, 1)[None]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("start, stop", [(0.0, 0.5), (0.25, 0.75), (0.01, 0.2)])
+def test_slg_window_is_sd3s_open_interval(start, stop):
+    """SLG guides exactly the steps SD3's skip_guidance_layers does: n * start < i < n * stop."""
+    pipe = pipe_for("tiny/sd3")
+    n = 8
+    want = [i for i in range(n) if n * start < i < n * stop]
+    with mmattn.apply(pipe, SLG(layers="transformer_blocks.1", scale=2.0, start=start, stop=stop)):
+        branch = pipe.transformer.forward.info.branches[0]
+        assert [i for i in range(n) if branch.covers(i, n)] == want

@@ -111,7 +111,8 @@ def test_seg_processor_matches_eager_oracle_with_torchvision_blur(sd3):
         q = q.clone()
         for h in heads:
             planes = q[rows, h, :12].reshape(1, 3, 4, -1).permute(0, 3, 1, 2)  # (1, D, rows=3, cols=4)
-            blurred = gaussian_blur(planes, kernel_size=[7, 5], sigma=[sigma, sigma])
+            # official clip: 3 rows (odd) -> 3 taps, 4 columns (even) -> 5 taps; torchvision takes [x, y] sizes
+            blurred = gaussian_blur(planes, kernel_size=[5, 3], sigma=[sigma, sigma])
             q[rows, h, :12] = blurred.permute(0, 2, 3, 1).reshape(1, 12, -1)
         return q
 
@@ -386,13 +387,15 @@ def test_several_methods_combine_in_one_forward(sd3, rescale):
 
 
 @pytest.mark.slow
-def test_slg_equals_diffusers_sd3_skip_layer_guidance(sd3):
+@pytest.mark.parametrize("start, stop", [(0.01, 0.2), (0.0, 0.35)])
+def test_slg_equals_diffusers_sd3_skip_layer_guidance(sd3, start, stop):
     """SLG on transformer_blocks.1 == StableDiffusion3Pipeline(skip_guidance_layers=[1]) with the same window."""
     call = tiny_spec("tiny/sd3").defaults | {"output_type": "pt", "num_inference_steps": 10}
     want = sd3("a red fox", generator=torch.Generator().manual_seed(0), skip_guidance_layers=[1],
-               skip_layer_guidance_scale=2.8, skip_layer_guidance_start=0.01, skip_layer_guidance_stop=0.2, **call).images
+               skip_layer_guidance_scale=2.8, skip_layer_guidance_start=start, skip_layer_guidance_stop=stop,
+               **call).images
     baseline = sd3("a red fox", generator=torch.Generator().manual_seed(0), **call).images
-    with mmattn.apply(sd3, SLG(layers="transformer_blocks.1", scale=2.8, start=0.01, stop=0.2)):
+    with mmattn.apply(sd3, SLG(layers="transformer_blocks.1", scale=2.8, start=start, stop=stop)):
         got = sd3("a red fox", generator=torch.Generator().manual_seed(0), **call).images
     assert (want - baseline).abs().max() > 1e-3
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
