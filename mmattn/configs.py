@@ -148,11 +148,14 @@ class SEG(_Method):
     or any sigma above 9999 (the official sentinel, e.g. its default 9999999) replaces every query by the
     mean query. Text tokens of joint attention are not blurred. Guidance adds
     ``scale·(ε_c − ε_blurred)``. The paper blurs whole layers: select all heads (``layer:*``) for that.
+    ``strength`` u < 1 blends the plain and the blurred query, (1-u)·q + u·blur(q), as HeadHunter's soft
+    perturbations do (arXiv 2506.10978); u = 0 perturbs nothing.
     """
 
     heads: str
     sigma: float = _setting(10.0, "query blur width in tokens, > 0 (inf: the mean query)")
     scale: float = _setting(3.0, _SCALE)
+    strength: float = _setting(1.0, "share u in [0, 1] of the blurred query: (1-u) q + u blur(q) (soft SEG; 1 = SEG)")
     start: float = _setting(0.0, _START)
     stop: float = _setting(1.0, _STOP)
 
@@ -165,6 +168,7 @@ class SEG(_Method):
         if not self.sigma > 0:
             raise ValueError(f"sigma={self.sigma!r} is out of range: expected a number > 0 (inf: mean query)")
         _check_range("scale", self.scale, 0.0, 100.0)
+        _check_range("strength", self.strength, 0.0, 1.0)
         _check_window(self.start, self.stop)
 
 

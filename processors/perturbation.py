@@ -33,7 +33,7 @@ class HeadOp:
     """One method acting in one layer on one branch's rows and some heads.
 
     kind "blend": out ← (1-u)·out + u·target, target "identity" (V), "uniform" (mean V) or
-    "image_block" (SD3 image×image identity); kind "blur": image-token queries blurred with sigma.
+    "image_block" (SD3 image×image identity); kind "blur": image-token queries q ← (1-u)·q + u·blur(q).
     """
 
     branch: Branch
@@ -53,7 +53,7 @@ class HeadOp:
         selected = q[rows][:, heads]
         tokens = selected[:, :, image]
         grid = processor.info.layer_grid(tokens.shape[2])
-        selected[:, :, image] = gaussian_blur_tokens(tokens, grid, self.sigma)
+        selected[:, :, image] = torch.lerp(tokens, gaussian_blur_tokens(tokens, grid, self.sigma), self.strength)
         q[rows, heads] = selected
         return query
 
@@ -214,7 +214,7 @@ def install_softpag(pipe, config: SoftPAG):
 @register_installer(SEG)
 def install_seg(pipe, config: SEG):
     return install_perturbation(pipe, config.heads, Branch(config.scale, config.start, config.stop),
-                                lambda branch, heads: HeadOp(branch, heads, "blur", sigma=config.sigma))
+                                lambda branch, heads: HeadOp(branch, heads, "blur", config.strength, sigma=config.sigma))
 
 
 @register_installer(SLG)

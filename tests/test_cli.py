@@ -235,7 +235,7 @@ def test_a_broken_checkpoint_is_one_line_naming_the_file(capsys, tmp_path, text)
     (["heads", "search", "--steps", "0"], "argument --steps: 0 is out of range: expected an int >= 1"),
     (["heads", "search", "--top-k", "0"], "argument --top-k: 0 is out of range: expected an int >= 1"),
     (["generate", "--device", "gpu"], "argument --device: 'gpu' is not a torch device"),
-    (["generate", "--method", "pag", "--strength", "0.5"], "--strength applies to --method softpag; not to --method pag"),
+    (["generate", "--method", "pag", "--strength", "0.5"], "--strength applies to --method seg, softpag; not to --method pag"),
     (["generate", "--sigma", "3"], "--sigma applies to --method seg; not to --method softpag"),
     (["generate", "--method", "stg", "--scope", "image"], "--scope applies to --method pag, softpag; not to --method stg"),
     (["video", "--method", "seg", "--rescale", "0.5"], "--rescale applies to --method stg; not to --method seg"),

@@ -244,3 +244,37 @@ def test_slg_window_is_sd3s_open_interval(start, stop):
     with mmattn.apply(pipe, SLG(layers="transformer_blocks.1", scale=2.0, start=start, stop=stop)):
         branch = pipe.transformer.forward.info.branches[0]
         assert [i for i in range(n) if branch.covers(i, n)] == want
+
+
+def test_soft_seg_blends_plain_and_blurred_queries():
+    """SEG(strength=u): the perturbed rows' image queries are (1-u) q + u blur(q); u = 0 leaves the output as it is."""
+    from mmattn.guidance import Branch, CallInfo
+    from mmattn.processors.diffusion import PROCESSORS
+    from mmattn.processors.perturbation import HeadOp, gaussian_blur_tokens
+
+    pipe = pipe_for("tiny/sd3")
+    attn = pipe.transformer.transformer_blocks[1].attn
+    g = torch.Generator().manual_seed(5)
+    x, ctx = torch.randn(2, 16, 32, generator=g), torch.randn(2, 9, 32, generator=g)
+    grid = (1, 4, 4)
+
+    def run(strength, sigma=1.5):
+        processor = PROCESSORS["sd3"](attn.processor, CallInfo(token_grid=grid))
+        processor.ops.append(HeadOp(Branch(1.0, 0.0, 1.0, rows=slice(1, 2)), torch.tensor([0, 2]), "blur", strength,
+                                    sigma=sigma))
+        seen = []
+        processor.core = lambda q, k, v, m: seen.append(q.clone()) or processor.original_core(q, k, v, m)
+        with torch.no_grad():
+            out = processor(attn, x, ctx)
+        return out, seen[0]
+
+    plain_out, plain_q = run(0.0)
+    with torch.no_grad():
+        assert torch.equal(plain_out[0], attn.processor(attn, x, ctx)[0])
+    _, q_half = run(0.5)
+    _, q_full = run(1.0)
+    want = plain_q.clone()
+    tokens = plain_q[1:2][:, [0, 2], :16]
+    want[1:2, [0, 2], :16] = torch.lerp(tokens, gaussian_blur_tokens(tokens, grid, 1.5), 0.5)
+    torch.testing.assert_close(q_half, want)
+    assert not torch.allclose(q_half, q_full)
