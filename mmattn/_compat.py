@@ -93,6 +93,22 @@ def count_extra_tokens(cache, layer_idx: int, extra: int) -> None:
     layer.get_seq_length = lambda *args: stored(layer, *args) + extra
 
 
+def query_key(attention, hidden_states, position_embeddings):
+    """(query (B, H, N, D), key (B, Hkv, N, D)) that a transformers decoder attention module computes from its
+    normed input ``hidden_states``: ``q_proj`` / ``k_proj``, its per-head ``q_norm`` / ``k_norm`` where it has them
+    (Gemma 3), then its own module's ``apply_rotary_pos_emb`` with ``position_embeddings`` (cos, sin); checked on
+    Llama, Qwen2, Qwen2-VL, Qwen2.5-VL, Gemma 3 (5.23.0, 5.24.0)."""
+    import sys
+
+    shape = (*hidden_states.shape[:-1], -1, attention.head_dim)
+    query = attention.q_proj(hidden_states).view(shape).transpose(1, 2)
+    key = attention.k_proj(hidden_states).view(shape).transpose(1, 2)
+    if getattr(attention, "q_norm", None) is not None:
+        query, key = attention.q_norm(query), attention.k_norm(key)
+    cos, sin = position_embeddings
+    return sys.modules[type(attention).__module__].apply_rotary_pos_emb(query, key, cos, sin)
+
+
 def quiet_upstream_logging() -> None:
     """Only errors from transformers' and diffusers' loggers (the CLI's output stays readable)."""
     from diffusers.utils import logging as diffusers_logging

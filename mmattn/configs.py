@@ -320,13 +320,16 @@ class VisionZip(_Method):
     [CLS] (CLIP in LLaVA), else the attention each patch receives (SigLIP, Qwen2-VL's tower), mean over heads,
     pooled onto LLM tokens as the projector pools features. ``keep`` image tokens enter the LLM (a fraction of
     the image tokens, or a count): the top ``keep - contextual`` (dominant) and ``contextual`` context tokens,
-    spread evenly over the rest, each replaced by the mean of itself and the pruned tokens most similar to it.
-    Deviations: similarity and merging use the projected embeddings (VisionZip: the tower's keys and outputs),
-    and kept tokens keep their original positions (VisionZip re-indexes).
+    spread evenly over the rest, each merged with the pruned tokens most similar to it: ``merge="target_plus_mean"``
+    (default, the official formula) gives target + mean(assigned), ``merge="mean"`` the mean of the target and
+    the assigned tokens. Deviations: similarity and merging use the projected embeddings (VisionZip: the tower's
+    keys and outputs), and kept tokens keep their original positions (VisionZip re-indexes).
     """
 
     keep: float | int = 0.25
     contextual: int = 0
+    merge: str = _setting("target_plus_mean", "context tokens: target_plus_mean (official) or mean",
+                          ("target_plus_mean", "mean"))
 
     name = "visionzip"
     applies_to = "vlm"
@@ -338,6 +341,8 @@ class VisionZip(_Method):
         if not isinstance(self.contextual, int) or isinstance(self.contextual, bool) or self.contextual < 0:
             raise ValueError(f"contextual={self.contextual!r} is out of range: expected an int >= 0 (context tokens "
                              "within the kept budget)")
+        if self.merge not in ("target_plus_mean", "mean"):
+            raise ValueError(f"merge={self.merge!r}: expected 'target_plus_mean' or 'mean'")
 
 
 @dataclass(frozen=True)
@@ -345,14 +350,20 @@ class PyramidDrop(_Method):
     """PyramidDrop visual token pruning (arXiv 2410.17247) for transformers VLMs: FastV repeated in stages.
 
     ``stages`` lists ``(layer, keep)`` pairs. At each stage layer ``L_i`` the image tokens still kept are
-    re-ranked by the last query's attention at decoder layer ``L_i - 1`` (mean over heads), and the top
-    ``keep_i`` of them remain from ``L_i`` on. ``keep_i`` is a fraction of the ORIGINAL image-token count
-    (a float, rounded) or a count (an int). Layers are strictly increasing (each >= 1; the upper bound,
+    re-ranked and the top ``keep_i`` of them remain from ``L_i`` on. ``keep_i`` is a fraction of the ORIGINAL
+    image-token count (a float) or a count (an int). ``ranking="layer_input"`` (default) is the official code's
+    rule (``modeling_llama_pdrop.py``): layer ``L_i``'s own ``input_layernorm``, ``q_proj`` and ``k_proj`` (with
+    RoPE) applied to its input, the last instruction token's row of probabilities, mean over heads; a fraction
+    keeps ``int(N * keep)`` tokens (floor). ``ranking="previous_attention"`` ranks by the last query's attention
+    inside layer ``L_i - 1`` instead (the fused FastV scorer; no extra projection), a fraction rounded.
+    Deviation from the official code: kept tokens keep their original positions (it re-indexes them 0..n-1). Layers are strictly increasing (each >= 1; the upper bound,
     the model's layer count - 1, is checked when applied); keeps of one kind are non-increasing (a budget
     above the tokens still kept keeps them all). ``FastV(layer=K, keep=r)`` is ``PyramidDrop([(K, r)])``.
     """
 
     stages: tuple = ((2, 0.5), (4, 0.25))
+    ranking: str = _setting("layer_input", "how each stage ranks: layer_input (official) or previous_attention",
+                            ("layer_input", "previous_attention"))
 
     name = "pyramiddrop"
     applies_to = "vlm"
@@ -379,9 +390,11 @@ class PyramidDrop(_Method):
                                      f"<= stages[{i - 1}] keep={previous_keep}")
             normalised.append((layer, keep))
         object.__setattr__(self, "stages", tuple(normalised))
+        if self.ranking not in ("layer_input", "previous_attention"):
+            raise ValueError(f"ranking={self.ranking!r}: expected 'layer_input' or 'previous_attention'")
 
     def to_dict(self) -> dict:
-        return {"method": self.name, "stages": [list(stage) for stage in self.stages]}
+        return {"method": self.name, "stages": [list(stage) for stage in self.stages], "ranking": self.ranking}
 
 
 @dataclass(frozen=True)

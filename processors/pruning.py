@@ -60,6 +60,7 @@ from mmattn._compat import (
     count_extra_tokens,
     get_vision_window_index,
     output_cache,
+    query_key,
     sdpa_attention_forward,
     sdpa_mask,
     stored_keys,
@@ -301,6 +302,30 @@ class _PruneState:
                 scores[b] = _rater_scores(q, k, v, scale, visible, image_mask[b])
         self.choose(stage, positions, image_mask, scores)
 
+    def select_by_layer_input(self, stage: int, layer, hidden: torch.Tensor, kwargs: dict) -> None:
+        """PyramidDrop's official ranking, in layer K's pre-hook: layer K's own ``input_layernorm``, ``q_proj`` and
+        ``k_proj`` (and RoPE) on its input; the last real token's query row of probabilities over the keys it may
+        see (the layer's own mask), mean over heads, ranks the image tokens still kept."""
+        batch, n, _ = hidden.shape
+        positions, image_mask, real = self._current(stage, batch, n, hidden.device)
+        cos, sin = kwargs[POSITION_EMBEDDINGS]
+        query, key = query_key(layer.self_attn, layer.input_layernorm(hidden),
+                               (_take(cos, positions, 1), _take(sin, positions, 1)))
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        mask = kwargs.get(ATTENTION_MASK)
+        last = n - 1 - real.flip(1).int().argmax(dim=1)
+        scores = torch.zeros(batch, n, dtype=torch.float32, device=hidden.device)
+        for b in range(batch):
+            if mask is not None:
+                row = mask[b if mask.shape[0] > 1 else 0, 0].index_select(0, positions[b, last[b]].view(1))
+                visible = text_attention.visible(row[:, positions[b]])[0]
+            else:
+                visible = real[b] & (torch.arange(n, device=hidden.device) <= last[b])
+            logits = torch.einsum("hd,hnd->hn", query[b, :, last[b]], key[b]).float() * layer.self_attn.scaling
+            logits = logits.masked_fill(~visible, float("-inf"))
+            scores[b] = torch.softmax(logits, dim=-1).mean(dim=0)
+        self.choose(stage, positions, image_mask, scores)
+
     def select_diverse(self, stage: int, hidden: torch.Tensor) -> None:
         """DivPrune, in layer K's pre-hook: greedy max-min cosine diversity of the image tokens' hidden states."""
         batch, n, _ = hidden.shape
@@ -317,8 +342,8 @@ class _PruneState:
 
     def select_vision(self, stage: int, hidden: torch.Tensor) -> torch.Tensor:
         """VisionZip, in layer 0's pre-hook: rank the image tokens by the vision tower's patch scores; keep the
-        dominant ones and, with ``contextual`` > 0, that many context tokens, each the mean of itself and the pruned
-        tokens nearest to it (cosine of the projected embeddings). Returns the hidden states with those means."""
+        dominant ones and, with ``contextual`` > 0, that many context tokens, each merged with the pruned tokens
+        nearest to it (cosine of the projected embeddings) as ``config.merge`` says. Returns the hidden states."""
         self.collecting = False
         batch, n, _ = hidden.shape
         positions, image_mask, _ = self._current(stage, batch, n, hidden.device)
@@ -344,9 +369,14 @@ class _PruneState:
             others = rest[~torch.isin(rest, targets)]
             x = F.normalize(hidden[b, image].float(), dim=-1)
             nearest = (x[others] @ x[targets].T).argmax(dim=1)
-            sums = hidden[b, image[targets]].float().index_add(0, nearest, hidden[b, image[others]].float())
-            counts = 1 + torch.bincount(nearest, minlength=contextual)
-            hidden[b, image[targets]] = (sums / counts[:, None]).to(hidden.dtype)
+            target = hidden[b, image[targets]].float()
+            assigned = torch.zeros_like(target).index_add(0, nearest, hidden[b, image[others]].float())
+            counts = torch.bincount(nearest, minlength=contextual)[:, None]
+            if self.config.merge == "target_plus_mean":  # the official code: target + mean(assigned)
+                merged = target + assigned / counts.clamp_min(1)
+            else:  # "mean": the mean of the target and its assigned tokens
+                merged = (target + assigned) / (1 + counts)
+            hidden[b, image[targets]] = merged.to(hidden.dtype)
             chosen.append(image[torch.cat([dominant, targets])].sort().values)
         self.choose(stage, positions, image_mask, scores, chosen=torch.stack(chosen))
         return hidden
@@ -371,8 +401,11 @@ class _PruneState:
         return lambda: delattr(core, "get_image_features")
 
     def budget(self, stage: int, n_current: int) -> int:
+        """Image tokens stage ``stage`` keeps: an int keep as it is; a fraction of the original image tokens, rounded
+        (PyramidDrop's official ranking: floored, as its code takes ``int(N * ratio)``)."""
         keep = self.stages[stage][1]
-        budget = keep if isinstance(keep, int) else round(keep * self.n_image)
+        share = keep * self.n_image
+        budget = keep if isinstance(keep, int) else int(share) if self.stages[stage][2] == "layer_input" else round(share)
         if budget == 0 and keep != 0:
             warnings.warn(f"{self.config.name}: keep={keep} (a fraction) of {self.n_image} image tokens rounds to 0: no "
                           "image token is kept; pass an int to keep a count of tokens", stacklevel=2)
@@ -456,6 +489,8 @@ class _PruneState:
         sliding_window = getattr(attention, "sliding_window", None)
 
         def hook(module, args, kwargs):
+            if first and self.prefill and self.next_stage == stage and self.stages[stage][2] == "layer_input":
+                self.select_by_layer_input(stage, layer, args[0], kwargs)
             if first and self.prefill and self.next_stage == stage and self.stages[stage][2] == "diversity":
                 self.select_diverse(stage, args[0])
             if first and self.prefill and self.next_stage == stage and self.stages[stage][2] == "vision":
@@ -591,7 +626,8 @@ def install_fastv(model, config: FastV):
 
 @register_installer(PyramidDrop)
 def install_pyramid_drop(model, config: PyramidDrop):
-    return _install(model, config, [(layer, keep, "last_query") for layer, keep in config.stages], "PyramidDrop")
+    scorer = "layer_input" if config.ranking == "layer_input" else "last_query"
+    return _install(model, config, [(layer, keep, scorer) for layer, keep in config.stages], "PyramidDrop")
 
 
 @register_installer(SparseVLM)
@@ -616,7 +652,7 @@ def _install(model, config, stages: list[tuple[int, float | int, str]], method: 
     core = model.model
     layers = family.text_layers(model)
     for i, (layer, _, scorer) in enumerate(stages):
-        lowest = 1 if scorer in ATTENTION_SCORERS else 0
+        lowest = 0 if scorer in ("diversity", "vision") else 1  # the configs check the lower bound
         if not layer < len(layers):
             where = f"stages[{i}] " if method == "PyramidDrop" else ""
             raise ValueError(f"{where}layer={layer} is out of range for {name}: its language model has {len(layers)} "

@@ -6,6 +6,7 @@ with its own mask and cache kind), PaliGemma (prefix-LM) and SmolVLM / Idefics3 
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -508,7 +509,8 @@ def pyramid(model, keeps=None) -> PyramidDrop:
 def test_pyramid_config_validation():
     config = PyramidDrop(stages=[(1, 0.5), (3, 0.25), [5, 2]])
     assert config.stages == ((1, 0.5), (3, 0.25), (5, 2))
-    assert config.to_dict() == {"method": "pyramiddrop", "stages": [[1, 0.5], [3, 0.25], [5, 2]]}
+    assert config.to_dict() == {"method": "pyramiddrop", "stages": [[1, 0.5], [3, 0.25], [5, 2]],
+                                "ranking": "layer_input"}
     assert PyramidDrop(stages=[(2, 8), (3, 0.1)]).stages == ((2, 8), (3, 0.1))  # mixed kinds: no order to check
     bad = [
         ([], r"stages=\[\]: expected a non-empty list"),
@@ -543,14 +545,15 @@ def test_pyramid_rejects_stage_out_of_range(deep):
 
 
 def test_pyramid_equal_keeps_equal_fastv(deep):
-    """A second stage keeping as many as the first drops nothing more: the run is FastV's."""
+    """A second stage keeping as many as the first drops nothing more: with the fused FastV scorer
+    (ranking="previous_attention") the run is FastV's."""
     model = deep.model
     inputs = encode(deep, [LONG], [make_image(1)])
     last = model.config.text_config.num_hidden_layers - 1
     with mmattn.apply(model, FastV(layer=1, keep=0.5)):
         fastv = logits(model, inputs)
         fastv_stats = pruning.last_stats(model)
-    with mmattn.apply(model, PyramidDrop(stages=[(1, 0.5), (last, 0.5)])):
+    with mmattn.apply(model, PyramidDrop(stages=[(1, 0.5), (last, 0.5)], ranking="previous_attention")):
         pyramid_logits = logits(model, inputs)
         stats = pruning.last_stats(model)
     torch.testing.assert_close(pyramid_logits, fastv, atol=1e-6, rtol=1e-6)
@@ -566,7 +569,7 @@ def test_pyramid_stage_choices(deep):
     previous stage's survivors (k from the ORIGINAL image-token count), and the sequence shrinks stage by stage."""
     model = deep.model
     inputs = encode(deep, [SHORT], [make_image(1)])
-    config = pyramid(model)
+    config = PyramidDrop(stages=pyramid(model).stages, ranking="previous_attention")  # the fused FastV scorer
     reference = eager_image_scores(model, inputs, layer=config.stages[0][0])
     n_image, n = reference.shape[1], inputs["input_ids"].shape[1]
     with mmattn.apply(model, config):
@@ -687,24 +690,27 @@ def test_pyramid_count_keeps_and_clamping():
 # VisionZip (arXiv 2412.04467): the shared tests above cover its choice against eager vision attention, batches,
 # the cache and remove() on every family it supports; these cover its context tokens and its refusals.
 def test_visionzip_config_validation():
-    assert VisionZip(keep=64, contextual=10).to_dict() == {"method": "visionzip", "keep": 64, "contextual": 10}
+    assert VisionZip(keep=64, contextual=10).to_dict() == {"method": "visionzip", "keep": 64, "contextual": 10,
+                                                           "merge": "target_plus_mean"}
     for bad, message in ((dict(keep=2.0), r"^keep=2.0 is out of range"), (dict(contextual=-1), "^contextual=-1"),
                          (dict(contextual=1.5), "^contextual=1.5"), (dict(contextual=True), "^contextual=True")):
         with pytest.raises(ValueError, match=message):
             VisionZip(**bad)
 
 
+@pytest.mark.parametrize("merge", ["target_plus_mean", "mean"])
 @pytest.mark.parametrize("name", ["tiny/llava", "tiny/gemma3"])
-def test_visionzip_context_tokens(name):
+def test_visionzip_context_tokens(name, merge):
     """keep - contextual dominant tokens by score; the contextual targets spread evenly over the rest, each
-    entering the LLM as the mean of itself and the pruned tokens whose embeddings are most similar to it."""
+    entering the LLM merged with the pruned tokens whose embeddings are most similar to it: the official
+    target + mean(assigned), or the mean of the target and the assigned tokens."""
     vlm = build(name)
     model, inputs = vlm.model, encode(vlm, [SHORT, LONG], [make_image(5), make_image(6)])
     image_mask = inputs["input_ids"] == model.config.image_token_id
     n_image, budget, contextual = int(image_mask[0].sum()), 8, 3
     scores, embeds = eager_vision_scores(model, inputs), decoder_input(model, inputs, 0)
     text_model = getattr(model.model, "text_model", None) or model.model.language_model
-    with mmattn.apply(model, VisionZip(keep=budget, contextual=contextual)):
+    with mmattn.apply(model, VisionZip(keep=budget, contextual=contextual, merge=merge)):
         captured = {}
         hook = text_model.layers[0].register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0]))
         try:
@@ -728,7 +734,12 @@ def test_visionzip_context_tokens(name):
         kept_positions = torch.cat([(~image_mask[b]).nonzero().squeeze(1), positions[kept]]).sort().values
         entering = dict(zip(kept_positions.tolist(), captured["x"][b]))
         for t, members in groups.items():
-            torch.testing.assert_close(entering[int(positions[t])], embeds[b, positions[members]].mean(dim=0))
+            if merge == "mean":
+                want = embeds[b, positions[members]].mean(dim=0)
+            else:
+                assigned = members[1:]
+                want = embeds[b, positions[t]] + (embeds[b, positions[assigned]].mean(dim=0) if assigned else 0)
+            torch.testing.assert_close(entering[int(positions[t])], want)
         for i in dominant:
             assert torch.equal(entering[int(positions[i])], embeds[b, positions[i]])
 
@@ -782,3 +793,61 @@ def test_timing_counts_only_the_pruned_runs_decode_steps():
         assert (stats.decode_steps, stats.prefill_seconds > 0) == (MAX_NEW_TOKENS - 1, True)
         generate(vlm.model, text_only)
         assert pruning.last_stats(vlm.model) is stats and stats.decode_steps == MAX_NEW_TOKENS - 1
+
+
+def official_pdrop_scores(decoder, x, position_embeddings, positions, config) -> torch.Tensor:
+    """Reference written from PyramidDrop's official rule (modeling_llama_pdrop.py), batch of one: the decoder layer's
+    input_layernorm, q_proj, k_proj and RoPE (at the original ``positions``) on its input ``x`` (the tokens still
+    kept), the last token's query row softmaxed over the tokens before it, mean over heads."""
+    attn = decoder.self_attn
+    x = decoder.input_layernorm(x)
+    cos, sin = (t[:, positions] for t in position_embeddings)
+    heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, attn.head_dim
+    q = attn.q_proj(x).view(1, -1, heads, dim).transpose(1, 2)
+    k = attn.k_proj(x).view(1, -1, kv_heads, dim).transpose(1, 2)
+    q, k = q * cos[:, None] + rotate_half(q) * sin[:, None], k * cos[:, None] + rotate_half(k) * sin[:, None]
+    k = k.repeat_interleave(heads // kv_heads, dim=1)
+    logits = torch.einsum("hd,hnd->hn", q[0, :, -1], k[0]) / math.sqrt(dim)
+    return torch.softmax(logits.float(), dim=-1).mean(dim=0)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def test_pyramid_official_ranking_equals_the_official_rule(deep):
+    """Default ranking: at each stage layer L, L's own norm and projections on its input rank the survivors; a
+    fraction keeps int(N * keep) of the original image tokens (floor)."""
+    model = deep.model
+    if type(model).__name__ != "LlavaForConditionalGeneration":
+        pytest.skip("the official code is LLaVA's (Llama); other families run the same rule with their own RoPE")
+    inputs = encode(deep, [SHORT], [make_image(2)])
+    n_layers = model.config.text_config.num_hidden_layers
+    config = PyramidDrop(stages=[(1, 0.55), (n_layers - 1, 0.3)])
+    layers = model.model.language_model.layers
+    captured = {}
+    def capture(layer):
+        def hook(module, args, kwargs):  # registered first: sees the layer's input before pruning
+            captured.setdefault(layer, (args[0], kwargs["position_embeddings"]))
+        return hook
+
+    hooks = [layers[layer].register_forward_pre_hook(capture(layer), with_kwargs=True) for layer, _ in config.stages]
+    with torch.no_grad(), mmattn.apply(model, config):
+        model(**inputs)
+    for hook in hooks:
+        hook.remove()
+    stats = pruning.last_stats(model)
+    n_image = stats.image_positions.shape[1]
+    survivors = torch.arange(inputs["input_ids"].shape[1])
+    for (layer, keep), stage in zip(config.stages, stats.stages):
+        x, position_embeddings = captured[layer]
+        with torch.no_grad():
+            scores = official_pdrop_scores(layers[layer], x, position_embeddings, survivors, model.config.text_config)
+        image = torch.isin(survivors, stage.image_positions[0])
+        torch.testing.assert_close(stage.image_scores[0], scores[image], atol=1e-5, rtol=1e-4)
+        budget = int(n_image * keep)
+        assert stage.kept_image_positions.shape[1] == budget
+        chosen = stage.image_positions[0][scores[image].topk(budget).indices].sort().values
+        assert torch.equal(stage.kept_image_positions[0], chosen)
+        survivors = torch.cat([survivors[~image], chosen]).sort().values
