@@ -73,8 +73,10 @@ def card_markdown(card: dict) -> str:
     for key, value in card["test"].items():
         if isinstance(value, dict):
             lines += [f"- {key}: " + ", ".join(f"{k} {v:.1%}" for k, v in value.items())]
+        elif isinstance(value, float) and ("accuracy" in key or "exact" in key):
+            lines += [f"- {key}: {value:.1%}"]
         elif isinstance(value, float):
-            lines += [f"- {key}: {value:.1%}" if value <= 1 else f"- {key}: {value:.3g}"]
+            lines += [f"- {key}: {value:.3g}"]
         else:
             lines += [f"- {key}: {value}"]
     return "\n".join(lines) + "\n"
