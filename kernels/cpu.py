@@ -205,7 +205,7 @@ def _column_sums_sparse(q, k, lse, query_mask, scale, causal, bm: BlockMask, out
     ``out`` at them is exact and the order is fixed.
     """
     b, hkv, rep, nk = out.shape
-    nq, bq, bk = q.shape[2], bm.block_q, bm.block_kv
+    bq, bk = bm.block_q, bm.block_kv
     mb, mh = bm.full_counts.shape[:2]
     q5 = _split_heads(q.float() * scale, hkv)
     lse5 = _split_heads(lse.float()[..., None], hkv)
