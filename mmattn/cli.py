@@ -132,6 +132,14 @@ def _parser() -> argparse.ArgumentParser:
                              "needed for a non-empty --out without checkpoint.json")
     search.set_defaults(run=_heads_search, prog=search.prog)
 
+    evaluate = sub.add_parser("eval", help="evaluation on the shapes world: accuracy tables and plots")
+    eval_sub = evaluate.add_subparsers(dest="eval_command", metavar="TASK", required=True)
+    vqa_eval = eval_sub.add_parser("vqa", help="shapes-vlm accuracy per question type for every pruning method at "
+                                   "keep 33/22/11%%; writes vqa.md, vqa.json and (with matplotlib) vqa.png")
+    vqa_eval.add_argument("--questions", type=_int_type(6), default=600, help="test-split questions (default 600)")
+    vqa_eval.add_argument("--out", default="bench/results/shapes", help="output folder (default bench/results/shapes)")
+    vqa_eval.set_defaults(run=_eval_vqa, prog=vqa_eval.prog)
+
     for name, message in PENDING.items():
         pending = sub.add_parser(name, help=f"(not yet available) {message}")
         pending.set_defaults(run=lambda args, message=message, name=name: _pending(name, message), prog=pending.prog)
@@ -184,6 +192,15 @@ def _machine_args(parser) -> None:
     parser.add_argument("--device", type=_device, help="torch device (default: cuda where available, else cpu)")
     parser.add_argument("--dtype", choices=DTYPES,
                         help="weights' dtype (default: bfloat16 on cuda, float16 where the GPU lacks bfloat16; float32 else)")
+
+
+def _eval_vqa(args) -> int:
+    from .shapes import evaluate
+
+    result = evaluate.run(args.questions, Path(args.out))
+    print(evaluate.markdown(result), end="")
+    print(f"wrote {Path(args.out) / 'vqa.md'} and vqa.json" + (", vqa.png" if (Path(args.out) / "vqa.png").exists() else ""))
+    return 0
 
 
 def _pending(name: str, message: str) -> int:

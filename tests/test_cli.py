@@ -344,3 +344,16 @@ def test_method_flags_come_from_the_registry():
                 assert flag in actions, (command, name, f.name)
                 assert actions[flag].choices == f.metadata.get("choices")
     assert "strength" not in cli.METHOD_FLAGS["pag"] and cli.METHOD_FLAGS["softpag"] == ("strength", "target", "scope")
+
+
+def test_eval_vqa_writes_the_table(tmp_path, monkeypatch, capsys):
+    from mmattn import cli
+    from mmattn.shapes import vlm
+
+    monkeypatch.setattr(vlm, "load", lambda: vlm.build(seed=0))  # the command's wiring, not the scores
+    assert cli.main(["eval", "vqa", "--questions", "6", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| FastV | 33% | 48 |" in out and (tmp_path / "vqa.md").exists()
+    with pytest.raises(SystemExit) as usage:
+        cli.main(["eval", "vqa", "--questions", "2"])
+    assert usage.value.code == 2 and "--questions" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""What each pruning method costs shapes-vlm in accuracy: ``python -m mmattn.shapes.evaluate vqa``.
+"""What each pruning method costs shapes-vlm in accuracy: ``mmattn eval vqa`` (or ``python -m mmattn.shapes.evaluate vqa``).
 
 Accuracy on test-split questions (overall and per question type) of the unmodified model and of each pruning
 method keeping 33 %, 22 % and 11 % of the 144 image tokens (the shape of the field's 192/128/64-of-576 table),

@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
                         "scored at the end")
     parser.add_argument("--vision-init", type=Path, default=None, help="vlm: shapes-classifier weights for the tower")
     parser.add_argument("--init", type=Path, default=None, help="vlm: shapes-vlm weights to continue training from")
+    parser.add_argument("--train-vision", action="store_true", help="vlm: train the vision tower too (default: frozen)")
     parser.add_argument("--out", type=Path, default=WEIGHTS)
     args = parser.parse_args(argv)
     if args.threads:
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         init = args.vision_init or (args.out / classifier.WEIGHTS.name)
         card = vlm.train(**common, eval_questions=args.eval, vision_init=init if init.exists() else None,
-                         init=args.init)
+                         init=args.init, freeze_vision=not args.train_vision)
     print(json.dumps(card["test"], indent=2))
     return 0
 
