@@ -4,6 +4,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .api import Handle, apply
 from .configs import PAG, SEG, SLG, STG, DivPrune, FastV, PyramidDrop, SoftPAG, SparseVLM, VisionZip, ZeroTuning
+from .windows import Window1D, Window2D, Window3D, WindowAttention, window_attention
 
 try:
     __version__ = version("mmattn")
@@ -14,5 +15,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 from .processors import perturbation as _perturbation  # noqa: E402,F401
 from .processors import pruning as _pruning  # noqa: E402,F401
 from .processors import sinks as _sinks  # noqa: E402,F401
+from .processors import windows as _windows  # noqa: E402,F401
 
-__all__ = ["apply", "Handle", "FastV", "PyramidDrop", "SparseVLM", "DivPrune", "VisionZip", "PAG", "SEG", "SLG", "STG", "SoftPAG", "ZeroTuning", "__version__"]
+__all__ = ["apply", "Handle", "FastV", "PyramidDrop", "SparseVLM", "DivPrune", "VisionZip", "PAG", "SEG", "SLG", "STG", "SoftPAG", "ZeroTuning",
+           "Window1D", "Window2D", "Window3D", "WindowAttention", "window_attention", "__version__"]

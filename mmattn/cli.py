@@ -31,8 +31,9 @@ PENDING = {
     "demo": "the Gradio demo lands with the demo issue",
     "bench": "benchmarks are scripts in the source tree: python bench/bench_kernels.py, bench/bench_perturbation.py",
 }
-# The diffusion methods and their flags come from the method registry: each flag sets the config field of its name.
-METHODS = {name: methods.get(name) for name in methods.list_methods("diffusion")}
+# The guidance methods and their flags come from the method registry: each flag sets the config field of its name.
+METHODS = {name: methods.get(name) for name in methods.list_methods("diffusion")
+           if "scale" in {f.name for f in methods.settings(name)}}
 SELECTION_FIELDS = ("heads", "layers")  # set by --heads
 GUIDANCE_FLAGS = ("scale", "start", "stop")  # fields every diffusion method has
 COMMON_FLAGS = ("heads", *GUIDANCE_FLAGS)

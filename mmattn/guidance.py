@@ -67,13 +67,14 @@ class CallInfo:
     text_tokens: int = 0
     token_grid: tuple[int, int, int] | None = None  # (frames, rows, cols) of image tokens, when known
     grid_factors: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # the family's downsampling factors (DiffusionFamily)
+    step: tuple[int, int] = (0, 1)  # (index, count) of the current denoising step
     branches: list[Branch] = field(default_factory=list)
 
     def layer_grid(self, n_tokens: int) -> tuple[int, int, int]:
         """The (frames, rows, cols) of a layer's ``n_tokens`` image tokens: the call's grid downsampled by one of
         the family's factors (a UNet's deeper blocks; a DiT keeps one resolution)."""
         if self.token_grid is None:
-            raise ValueError("SEG needs the image token grid, which this call does not reveal")
+            raise ValueError("this method needs the image token grid, which this call does not reveal")
         frames, rows, cols = self.token_grid
         for factor in self.grid_factors:
             grid = (frames, -(-rows // factor), -(-cols // factor))
@@ -128,6 +129,7 @@ class GuidedDenoiser:
         self._signature = inspect.signature(self._forward)
         self._step, self._calls_in_step = None, 0
         self.call: PipelineCall | None = None  # set while the pipeline's __call__ runs
+        self.holders = 0  # methods other than branches that read ``info`` (window attention)
         functools.update_wrapper(self, self._forward)
         denoiser.forward = self
         self._pipe_class = type(pipe)
@@ -145,8 +147,8 @@ class GuidedDenoiser:
         self.info.branches.append(branch)
 
     def release(self) -> None:
-        """With no branch left, put the original forward and pipeline class back."""
-        if not self.info.branches and self.denoiser.__dict__.get("forward") is self:
+        """With no branch and no holder left, put the original forward and pipeline class back."""
+        if not self.info.branches and not self.holders and self.denoiser.__dict__.get("forward") is self:
             del self.denoiser.forward
             if type(self.pipe) is _RECORDING.get(self._pipe_class):
                 self.pipe.__class__ = self._pipe_class
@@ -179,7 +181,7 @@ class GuidedDenoiser:
         """Branches inside their [start, stop); none on the uncond call of separate-CFG pipelines."""
         index, total = step_index(self.pipe.scheduler, inputs.get("timestep", 0))
         self._calls_in_step = self._calls_in_step + 1 if (index, total) == self._step else 0
-        self._step = (index, total)
+        self._step = self.info.step = (index, total)
         if self.family.cfg_calls == "separate" and cfg and self._calls_in_step % 2 == 1:
             return []
         if inputs.get("skip_layers") is not None:
@@ -200,13 +202,13 @@ class GuidedDenoiser:
         n = inputs[self.family.batched_inputs[0]].shape[0]
         cfg, w = self._cfg(n)
         active = self._active(inputs, cfg)
+        self._describe_call(inputs)
         if not active:
             return self._forward(*args, **kwargs)
         batched_cfg = cfg and self.family.cfg_calls == "batched"
         if cfg and not batched_cfg and any(branch.rescale for branch in active):
             raise ValueError(f"rescale needs the uncond prediction, which {type(self.pipe).__name__} computes in a "
                              "separate call: use rescale=0 or guidance_scale <= 1")
-        self._describe_call(inputs)
         b = n // 2 if batched_cfg else n
         for name in self.family.batched_inputs:
             if name in inputs:

@@ -20,7 +20,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mmattn._compat import apply_rotary_emb, dispatch_attention_fn
+import functools
+
+from mmattn._compat import MIRRORED_PROCESSORS, apply_rotary_emb, dispatch_attention_fn
 from mmattn.guidance import CallInfo
 
 
@@ -244,6 +246,33 @@ def _wan_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     out[..., 0::2] = x1 * cos - x2 * sin
     out[..., 1::2] = x1 * sin + x2 * cos
     return out.type_as(x)
+
+
+def check_mirrored(family, attention: dict, names) -> None:
+    """Refuse layers whose processor is neither ours nor the diffusers processor ours mirrors (a user's own, an
+    IP-Adapter's): its computation could not go on unchanged under ours."""
+    mirrored = MIRRORED_PROCESSORS[family.name][1]
+    for name in names:
+        processor = attention[name].processor
+        if not isinstance(processor, FamilyProcessor) and type(processor).__name__ != mirrored:
+            raise ValueError(f"{name} uses {type(processor).__name__}, which mmattn cannot change without "
+                             f"bypassing it (it mirrors diffusers' {mirrored}); select other layers or set "
+                             f"that layer's processor back to {mirrored}")
+
+
+def family_processor(attn, family, info: CallInfo, changes) -> FamilyProcessor:
+    """The layer's FamilyProcessor, installed over the original one if needed (its undo registered in
+    ``changes``: the original comes back once no op and no core is left)."""
+    if not isinstance(attn.processor, FamilyProcessor):
+        original = attn.processor
+        attn.set_processor(PROCESSORS[family.name](original, info))
+        changes.add(functools.partial(_restore_processor, attn, original))
+    return attn.processor
+
+
+def _restore_processor(attn, original) -> None:
+    if not attn.processor.ops and attn.processor.core is None:
+        attn.set_processor(original)
 
 
 PROCESSORS = {

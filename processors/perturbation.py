@@ -19,13 +19,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mmattn._compat import MIRRORED_PROCESSORS
 from mmattn.adapters import diffusion_family
 from mmattn.api import installing, register_installer
 from mmattn.configs import PAG, SEG, SLG, STG, SoftPAG
 from mmattn.guidance import Branch, GuidedDenoiser
 from mmattn.heads import resolve_heads
-from mmattn.processors.diffusion import PROCESSORS, FamilyProcessor, heads_first
+from mmattn.processors.diffusion import FamilyProcessor, check_mirrored, family_processor, heads_first
 
 
 @dataclass(eq=False)
@@ -166,13 +165,7 @@ def install_perturbation(pipe, spec: str, branch: Branch, make_op=None, skip_blo
     if not selection:
         raise ValueError(f"{field}={spec!r} selects no layer")
     if make_op is not None:
-        mirrored = MIRRORED_PROCESSORS[family.name][1]
-        for name in selection:
-            processor = attention[name].processor
-            if not isinstance(processor, FamilyProcessor) and type(processor).__name__ != mirrored:
-                raise ValueError(f"{name} uses {type(processor).__name__}, which mmattn cannot perturb without "
-                                 f"bypassing it (it mirrors diffusers' {mirrored}); select other layers or set "
-                                 f"that layer's processor back to {mirrored}")
+        check_mirrored(family, attention, selection)
     with installing() as changes:
         guided = GuidedDenoiser.attach(pipe, family)
         changes.add(guided.release)
@@ -181,24 +174,14 @@ def install_perturbation(pipe, spec: str, branch: Branch, make_op=None, skip_blo
         blocks = family.blocks(denoiser)
         for name, heads in selection.items():
             if make_op is not None:
-                attn = attention[name]
-                if not isinstance(attn.processor, FamilyProcessor):
-                    original = attn.processor
-                    attn.set_processor(PROCESSORS[family.name](original, guided.info))
-                    changes.add(functools.partial(_restore_processor, attn, original))
+                processor = family_processor(attention[name], family, guided.info, changes)
                 op = make_op(branch, torch.tensor(heads, dtype=torch.long))
-                attn.processor.ops.append(op)
-                changes.add(functools.partial(attn.processor.ops.remove, op))
+                processor.ops.append(op)
+                changes.add(functools.partial(processor.ops.remove, op))
             if skip_blocks:
                 hook = blocks[name].register_forward_hook(_skip_block_hook(family, branch), with_kwargs=True)
                 changes.add(hook.remove)
     return changes.undo
-
-
-def _restore_processor(attn, original) -> None:
-    """Put the original processor back once no op is left on the layer."""
-    if not attn.processor.ops:
-        attn.set_processor(original)
 
 
 @register_installer(PAG)

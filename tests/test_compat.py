@@ -12,7 +12,7 @@ from packaging.specifiers import SpecifierSet
 
 import mmattn
 from mmattn import SoftPAG, _compat
-from mmattn.processors.perturbation import PROCESSORS
+from mmattn.processors.diffusion import PROCESSORS
 from mmattn.testing import build_tiny
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Train the shapes-world models: ``python -m mmattn.shapes.train classifier|vlm [--minutes M] [--out DIR]``.
+"""Train the shapes-world models: ``python -m mmattn.shapes.train classifier|vlm|t2i [--minutes M] [--out DIR]``.
 
 shapes-classifier first: shapes-vlm's vision tower starts from its tower (``--vision-init``, by default the
 classifier weights in ``--out`` when they exist).
@@ -21,29 +21,35 @@ WEIGHTS = Path(__file__).parent / "weights"
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmattn.shapes.train", description=__doc__.splitlines()[0])
-    parser.add_argument("model", choices=("classifier", "vlm"))
+    parser.add_argument("model", choices=("classifier", "vlm", "t2i"))
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--minutes", type=float, default=None, help="stop after this many minutes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--eval", type=int, default=600, help="test-split questions (vlm) or images (classifier) "
-                        "scored at the end")
+    parser.add_argument("--eval", type=int, default=600, help="test-split questions (vlm) or images (classifier, "
+                        "t2i: generated) scored at the end")
     parser.add_argument("--vision-init", type=Path, default=None, help="vlm: shapes-classifier weights for the tower")
-    parser.add_argument("--init", type=Path, default=None, help="vlm: shapes-vlm weights to continue training from")
+    parser.add_argument("--init", type=Path, default=None, help="vlm, t2i: weights to continue training from")
+    parser.add_argument("--vae-minutes", type=float, default=6.0, help="t2i: minutes of VAE training first")
+    parser.add_argument("--vae-steps", type=int, default=3000, help="t2i: steps of VAE training first")
+    parser.add_argument("--dataset", type=int, default=20000, help="t2i: train-split scenes whose latents are cached")
     parser.add_argument("--train-vision", action="store_true", help="vlm: train the vision tower too (default: frozen)")
     parser.add_argument("--out", type=Path, default=WEIGHTS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from . import classifier, vlm
+    from . import classifier, t2i, vlm
 
     command = "python -m mmattn.shapes.train " + " ".join(sys.argv[1:] if argv is None else argv)
     common = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, minutes=args.minutes,
                   out=args.out, command=command)
     if args.model == "classifier":
         card = classifier.train(**common, eval_images=args.eval)
+    elif args.model == "t2i":
+        card = t2i.train(**common, eval_images=args.eval, vae_steps=args.vae_steps, vae_minutes=args.vae_minutes,
+                         dataset=args.dataset, init=args.init)
     else:
         init = args.vision_init or (args.out / classifier.WEIGHTS.name)
         card = vlm.train(**common, eval_questions=args.eval, vision_init=init if init.exists() else None,

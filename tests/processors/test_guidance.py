@@ -173,7 +173,7 @@ def test_a_users_own_processor_is_refused_not_bypassed():
     mine = MyProcessor()
     attn.set_processor(mine)
     before = dict(pipe.transformer.attn_processors)
-    with pytest.raises(ValueError, match="transformer_blocks.1 uses MyProcessor, which mmattn cannot perturb"):
+    with pytest.raises(ValueError, match="transformer_blocks.1 uses MyProcessor, which mmattn cannot change"):
         mmattn.apply(pipe, SoftPAG(heads="transformer_blocks.0-1:0"))
     assert dict(pipe.transformer.attn_processors) == before and attn.processor is mine
     with mmattn.apply(pipe, SoftPAG(heads="transformer_blocks.2:0")):  # other layers still work

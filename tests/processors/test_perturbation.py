@@ -8,7 +8,8 @@ import mmattn
 from mmattn import SoftPAG
 from mmattn import PAG, SEG, SLG, STG
 from mmattn.guidance import Branch, CallInfo
-from mmattn.processors.perturbation import PROCESSORS, HeadOp, gaussian_blur_tokens
+from mmattn.processors.diffusion import PROCESSORS
+from mmattn.processors.perturbation import HeadOp, gaussian_blur_tokens
 from mmattn.adapters import diffusion_family
 from mmattn.testing import build_tiny, tiny_spec
 

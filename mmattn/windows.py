@@ -1,0 +1,296 @@
+"""Window specs and window attention on token grids, with NATTEN's semantics (arXiv 2204.07143, 2209.15001).
+
+A spec says, per grid axis, which keys a query sees:
+
+* ``kernel_size`` K: the window's extent in (dilated) tokens. Odd K: K // 2 on each side; even K (as NATTEN
+  allows): K // 2 before the query and K // 2 - 1 after. Near a border the window shifts inward, so every query
+  sees exactly K keys per axis (non-causal).
+* ``dilation`` d: the axis splits into d interleaved groups (coordinate mod d); a query sees keys of its own
+  group only, with the window taken over the group's coordinates (coordinate // d).
+* ``stride`` s (1 <= s <= K): queries form groups of s consecutive (group) coordinates that share one window,
+  the window of the group's leader: its centre query (the right-hand one of the two centres when s is even),
+  or with ``causal`` its last query. ``stride = kernel_size`` is blocked (non-overlapping tiles) attention.
+* ``causal``: a query sees keys at or before it, within K - 1 of its stride group's leader; no inward shift.
+
+Grids are row-major (the last axis fastest), as a flattened ``(B, *grid, H, D)`` tensor is. ``kernel_size *
+dilation`` may not exceed the axis extent. Attention runs on ``mmattn.kernels.attention`` with a block mask:
+tokens are permuted into tiles (one 64-token block each), windows become dense blocks, borders partial ones.
+Block masks are built once per (grid, spec, extra tokens, device) and cached.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import torch
+
+from .configs import ConfigTypeError, _check_window, _Method, _setting
+from .heads import parse_heads
+
+BLOCK = 64  # tokens per tile: one query block and one key block of the block mask
+
+
+def _per_axis(name: str, value, ndim: int, kind=int) -> tuple:
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * ndim
+    if len(values) != ndim:
+        raise ValueError(f"{name}={value!r}: expected one value or {ndim} (one per axis)")
+    for v in values:
+        if kind is bool:
+            if not isinstance(v, bool):
+                raise ConfigTypeError(f"{name}={value!r}: expected bools")
+        elif isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigTypeError(f"{name}={value!r}: expected integers")
+    return values
+
+
+@dataclass(frozen=True)
+class Window:
+    """A neighborhood window over an ``ndim``-axis token grid (see the module docstring for every argument)."""
+
+    kernel_size: int | tuple[int, ...]
+    dilation: int | tuple[int, ...] = 1
+    stride: int | tuple[int, ...] = 1
+    causal: bool | tuple[bool, ...] = False
+
+    ndim = 0
+
+    def __post_init__(self) -> None:
+        for name in ("kernel_size", "dilation", "stride"):
+            object.__setattr__(self, name, _per_axis(name, getattr(self, name), self.ndim))
+        object.__setattr__(self, "causal", _per_axis("causal", self.causal, self.ndim, bool))
+        for axis, (k, d, s) in enumerate(zip(self.kernel_size, self.dilation, self.stride)):
+            if k < 1 or d < 1:
+                raise ValueError(f"axis {axis}: kernel_size={k}, dilation={d}: expected integers >= 1")
+            if not 1 <= s <= k:
+                raise ValueError(f"axis {axis}: stride={s} is out of range: expected 1 <= stride <= kernel_size={k}")
+
+    def check_grid(self, grid: tuple[int, ...]) -> None:
+        """Refuse a grid this window does not fit: wrong number of axes, or kernel_size * dilation > extent."""
+        if len(grid) != self.ndim:
+            raise ValueError(f"{type(self).__name__} needs a {self.ndim}-axis token grid; got grid {tuple(grid)}")
+        for axis, (n, k, d) in enumerate(zip(grid, self.kernel_size, self.dilation)):
+            if k * d > n:
+                raise ValueError(f"axis {axis}: kernel_size {k} x dilation {d} = {k * d} exceeds the grid's "
+                                 f"extent {n} (grid {tuple(grid)})")
+
+    def visible(self, q: tuple[torch.Tensor, ...], k: tuple[torch.Tensor, ...], grid: tuple[int, ...]) -> torch.Tensor:
+        """Whether queries at coordinates ``q`` see keys at ``k`` (per-axis integer tensors that broadcast)."""
+        out = None
+        for axis in range(self.ndim):
+            seen = _axis_visible(q[axis], k[axis], grid[axis], self.kernel_size[axis], self.dilation[axis],
+                                 self.stride[axis], self.causal[axis])
+            out = seen if out is None else out & seen
+        return out
+
+
+class Window1D(Window):
+    ndim = 1
+
+
+class Window2D(Window):
+    ndim = 2
+
+
+class Window3D(Window):
+    ndim = 3
+
+
+def _axis_visible(q, k, extent: int, kernel: int, dilation: int, stride: int, causal: bool) -> torch.Tensor:
+    """One axis of the neighborhood rule (module docstring), on broadcasting coordinate tensors."""
+    group_q, group_k = q % dilation, k % dilation
+    iq, ik = q // dilation, k // dilation
+    group_extent = extent // dilation + (group_q < extent % dilation).to(q.dtype)
+    if causal:
+        leader = torch.minimum(iq // stride * stride + stride - 1, group_extent - 1)
+        seen = (ik <= iq) & (leader - ik < kernel)
+    else:
+        before = kernel // 2
+        after = kernel - 1 - before
+        leader = torch.minimum(iq // stride * stride + stride // 2, group_extent - 1)
+        centre = torch.maximum(torch.minimum(leader, group_extent - 1 - after), torch.full_like(leader, before))
+        seen = (ik >= centre - before) & (ik <= centre + after)
+    return seen & (group_q == group_k)
+
+
+def tile_shape(grid: tuple[int, ...], volume: int = BLOCK) -> tuple[int, ...]:
+    """Power-of-two tile extents whose product is ``volume`` (or the whole grid, if smaller), split so that the
+    axes with the most tiles get the larger extents."""
+    tile = [1] * len(grid)
+    while math.prod(tile) < volume:
+        open_axes = [a for a in range(len(grid)) if tile[a] < grid[a]]
+        if not open_axes:
+            break
+        axis = max(open_axes, key=lambda a: (grid[a] / tile[a], -a))
+        tile[axis] *= 2
+    return tuple(tile)
+
+
+def tile_order(grid: tuple[int, ...], tile: tuple[int, ...] | None = None) -> torch.Tensor:
+    """(N,) row-major token indices in tile-major order: tile after tile (row-major over tiles), each tile's tokens
+    row-major. Border tiles are smaller; no padding."""
+    tile = tile or tile_shape(grid)
+    coords = torch.stack(torch.meshgrid(*(torch.arange(n) for n in grid), indexing="ij"), -1).reshape(-1, len(grid))
+    tiles_shape = [-(-n // t) for n, t in zip(grid, tile)]
+    key = torch.zeros(coords.shape[0], dtype=torch.long)
+    for axis, (count, t) in enumerate(zip(tiles_shape, tile)):
+        key = key * count + coords[:, axis] // t
+    for axis, t in enumerate(tile):
+        key = key * t + coords[:, axis] % t
+    return torch.argsort(key)
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """How to run one windowed attention: ``order`` permutes the sequence (image tokens tile-major first, then the
+    other tokens in their order), ``inverse`` undoes it, ``mask`` is the block mask in the permuted order."""
+
+    order: torch.Tensor
+    inverse: torch.Tensor
+    mask: object  # kernels.BlockMask
+
+
+def plan(spec: Window, grid: tuple[int, ...], before: int = 0, after: int = 0, extra_keys: int = 0,
+         text: str = "global", device="cpu") -> WindowPlan:
+    """The plan for a sequence [``before`` other tokens, the grid's image tokens (row-major), ``after`` other
+    tokens] attending to itself plus ``extra_keys`` keys appended after it (seen by every query).
+
+    Image queries see their window and, with ``text="global"``, every other token; other tokens' queries see
+    everything. ``text="separate"``: image queries see their window only, other queries the other tokens only."""
+    spec.check_grid(tuple(grid))
+    if text not in ("global", "separate"):
+        raise ValueError(f"text={text!r}: expected 'global' or 'separate'")
+    return _plan(spec, tuple(grid), before, after, extra_keys, text, str(torch.device(device)))
+
+
+@lru_cache(maxsize=64)
+def _plan(spec, grid, before, after, extra_keys, text, device) -> WindowPlan:
+    from mmattn.kernels import BlockMask
+
+    n = math.prod(grid)
+    total = before + n + after
+    image_order = tile_order(grid)
+    order = torch.cat([before + image_order, torch.arange(before), torch.arange(before + n, total)])
+    inverse = torch.argsort(order)
+    coords = torch.stack(torch.meshgrid(*(torch.arange(e) for e in grid), indexing="ij"), -1).reshape(n, -1)
+    table = torch.cat([coords[image_order], torch.zeros(total - n + extra_keys, len(grid), dtype=torch.long)])
+    table = table.to(device=device, dtype=torch.int32)
+
+    def mask_mod(b, h, q, k):
+        window = spec.visible(tuple(table[q.long(), a] for a in range(len(grid))),
+                              tuple(table[k.long(), a] for a in range(len(grid))), grid)
+        q_image, k_image, k_extra = q < n, k < n, k >= total
+        if text == "global":
+            return torch.where(q_image & k_image, window, True)
+        return torch.where(k_extra, True, torch.where(q_image, k_image & window, ~k_image))
+
+    mask = BlockMask.from_mask_mod(mask_mod, None, None, total, total + extra_keys, BLOCK, BLOCK, device)
+    return WindowPlan(order.to(device), inverse.to(device), mask)
+
+
+def windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_plan: WindowPlan, scale: float | None = None,
+             backend: str | None = None) -> torch.Tensor:
+    """Attention of (B, H, N, D) tensors in sequence order under ``window_plan``; keys may carry the plan's extra
+    keys after the N sequence tokens. Returns (B, H, N, D) in sequence order."""
+    from mmattn.kernels import attention
+
+    n = q.shape[2]
+    order, inverse = window_plan.order, window_plan.inverse
+    key_order = torch.cat([order, torch.arange(n, k.shape[2], device=order.device)])
+    out = attention(q.index_select(2, order), k.index_select(2, key_order), v.index_select(2, key_order),
+                    scale=scale, block_mask=window_plan.mask, backend=backend)
+    return out.index_select(2, inverse)
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Window,
+                     additional_keys: torch.Tensor | None = None, additional_values: torch.Tensor | None = None,
+                     scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+    """Neighborhood attention on grid-shaped tensors, as ``natten.na1d/na2d/na3d`` take them.
+
+    ``q``, ``k``, ``v``: (B, *grid, H, D) with ``len(grid) == spec.ndim``. ``additional_keys`` /
+    ``additional_values`` (B, A, H, D): keys every query sees besides its window (e.g. text tokens), merged
+    exactly (one softmax over window and additional keys). ``scale`` defaults to D ** -0.5. Returns (B, *grid, H, D).
+    """
+    if q.shape != k.shape or k.shape[:-1] != v.shape[:-1] or q.dim() != spec.ndim + 3:
+        raise ValueError(f"{type(spec).__name__} needs q, k, v of shape (B, *grid ({spec.ndim} axes), H, D); got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if (additional_keys is None) != (additional_values is None):
+        raise ValueError("additional_keys and additional_values go together")
+    grid = tuple(q.shape[1:-2])
+    b, heads = q.shape[0], q.shape[-2]
+
+    def flat(x):
+        return x.reshape(b, -1, heads, x.shape[-1]).transpose(1, 2)
+
+    keys, values = flat(k), flat(v)
+    extra = 0
+    if additional_keys is not None:
+        if additional_keys.shape[0] != b or additional_keys.shape[2:] != k.shape[-2:] or \
+                additional_values.shape[:3] != additional_keys.shape[:3]:
+            raise ValueError(f"additional keys/values must be (B, A, H, D) = ({b}, A, {heads}, {k.shape[-1]}); got "
+                             f"{tuple(additional_keys.shape)}, {tuple(additional_values.shape)}")
+        extra = additional_keys.shape[1]
+        keys = torch.cat([keys, additional_keys.transpose(1, 2)], 2)
+        values = torch.cat([values, additional_values.transpose(1, 2)], 2)
+    window_plan = plan(spec, grid, extra_keys=extra, device=q.device)
+    out = windowed(flat(q), keys, values, window_plan, scale, backend)
+    return out.transpose(1, 2).reshape(*q.shape[:-1], v.shape[-1])
+
+
+WINDOWS = {cls.__name__: cls for cls in (Window1D, Window2D, Window3D)}
+
+
+@dataclass(frozen=True)
+class WindowAttention(_Method):
+    """Window attention on the image (or video) tokens of a diffusion model's self-attention layers.
+
+    ``window``: a :class:`Window2D` for image models, :class:`Window3D` (frames, rows, cols) for video models,
+    NATTEN's semantics (module docstring), over each layer's own token grid as the call lays it out (a UNet's
+    deeper blocks see a coarser grid). ``layers``: attention layers by exact block name (``"*"``: all).
+    ``steps``: the fractions [start, stop) of the denoising steps that use windows; dense attention elsewhere
+    (Radial keeps the first steps dense). ``text``: joint attention's text tokens (SD3 [image, text], Flux
+    [text, image]) see everything and are seen by every query ("global"), or attend among themselves only, with
+    image queries seeing their window only ("separate"). ``entropy_scaling`` (Jin et al. 2023, arXiv 2306.08645):
+    logits scaled by sqrt(log N / log T), N the image tokens of the call, T ``training_tokens`` (default: those of
+    the pipeline's default resolution). A window covering the whole grid equals dense attention.
+    """
+
+    window: Window
+    layers: str = _setting("*", "attention layers by block name, e.g. transformer_blocks.0-3 ('*': all)")
+    steps: tuple[float, float] = _setting((0.0, 1.0), "fractions [start, stop) of the denoising steps windowed")
+    text: str = _setting("global", "text tokens: global (see and seen by all) or separate", ("global", "separate"))
+    entropy_scaling: bool = _setting(False, "scale logits by sqrt(log N / log T) for N tokens, T training tokens")
+    training_tokens: int | None = _setting(None, "T of entropy scaling (default: the pipeline's default resolution)")
+
+    name = "window"
+
+    def __post_init__(self) -> None:
+        window = self.window
+        if isinstance(window, dict):  # from to_dict()
+            settings = dict(window)
+            kind = settings.pop("type", None)
+            if kind not in WINDOWS:
+                raise ValueError(f"window type={kind!r}: expected one of {', '.join(WINDOWS)}")
+            window = WINDOWS[kind](**settings)
+        if not isinstance(window, Window):
+            raise ConfigTypeError(f"window={window!r}: expected a Window1D, Window2D or Window3D")
+        object.__setattr__(self, "window", window)
+        if self.layers != "*":
+            parse_heads(self.layers, field="layers")
+        if not isinstance(self.steps, (tuple, list)) or len(self.steps) != 2:
+            raise ValueError(f"steps={self.steps!r}: expected (start, stop)")
+        object.__setattr__(self, "steps", tuple(float(s) for s in self.steps))
+        _check_window(*self.steps)
+        if self.text not in ("global", "separate"):
+            raise ValueError(f"text={self.text!r}: expected 'global' or 'separate'")
+        if not isinstance(self.entropy_scaling, bool):
+            raise ConfigTypeError(f"entropy_scaling={self.entropy_scaling!r}: expected a bool")
+        if self.training_tokens is not None and (isinstance(self.training_tokens, bool) or
+                                                 not isinstance(self.training_tokens, int) or self.training_tokens < 2):
+            raise ValueError(f"training_tokens={self.training_tokens!r}: expected an integer >= 2 or None")
+
+    def to_dict(self) -> dict:
+        window = {"type": type(self.window).__name__, **{k: list(v) for k, v in asdict(self.window).items()}}
+        return {"method": self.name, "window": window, "layers": self.layers, "steps": list(self.steps),
+                "text": self.text, "entropy_scaling": self.entropy_scaling, "training_tokens": self.training_tokens}

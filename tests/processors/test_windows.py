@@ -1,0 +1,253 @@
+"""Window attention: NATTEN's semantics, the brute-force mask, and the method on every diffusion family."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+
+import mmattn
+from mmattn import Window1D, Window2D, Window3D, WindowAttention, methods, window_attention
+from mmattn.adapters import diffusion_family
+from mmattn.hub import pipeline_defaults
+from mmattn.testing import build_tiny
+from mmattn.windows import plan, tile_order
+
+NATTEN_CASES = [
+    (Window1D, (13,), dict(kernel_size=5)),
+    (Window1D, (13,), dict(kernel_size=4)),
+    (Window1D, (13,), dict(kernel_size=4, causal=True)),
+    (Window1D, (17,), dict(kernel_size=5, dilation=3)),
+    (Window1D, (17,), dict(kernel_size=5, stride=3)),
+    (Window1D, (17,), dict(kernel_size=6, stride=4, dilation=2, causal=True)),
+    (Window2D, (7, 9), dict(kernel_size=(3, 5), dilation=(2, 1), stride=(1, 2))),
+    (Window2D, (11, 6), dict(kernel_size=(4, 3), causal=(True, False), stride=(2, 3))),
+    (Window2D, (9, 9), dict(kernel_size=9)),
+    (Window3D, (3, 5, 7), dict(kernel_size=(2, 3, 3), stride=(1, 2, 1), dilation=(1, 1, 2))),
+    (Window3D, (4, 3, 5), dict(kernel_size=(3, 2, 5), causal=(True, False, False))),
+]
+
+
+@pytest.mark.parametrize("cls,grid,settings", NATTEN_CASES)
+def test_equals_natten(cls, grid, settings):
+    natten = pytest.importorskip("natten")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, *grid, 2, 8) for _ in range(3))
+    function = {1: natten.na1d, 2: natten.na2d, 3: natten.na3d}[cls.ndim]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # natten's CPU (Flex, uncompiled) backend warns about speed
+        expected = function(q, k, v, kernel_size=settings["kernel_size"], stride=settings.get("stride", 1),
+                            dilation=settings.get("dilation", 1), is_causal=settings.get("causal", False))
+    torch.testing.assert_close(window_attention(q, k, v, cls(**settings)), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_additional_keys_equal_natten():
+    natten = pytest.importorskip("natten")
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, 7, 9, 2, 8) for _ in range(3))
+    extra_k, extra_v = torch.randn(2, 5, 2, 8), torch.randn(2, 5, 2, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = natten.na2d(q, k, v, kernel_size=(3, 5), additional_keys=extra_k, additional_values=extra_v)
+    out = window_attention(q, k, v, Window2D((3, 5)), additional_keys=extra_k, additional_values=extra_v)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def brute_force_visible(spec, grid):
+    """(N, N) visibility written from the rule: per axis, a query's window of kernel_size group coordinates
+    starts at its stride leader minus kernel // 2, pushed inside the group; causal: the keys up to the query
+    within kernel - 1 of its leader."""
+    coords = list(itertools.product(*(range(n) for n in grid)))
+    mask = torch.zeros(len(coords), len(coords), dtype=torch.bool)
+    for i, qc in enumerate(coords):
+        for j, kc in enumerate(coords):
+            ok = True
+            for axis, (n, kernel, d, s, causal) in enumerate(zip(grid, spec.kernel_size, spec.dilation, spec.stride,
+                                                              spec.causal)):
+                if qc[axis] % d != kc[axis] % d:
+                    ok = False
+                    break
+                size = len(range(qc[axis] % d, n, d))
+                iq, ik = qc[axis] // d, kc[axis] // d
+                if causal:
+                    leader = min(iq - iq % s + s - 1, size - 1)
+                    ok &= ik <= iq and leader - ik < kernel
+                else:
+                    leader = min(iq - iq % s + s // 2, size - 1)
+                    first = min(max(leader - kernel // 2, 0), size - kernel)
+                    ok &= first <= ik < first + kernel
+            mask[i, j] = ok
+    return mask
+
+
+@pytest.mark.parametrize("cls,grid,settings", NATTEN_CASES[:9])
+def test_mask_equals_brute_force(cls, grid, settings):
+    spec = cls(**settings)
+    p = plan(spec, grid)
+    dense = p.mask.to_dense()[0, 0]
+    # back from the tiled order to row-major: entry (order[i], order[j]) of the row-major mask
+    unpermuted = torch.zeros_like(dense)
+    unpermuted[p.order[:, None], p.order[None, :]] = dense
+    assert torch.equal(unpermuted, brute_force_visible(spec, grid))
+
+
+def test_text_tokens_global_and_separate():
+    spec, grid = Window2D(3), (5, 6)
+    n = 30
+    for text, before, after in (("global", 4, 0), ("separate", 0, 3)):
+        p = plan(spec, grid, before=before, after=after, text=text)
+        dense = torch.zeros(n + before + after, n + before + after, dtype=torch.bool)
+        dense[p.order[:, None], p.order[None, :]] = p.mask.to_dense()[0, 0]
+        image = torch.zeros(len(dense), dtype=torch.bool)
+        image[before:before + n] = True
+        window = dense[image][:, image]
+        assert torch.equal(window, brute_force_visible(spec, grid))
+        if text == "global":
+            assert dense[~image].all() and dense[:, ~image].all()
+        else:
+            assert dense[~image][:, ~image].all() and not dense[~image][:, image].any()
+            assert not dense[image][:, ~image].any()
+
+
+def test_tile_order_is_a_permutation_with_whole_tiles_first():
+    order = tile_order((10, 13))
+    assert sorted(order.tolist()) == list(range(130))
+    first_tile = order[:64]
+    rows, cols = first_tile // 13, first_tile % 13
+    assert rows.max() < 8 and cols.max() < 8
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(kernel_size=0), "kernel_size=0"),
+    (dict(kernel_size=3, stride=4), "stride=4 is out of range"),
+    (dict(kernel_size=(3, 3, 3)), "one value or 2"),
+    (dict(kernel_size=3.0), "expected integers"),
+])
+def test_spec_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Window2D(**kwargs)
+
+
+def test_window_larger_than_grid_names_the_axis():
+    with pytest.raises(ValueError, match="axis 1: kernel_size 5 x dilation 2 = 10 exceeds the grid's extent 9"):
+        plan(Window2D(5, dilation=(1, 2)), (12, 9))
+
+
+WHOLE_GRID = {  # family: (model, window covering each selected layer's whole grid, layers)
+    "sd": ("tiny/sd", Window2D(8), "down_blocks.1.attentions.0.transformer_blocks.0;"
+                                    "mid_block.attentions.0.transformer_blocks.0"),
+    "sdxl": ("tiny/sdxl", Window2D(8), "*"),
+    "sd3": ("tiny/sd3", Window2D(8), "*"),
+    "flux": ("tiny/flux", Window2D(8), "*"),
+    "pixart": ("tiny/pixart", Window2D(8), "*"),
+    "wan": ("tiny/wan", Window3D((3, 4, 4)), "*"),
+}
+
+
+def _run(pipe, name, prompt="a red circle", seeds=(0,), **call):
+    generator = [torch.Generator().manual_seed(s) for s in seeds] if len(seeds) > 1 else \
+        torch.Generator().manual_seed(seeds[0])
+    out = pipe(prompt, generator=generator, output_type="pt", **{**pipeline_defaults(name), **call})
+    return out.frames if hasattr(out, "frames") else out.images
+
+
+@pytest.mark.parametrize("family", list(WHOLE_GRID))
+def test_whole_grid_window_equals_dense_and_remove_restores(family):
+    name, window, layers = WHOLE_GRID[family]
+    pipe = build_tiny(name)
+    baseline = _run(pipe, name)
+    handle = mmattn.apply(pipe, WindowAttention(window, layers=layers))
+    windowed = _run(pipe, name)
+    handle.remove()
+    torch.testing.assert_close(windowed, baseline, atol=2e-5, rtol=1e-4)
+    assert torch.equal(_run(pipe, name), baseline)
+    attention = diffusion_family(pipe).attention_layers(diffusion_family(pipe).denoiser(pipe))
+    assert all(type(a.processor).__module__.startswith("diffusers") for a in attention.values())
+
+
+@pytest.mark.parametrize("name,window,call", [
+    ("tiny/sd3", Window2D(5), dict(height=64, width=64)),
+    ("tiny/flux", Window2D(5), dict(height=64, width=64)),
+    ("tiny/wan", Window3D((3, 5, 5)), dict(height=64, width=64, num_frames=17)),
+])
+def test_twice_the_resolution_windowed(name, window, call):
+    pipe = build_tiny(name)
+    dense = _run(pipe, name, **call)
+    with mmattn.apply(pipe, WindowAttention(window)):
+        out = _run(pipe, name, **call)
+    assert out.shape == dense.shape and torch.isfinite(out).all()
+    assert not torch.allclose(out, dense, atol=1e-4)  # the windows did restrict attention
+
+
+def test_batch_equals_each_sample_alone():
+    pipe = build_tiny("tiny/sd3")
+    prompts = ["a red circle", "a blue square"]
+    with mmattn.apply(pipe, WindowAttention(Window2D(3), text="separate")):
+        batch = _run(pipe, "tiny/sd3", prompt=prompts, seeds=(0, 1))
+        alone = torch.cat([_run(pipe, "tiny/sd3", prompt=[p], seeds=(s,)) for s, p in enumerate(prompts)])
+    torch.testing.assert_close(batch, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_steps_outside_the_window_are_dense():
+    pipe = build_tiny("tiny/sd3")
+    baseline = _run(pipe, "tiny/sd3")
+    with mmattn.apply(pipe, WindowAttention(Window2D(3), steps=(0.0, 0.0))):
+        assert torch.equal(_run(pipe, "tiny/sd3"), baseline)
+    with mmattn.apply(pipe, WindowAttention(Window2D(3), steps=(0.5, 1.0))):
+        late = _run(pipe, "tiny/sd3")
+    with mmattn.apply(pipe, WindowAttention(Window2D(3))):
+        always = _run(pipe, "tiny/sd3")
+    assert not torch.equal(late, baseline) and not torch.allclose(late, always)
+
+
+def test_composes_with_perturbation_on_the_same_layer():
+    pipe = build_tiny("tiny/sd3")
+    pag = mmattn.PAG(heads="transformer_blocks.1:*", scale=2.0)
+    with mmattn.apply(pipe, pag):
+        expected = _run(pipe, "tiny/sd3")
+    with mmattn.apply(pipe, [pag, WindowAttention(Window2D(8))]):
+        both = _run(pipe, "tiny/sd3")
+    torch.testing.assert_close(both, expected, atol=2e-5, rtol=1e-4)
+    with mmattn.apply(pipe, [WindowAttention(Window2D(3)), pag]):
+        small = _run(pipe, "tiny/sd3")
+    assert not torch.allclose(small, expected, atol=1e-4)
+
+
+def test_entropy_scaling_at_training_size_changes_nothing():
+    pipe = build_tiny("tiny/sd3")
+    with mmattn.apply(pipe, WindowAttention(Window2D(8))):
+        plain = _run(pipe, "tiny/sd3")
+    with mmattn.apply(pipe, WindowAttention(Window2D(8), entropy_scaling=True, training_tokens=64)):
+        scaled = _run(pipe, "tiny/sd3")
+    torch.testing.assert_close(scaled, plain, atol=1e-6, rtol=1e-6)  # log N / log T = 1
+    with mmattn.apply(pipe, WindowAttention(Window2D(8), entropy_scaling=True, training_tokens=16)):
+        assert not torch.allclose(_run(pipe, "tiny/sd3"), plain, atol=1e-4)
+
+
+def test_bad_input_errors():
+    pipe = build_tiny("tiny/sd3")
+    with pytest.raises(ValueError, match="needs a Window2D; got Window3D"):
+        mmattn.apply(pipe, WindowAttention(Window3D(3)))
+    with pytest.raises(ValueError, match="no attention layer named 'blocks.0'"):
+        mmattn.apply(pipe, WindowAttention(Window2D(3), layers="blocks.0"))
+    with mmattn.apply(pipe, WindowAttention(Window2D(9))):
+        with pytest.raises(ValueError, match="kernel_size 9 x dilation 1 = 9 exceeds the grid's extent 8"):
+            _run(pipe, "tiny/sd3")
+    with mmattn.apply(pipe, WindowAttention(Window2D(3))):
+        with pytest.raises(ValueError, match="already has a window method"):
+            mmattn.apply(pipe, WindowAttention(Window2D(5)))
+    wan = build_tiny("tiny/wan")
+    with pytest.raises(ValueError, match="needs a Window3D; got Window2D"):
+        mmattn.apply(wan, WindowAttention(Window2D(3)))
+
+
+def test_config_round_trip():
+    config = WindowAttention(Window3D((3, 5, 5), dilation=(1, 2, 2), causal=(True, False, False)), layers="blocks.0",
+                             steps=(0.2, 1.0), entropy_scaling=True, training_tokens=256)
+    assert methods.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="steps="):
+        WindowAttention(Window2D(3), steps=(0.5,))
+    with pytest.raises(ValueError, match="text='both'"):
+        WindowAttention(Window2D(3), text="both")
