@@ -140,6 +140,13 @@ def _parser() -> argparse.ArgumentParser:
     vqa_eval.add_argument("--questions", type=_int_type(6), default=600, help="test-split questions (default 600)")
     vqa_eval.add_argument("--out", default="bench/results/shapes", help="output folder (default bench/results/shapes)")
     vqa_eval.set_defaults(run=_eval_vqa, prog=vqa_eval.prog)
+    gen_eval = eval_sub.add_parser("gen", help="shapes-t2i prompt adherence and Frechet distance for CFG alone and "
+                                   "with PAG, SoftPAG, SEG, SLG at several CFG scales; writes gen.md, gen.json, gen.png")
+    gen_eval.add_argument("--images", type=_int_type(2), default=100, help="test-split prompts (default 100)")
+    gen_eval.add_argument("--steps", type=_int_type(1, 1001, "an int in [1, 1000]"), default=None,
+                          help="denoising steps (default 20)")
+    gen_eval.add_argument("--out", default="bench/results/shapes", help="output folder (default bench/results/shapes)")
+    gen_eval.set_defaults(run=_eval_gen, prog=gen_eval.prog)
 
     for name, message in PENDING.items():
         pending = sub.add_parser(name, help=f"(not yet available) {message}")
@@ -193,6 +200,15 @@ def _machine_args(parser) -> None:
     parser.add_argument("--device", type=_device, help="torch device (default: cuda where available, else cpu)")
     parser.add_argument("--dtype", choices=DTYPES,
                         help="weights' dtype (default: bfloat16 on cuda, float16 where the GPU lacks bfloat16; float32 else)")
+
+
+def _eval_gen(args) -> int:
+    from .shapes import evaluate
+
+    result = evaluate.run_gen(args.images, args.steps, Path(args.out))
+    print(evaluate.gen_markdown(result), end="")
+    print(f"wrote {Path(args.out) / 'gen.md'} and gen.json" + (", gen.png" if (Path(args.out) / "gen.png").exists() else ""))
+    return 0
 
 
 def _eval_vqa(args) -> int:
@@ -358,7 +374,7 @@ def _generate(args) -> int:
     from tqdm.auto import tqdm
 
     from . import apply
-    from .hub import load_pipeline
+    from .hub import default_prompt, load_pipeline
 
     video = args.kind == "video"
     _check_method_flags(args)
@@ -376,7 +392,7 @@ def _generate(args) -> int:
     if args.overwrite:
         _clear_outputs(out, GENERATED_FILES, GENERATED_FOLDERS)
     call["output_type"] = "pil"
-    prompts = args.prompt or ["a photograph of a lighthouse on a cliff at sunset"]
+    prompts = args.prompt or [default_prompt(args.model)]
     seeds = args.seed or [0]
     variants = ([("baseline", None)] if not args.no_baseline else []) + [(args.method, method)]
 

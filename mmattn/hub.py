@@ -42,8 +42,13 @@ def _tiny(model_id: str, kinds: tuple[str, ...], seed: int, dtype: torch.dtype):
     return build_tiny(model_id, seed=seed, dtype=dtype)
 
 
+SHIPPED_PIPELINES = ("mmattn/shapes-t2i",)  # trained pipelines inside the package, loadable offline by name
+
+
 def pipeline_kind(model_id: str) -> str:
     """The kind of a pipeline, image or video: from the tiny registry or its model_index.json (no weights load)."""
+    if model_id in SHIPPED_PIPELINES:
+        return "image"
     if model_id.startswith("tiny/"):
         return tiny_spec(model_id).kind
     if Path(model_id).is_dir() and not (Path(model_id) / "model_index.json").is_file():
@@ -70,6 +75,10 @@ def load_pipeline(model_id: str, dtype: torch.dtype = torch.float32, kinds=("ima
 
     The kind is checked before any weights load."""
     _check_kind(model_id, pipeline_kind(model_id), tuple(kinds))
+    if model_id in SHIPPED_PIPELINES:
+        from .shapes import t2i
+
+        return t2i.load().to(device=device, dtype=dtype)
     if model_id.startswith("tiny/"):
         return build_tiny(model_id, seed=seed, dtype=dtype).to(device)
     from diffusers import DiffusionPipeline
@@ -116,5 +125,16 @@ def load_vlm(model_id: str, dtype: torch.dtype = torch.float32, seed: int = 0):
 
 
 def pipeline_defaults(model_id: str) -> dict:
-    """Call arguments that suit a model: the tiny registry's defaults, or none (the pipeline's own)."""
+    """Call arguments that suit a model: shapes-t2i's or the tiny registry's defaults, or none (the pipeline's own)."""
+    if model_id in SHIPPED_PIPELINES:
+        from .shapes import t2i
+
+        return dict(t2i.CALL_DEFAULTS)
     return dict(tiny_spec(model_id).defaults) if model_id.startswith("tiny/") else {}
+
+
+def default_prompt(model_id: str) -> str:
+    """A prompt the model can draw: a shapes-world caption for shapes-t2i, else a photograph."""
+    if model_id in SHIPPED_PIPELINES:
+        return "a red circle left of a blue square"
+    return "a photograph of a lighthouse on a cliff at sunset"

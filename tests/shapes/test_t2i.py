@@ -1,0 +1,79 @@
+"""shapes-t2i: its tokenizer, its training script (a few steps), the adherence rule, and the shipped weights."""
+
+import json
+
+import pytest
+import torch
+
+import mmattn
+from mmattn.shapes import scenes, t2i
+
+
+def test_every_word_is_one_clip_token():
+    tok = t2i.tokenizer()
+    for word in scenes.VOCABULARY:
+        assert tok.tokenize(word) == [word + "</w>"], word
+    ids = tok("a large red circle left of a blue square", padding="max_length", max_length=t2i.CLIP_LENGTH).input_ids
+    assert len(ids) == t2i.CLIP_LENGTH and ids[0] == tok.bos_token_id
+
+
+def test_matches_reads_the_caption():
+    one = scenes.Scene((scenes.Thing("circle", "red", "large", 0, 0),), (30, 30, 30), 0.0, 0)
+    assert t2i.matches(one, {("circle", "red", "large", 2, 1)})  # position is not in the caption
+    assert not t2i.matches(one, {("circle", "red", "small", 0, 0)})
+    assert not t2i.matches(one, {("circle", "red", "large", 0, 0), ("star", "blue", "small", 1, 1)})
+    two = scenes.Scene((scenes.Thing("circle", "red", "large", 0, 1), scenes.Thing("square", "blue", "small", 2, 1)),
+                       (30, 30, 30), 0.0, 0)
+    assert scenes.caption(two) == "a red circle left of a blue square"
+    assert t2i.matches(two, {("circle", "red", "small", 0, 0), ("square", "blue", "large", 1, 2)})
+    assert not t2i.matches(two, {("circle", "red", "small", 2, 0), ("square", "blue", "large", 1, 2)})
+
+
+def test_training_script_runs_a_few_steps(tmp_path, monkeypatch):
+    from mmattn.shapes import classifier
+    from mmattn.shapes.train import main
+
+    monkeypatch.setattr(classifier, "load", lambda: classifier.build(seed=0))  # the script, not the scores
+    assert main(["t2i", "--steps", "2", "--vae-steps", "2", "--dataset", "16", "--batch-size", "4", "--eval", "2",
+                 "--out", str(tmp_path)]) == 0
+    card = json.loads((tmp_path / "shapes-t2i.json").read_text())
+    assert card["image_tokens"] == 64 and card["steps"] == 2 and "adherence" in card["test"]
+    pipe = t2i.load(tmp_path / "shapes-t2i.safetensors")
+    assert pipe.vae.config.scaling_factor == pytest.approx(card["vae_scale"])
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from mmattn.hub import load_pipeline
+
+    return load_pipeline("mmattn/shapes-t2i")
+
+
+def test_shipped_pipeline_loads_by_name(shipped):
+    from diffusers import StableDiffusion3Pipeline
+
+    from mmattn.hub import pipeline_defaults, pipeline_kind
+
+    assert isinstance(shipped, StableDiffusion3Pipeline) and pipeline_kind("mmattn/shapes-t2i") == "image"
+    assert pipeline_defaults("mmattn/shapes-t2i")["height"] == 64
+    image = shipped("a red circle", generator=torch.Generator().manual_seed(0), **t2i.CALL_DEFAULTS).images[0]
+    assert image.size == (64, 64)
+
+
+def test_shipped_pipeline_follows_held_out_prompts(shipped):
+    card = json.loads(t2i.CARD.read_text())
+    scores = t2i.evaluate(shipped, "test", n=40)
+    assert scores["adherence"] >= card["test"]["adherence"] - 0.12, (scores, card["test"])
+    assert scores["adherence"] >= 0.6, scores
+
+
+def test_methods_apply_to_the_shipped_pipeline(shipped):
+    call = {**t2i.CALL_DEFAULTS, "num_inference_steps": 4}
+    base = shipped("a red circle", generator=torch.Generator().manual_seed(0), output_type="pt", **call).images
+    for config in (mmattn.SoftPAG(heads="transformer_blocks.2:*", strength=0.5),
+                   mmattn.WindowAttention(mmattn.Window2D(5))):
+        with mmattn.apply(shipped, config):
+            out = shipped("a red circle", generator=torch.Generator().manual_seed(0), output_type="pt", **call).images
+        assert not torch.allclose(out, base, atol=1e-4)
+    again = shipped("a red circle", generator=torch.Generator().manual_seed(0), output_type="pt", **call).images
+    assert torch.equal(again, base)
