@@ -12,9 +12,9 @@ Ops (see :mod:`.dispatch` for conventions and backend choice):
 SoftPAG's identity blend ``(1 - u) * attn + u * V`` needs no kernel: it is one elementwise op on the output.
 """
 
-from .dispatch import (BACKENDS, GroupedAttention, attention, column_sums, combine_groups, grouped_attention,
+from .dispatch import (BACKENDS, MAX_GROUPS, GroupedAttention, attention, column_sums, combine_groups, grouped_attention,
                        row_probs)
 from .mask import BlockMask
 
-__all__ = ["BACKENDS", "BlockMask", "GroupedAttention", "attention", "column_sums", "combine_groups",
+__all__ = ["BACKENDS", "MAX_GROUPS", "BlockMask", "GroupedAttention", "attention", "column_sums", "combine_groups",
            "grouped_attention", "row_probs"]

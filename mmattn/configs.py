@@ -424,3 +424,53 @@ class ZeroTuning(_Method):
         _number("gamma", self.gamma)
         if not 0 < self.gamma <= 100:
             raise ValueError(f"gamma={self.gamma!r} is out of range: expected a number in (0, 100] (1: unchanged)")
+
+
+@dataclass(frozen=True)
+class VAR(_Method):
+    """Visual attention redistribution (VAR: "See What You Are Told: Visual Attention Sink in Large Multimodal
+    Models", ICLR 2025, arXiv 2503.03321), the official code's rule (seilk/VisAttnSink).
+
+    Sinks: in the prefill, at each decoder layer from ``first_layer`` on, the tokens whose layer input x has
+    phi(x) = max over the sink dims of |x_d| / RMS(x) > ``tau`` (every position, image or text, padding excluded);
+    decode steps reuse them. ``sink_dims``: the model's massive-activation dims, or "auto": per sample, the dims
+    where the first real token's |x_d| / RMS(x) exceeds ``tau`` at ``first_layer``'s input (the official code
+    hard-codes Llama-2's [2533, 1415]). Rows: in the prefill the rows after the image, in decode the current row;
+    a (head, row) is image-centric when its image mass >= ``image_mass`` and the visual sinks' share of it
+    (official: visual-sink mass / (image mass + 1e-6 per image token)) <= ``rho``; layers of a sample without
+    visual sinks are left alone. On those rows every sink column (visual and text) keeps the fraction ``p`` of
+    its weight and the freed (1 - p) goes to the image's non-sink columns in proportion to their weights; rows
+    still sum to 1. ``p=1`` changes nothing. Runs in the fused path (three key groups under one running max,
+    reweighted per row) and composes with pruning (the sinks of a pruned layer are found among its kept tokens)
+    and with ZeroTuning. Sliding-window layers are left unmodified.
+    """
+
+    p: float = _setting(0.6, "fraction of each sink's weight kept, in [0, 1] (1: unchanged)")
+    rho: float = _setting(0.5, "largest visual-sink share of the image mass of an image-centric row, in [0, 1]")
+    image_mass: float = _setting(0.2, "smallest image mass of an image-centric row, in [0, 1]")
+    tau: float = _setting(20.0, "sink threshold on max |x_d| / RMS(x) over the sink dims, > 0")
+    sink_dims: tuple[int, ...] | str = _setting("auto", "massive-activation dims, or auto (found per prompt)")
+    first_layer: int = _setting(2, "first decoder layer modified (the official code: 2)")
+
+    name = "var"
+    applies_to = "vlm"
+
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
+        for name in ("p", "rho", "image_mass"):
+            _check_range(name, getattr(self, name), 0.0, 1.0)
+        _number("tau", self.tau)
+        if not self.tau > 0:
+            raise ValueError(f"tau={self.tau!r} is out of range: expected a number > 0")
+        if self.sink_dims != "auto":
+            if isinstance(self.sink_dims, str) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                          for d in self.sink_dims) or not len(self.sink_dims):
+                raise ValueError(f"sink_dims={self.sink_dims!r}: expected 'auto' or hidden-state dims (ints >= 0)")
+            object.__setattr__(self, "sink_dims", tuple(self.sink_dims))
+        _check_layer("first_layer", self.first_layer, 0, "the first decoder layer modified")
+
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        if self.sink_dims != "auto":
+            data["sink_dims"] = list(self.sink_dims)
+        return data

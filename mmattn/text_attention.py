@@ -8,7 +8,12 @@
 * **modifiers** (``op.key_weights(module, query, key, attention_mask) -> (key_groups (B, Nk), weights)`` or
   None to leave the call as it is) reweight groups of keys: the keys of group g get weight w_g (a scalar or a tensor broadcastable to
   (B, Hq, Nq)), exactly, per (head, row), through ``kernels.grouped_attention`` (one running max, no N x N
-  matrix): o = sum_g w_g acc_g / sum_g w_g mass_g. Several modifiers multiply their weights.
+  matrix): o = sum_g w_g acc_g / sum_g w_g mass_g. ``weights`` may also be a function of the attention itself,
+  ``RowWeights(groups, fn)`` with ``fn(probs, lse) -> list``: ``probs`` (G, B, Hq, Nq) the share of each of the op's groups in each row and
+  ``lse`` (B, Hq, Nq) the rows' log-normaliser, both as the earlier modifiers left them (VAR decides per row from
+  its group masses). Several modifiers multiply their weights, in the order they were added;
+* **row ops** (``op.replace_rows(module, query, key, value, attention_mask, out)``, in place on ``out`` (B, Nq,
+  Hq, D)) recompute a few query rows themselves after the attention (PAI's generating row).
 
 Without a modifier the call is transformers' SDPA attention exactly, so observers change nothing. Methods add
 ops with :func:`add_op` after :func:`use` (which switches the text model to ``"mmattn"`` on first use and back
@@ -17,7 +22,10 @@ when the last user goes), so pruning, sinks and steering share one model.
 
 from __future__ import annotations
 
+import math
 import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -86,25 +94,54 @@ def attention(module, query, key, value, attention_mask, **kwargs):
     reweights = [r for r in (op.key_weights(module, query, key, attention_mask) for op in ops
                              if hasattr(op, "key_weights")) if r is not None]
     if not reweights:  # no modifier, or every modifier leaves this call as it is
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    return _reweighted(query, key, value, attention_mask, reweights, kwargs)
+        out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    else:
+        out, weights = _reweighted(query, key, value, attention_mask, reweights, kwargs)
+    for op in ops:
+        if hasattr(op, "replace_rows"):
+            op.replace_rows(module, query, key, value, attention_mask, out)
+    return out, weights
+
+
+@dataclass(frozen=True)
+class RowWeights:
+    """Group weights decided from the attention itself: ``fn(probs, lse) -> [w_0, ..., w_{groups-1}]``."""
+
+    groups: int
+    fn: Callable
+
+    def __len__(self) -> int:
+        return self.groups
 
 
 def _reweighted(query, key, value, attention_mask, reweights, kwargs):
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
     seen = dense_visibility(attention_mask, batch, q_len, kv_len, query.device)
-    groups, weights = None, None
-    for g, w in reweights:  # combined: the product of the groups' weights (group ids as mixed-radix digits)
-        w = [torch.as_tensor(x, dtype=torch.float32, device=query.device) for x in w]
-        if groups is None:
-            groups, weights = g, w
-        else:
-            groups = groups * len(w) + g
-            weights = [a * b for a in weights for b in w]
+    combined, radices = None, []
+    for g, w in reweights:  # one id per combination of the ops' groups (mixed radix), then only those present
+        combined = g if combined is None else combined * len(w) + g
+        radices.append(len(w))
+    present, ids = torch.unique(combined, return_inverse=True)
+    if len(present) > kernels.MAX_GROUPS:
+        raise ValueError(f"the applied methods split this call's keys into {len(present)} groups; at most "
+                         f"{kernels.MAX_GROUPS} can be reweighted together")
     block_mask = BlockMask.from_dense(seen.expand(batch, 1, q_len, kv_len))
-    out = kernels.grouped_attention(query, key, value, groups, weights=weights, scale=kwargs.get("scaling"),
-                                    block_mask=block_mask, num_groups=len(weights))
+    result = kernels.grouped_attention(query, key, value, ids.view(batch, kv_len), scale=kwargs.get("scaling"),
+                                       block_mask=block_mask, num_groups=len(present))
+    weights = [torch.ones((), device=query.device)] * len(present)
+    for i, ((_, w), count) in enumerate(zip(reweights, radices)):  # in the order the ops were added
+        digit = (present // math.prod(radices[i + 1:])) % count
+        if isinstance(w, RowWeights):
+            current = [weights[c] * result.mass[c] for c in range(len(present))]
+            total = sum(current)
+            probs = torch.stack([sum((current[c] for c in range(len(present)) if digit[c] == d),
+                                     torch.zeros_like(total)) / torch.where(total > 0, total, 1.0)
+                                 for d in range(count)])
+            w = w.fn(probs, result.max + total.log())
+        w = [torch.as_tensor(x, dtype=torch.float32, device=query.device) for x in w]
+        weights = [weights[c] * w[int(digit[c])] for c in range(len(present))]
+    out = result.combine(weights, query.dtype)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -156,6 +156,22 @@ class PruningStats:
 _STATS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> PruningStats
 _SCORING_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attention module -> _PruneState
 _PRUNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the pruning method applied
+_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its _PruneState
+
+
+def stage_positions(model, layer: int) -> list[torch.Tensor | None]:
+    """The original positions (B, N) of the prefill tokens that decoder ``layer`` may receive under the pruning
+    applied to ``model``: [its stage's kept tokens, the tokens before that stage]; None entries stand for every
+    token. Empty without pruning. (A hook that runs before pruning's own at a stage's first layer sees the tokens
+    before the stage.)"""
+    state = _STATES.get(model)
+    if state is None:
+        return []
+    stages = [j for j, (start, _, _) in enumerate(state.stages) if start <= layer]
+    if not stages:
+        return [None]
+    stage = stages[-1]
+    return [state.kept_stages[stage], state.kept_stages[stage - 1] if stage else None]
 
 
 def last_stats(model) -> PruningStats | None:
@@ -673,8 +689,9 @@ def _install(model, config, stages: list[tuple[int, float | int, str]], method: 
     state = _PruneState(config, stages, model, len(layers), visual_ids)
     with installing() as changes:  # each change's undo registered as it is made
         changes.add(text_attention.use(model, method))
-        _PRUNED[model] = method
+        _PRUNED[model], _STATES[model] = method, state
         changes.add(functools.partial(_PRUNED.pop, model))
+        changes.add(functools.partial(_STATES.pop, model))
         if vision:
             AttentionInterface.register(VISION_IMPLEMENTATION, _vision_attention)
             AttentionMaskInterface.register(VISION_IMPLEMENTATION, sdpa_mask)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import inspect
 import math
 
-import torch
 
 from mmattn.adapters import diffusion_family
 from mmattn.api import installing, register_installer

@@ -1,6 +1,6 @@
 """shapes-t2i: a small Stable Diffusion 3 (``StableDiffusion3Pipeline``) trained on shapes-world captions.
 
-64 x 64 images; an ``AutoencoderKL`` with spatial factor 4 (4 latent channels) and the SD3 transformer's
+64 x 64 images; an ``AutoencoderKL`` with spatial factor 4 (16 latent channels, as SD3's) and the SD3 transformer's
 2 x 2 patches give 8 x 8 = 64 image tokens; two CLIP text encoders (``CLIPTextModelWithProjection``) over a
 word-level CLIP BPE tokenizer; no T5 (SD3 allows it: the pipeline feeds zeros in its place). The pipeline is the
 stock class, so every mmattn method that supports SD3 applies to it unchanged. Scenes hold 1-2 objects (the
@@ -33,7 +33,7 @@ WEIGHTS = Path(__file__).parent / "weights" / "shapes-t2i.safetensors"
 CARD = Path(__file__).parent / "weights" / "shapes-t2i.json"
 CALL_DEFAULTS = {"height": IMAGE_SIZE, "width": IMAGE_SIZE, "num_inference_steps": 20, "guidance_scale": 4.0,
                  "max_sequence_length": T5_LENGTH}
-VAE = dict(block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=8)
+VAE = dict(block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=16, norm_num_groups=8)
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, projection_dim=64)
 TRANSFORMER = dict(num_layers=4, attention_head_dim=32, num_attention_heads=4, qk_norm="rms_norm")
 EMPTY_CAPTIONS = 0.1
@@ -136,15 +136,21 @@ def _scenes(rng: random.Random, n: int, split: str = "train") -> list[scenes.Sce
 
 
 def train_vae(pipe, steps: int, batch_size: int, lr: float, rng: random.Random, minutes: float | None,
-              kl: float = 1e-6) -> dict:
-    """Reconstruction (L1 + MSE) plus a small KL term on freshly rendered train-split scenes."""
+              kl: float = 1e-6, foreground: float = 10.0) -> dict:
+    """Reconstruction (L1 + MSE, pixels of the shapes weighted ``foreground`` times the background's: shapes
+    cover a small part of an image, and the background's texture would dominate the loss) plus a small KL term,
+    on freshly rendered train-split scenes. The decoder reads the posterior mean (generation decodes what the
+    transformer makes, never a sample of the posterior)."""
     vae = pipe.vae
 
     def loss_of_step():
-        x = images_tensor([scenes.render(s, IMAGE_SIZE) for s in _scenes(rng, batch_size)])
+        batch = _scenes(rng, batch_size)
+        x = images_tensor([scenes.render(s, IMAGE_SIZE) for s in batch])
+        background = torch.tensor([s.background for s in batch], dtype=torch.float32)[:, :, None, None] / 127.5 - 1
+        weight = 1 + (foreground - 1) * ((x - background).abs().amax(1, keepdim=True) > 0.3)
         posterior = vae.encode(x).latent_dist
-        y = vae.decode(posterior.sample()).sample
-        return F.l1_loss(y, x) + F.mse_loss(y, x) + kl * posterior.kl().mean()
+        y = vae.decode(posterior.mode()).sample
+        return (weight * ((y - x).abs() + (y - x).square())).mean() + kl * posterior.kl().mean()
 
     return fit(vae, loss_of_step, steps, lr, minutes, desc="shapes-t2i vae")
 

@@ -134,3 +134,138 @@ def test_zerotuning_validation_and_refusals():
     with pytest.raises(ValueError, match="layers.0 of Gemma3ForConditionalGeneration is a sliding-window layer"):
         mmattn.apply(gemma.model, ZeroTuning(heads="layers.0"))
     assert gemma.model.config.text_config._attn_implementation == "sdpa"
+
+
+class VARReference:
+    """Eager attention with VAR written from the official code's rule (seilk/VisAttnSink): sinks from the layer
+    input at prefill (phi = max over dims of |x| * rsqrt(mean(x^2) + 1e-6) > tau), image-centric (head, row)s among
+    the rows after the image, sinks x p after softmax and the budget spread over the image's non-sink columns."""
+
+    def __init__(self, model, config):
+        self.config, self.image_id = config, model.config.image_token_id
+        self.sinks, self.image, self.padding, self.prefill = {}, None, None, True
+
+    def capture(self, module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        self.prefill = cache is None or cache.get_seq_length() == 0
+        if self.prefill:
+            self.image = kwargs["input_ids"] == self.image_id
+            self.padding = kwargs.get("attention_mask")
+
+    def layer_hook(self, index):
+        def hook(module, args, kwargs):
+            if self.prefill:
+                x = (args[0] if args else kwargs["hidden_states"]).float()
+                r = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).abs()
+                phi = r[..., list(self.config.sink_dims)].amax(-1)
+                real = torch.ones_like(phi, dtype=torch.bool) if self.padding is None else self.padding.bool()
+                self.sinks[index] = (phi > self.config.tau) & real
+        return hook
+
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        scores = query @ key.transpose(-1, -2) * scaling
+        if attention_mask is not None:
+            scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+        probs = torch.softmax(scores.float(), dim=-1)
+        index, c = module.layer_idx, self.config
+        if index >= c.first_layer:
+            n_keys, q_len = key.shape[2], query.shape[2]
+            pad = torch.zeros(probs.shape[0], n_keys - self.image.shape[1], dtype=torch.bool)
+            sink, image = torch.cat([self.sinks[index], pad], 1), torch.cat([self.image, pad], 1)
+            for b in range(probs.shape[0]):
+                vis, txt = sink[b] & image[b], sink[b] & ~image[b]
+                if not vis.any():
+                    continue
+                first_row = int(image[b].nonzero().max()) + 1 if self.prefill else 0
+                a = probs[b, :, first_row:] if self.prefill else probs[b]
+                orig = a.clone()
+                portion = orig[..., vis].sum(-1) / (orig[..., image[b]] + 1e-6).sum(-1)
+                chosen = (portion <= c.rho) & (orig[..., image[b]].sum(-1) >= c.image_mass)
+                budget = (1 - c.p) * (orig[..., vis].sum(-1) + orig[..., txt].sum(-1))
+                ratios = torch.where(vis, 0.0, orig) * image[b]
+                ratios = ratios / ratios.sum(-1, keepdim=True)
+                new = orig.clone()
+                new[..., sink[b]] *= c.p
+                new = new + budget[..., None] * ratios
+                a[chosen] = new[chosen]
+        probs = probs.to(query.dtype)
+        return (probs @ value).transpose(1, 2).contiguous(), probs
+
+
+VAR_TEST = dict(p=0.3, rho=0.9, image_mass=0.05, tau=1.2, sink_dims=(0, 3, 5), first_layer=1)
+
+
+@pytest.mark.parametrize("name", ["tiny/llava", "tiny/qwen2-vl"])
+def test_var_equals_the_eager_reference_prefill_and_decode(name):
+    from mmattn.processors.sinks import last_sink_stats
+
+    vlm = build_tiny(name)
+    model = vlm.model
+    inputs = encode(vlm, QUESTIONS)  # a padded batch of two
+    config = mmattn.VAR(**VAR_TEST)
+    baseline = generate(model, inputs)
+    with mmattn.apply(model, config):
+        ours = generate(model, inputs)
+        stats = last_sink_stats(model)
+    reference = VARReference(model, config)
+    AttentionInterface.register(REFERENCE, reference)
+    AttentionMaskInterface.register(REFERENCE, eager_mask)
+    layers = model.model.language_model.layers
+    hooks = [model.model.register_forward_pre_hook(reference.capture, with_kwargs=True)]
+    hooks += [layers[i].register_forward_pre_hook(reference.layer_hook(i), with_kwargs=True) for i in range(len(layers))]
+    model.set_attn_implementation({"text_config": REFERENCE})
+    try:
+        want = generate(model, inputs)
+    finally:
+        model.set_attn_implementation({"text_config": "sdpa"})
+        for hook in hooks:
+            hook.remove()
+    assert any(reference.sinks[1][b][inputs["input_ids"][b] == model.config.image_token_id].any() for b in range(2))
+    for got, expected in zip(ours.logits, want.logits):  # prefill's last row, then each decode step
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(ours.logits[0], baseline.logits[0], atol=1e-4)
+    assert stats.layers and stats.layers[0].visual_sinks > 0 and stats.layers[0].rows > 0
+
+
+def test_var_p_one_is_the_unmodified_model_and_remove_restores():
+    vlm = build_tiny("tiny/llava")
+    inputs = encode(vlm, QUESTIONS)
+    with torch.no_grad():
+        before = vlm.model(**inputs).logits
+        with mmattn.apply(vlm.model, mmattn.VAR(**{**VAR_TEST, "p": 1.0})):
+            same = vlm.model(**inputs).logits
+        with mmattn.apply(vlm.model, mmattn.VAR(**VAR_TEST)):
+            changed = vlm.model(**inputs).logits
+        after = vlm.model(**inputs).logits
+    assert torch.equal(same, before) and torch.equal(after, before)
+    assert not torch.allclose(changed, before, atol=1e-4)
+
+
+@pytest.mark.parametrize("other", [FastV(layer=1, keep=0.5), ZeroTuning(heads="layers.1:*", gamma=3.0)])
+def test_var_combined_in_a_padded_batch_equals_each_row_alone(other):
+    vlm = build_tiny("tiny/llava")
+    model = vlm.model
+    batch = encode(vlm, QUESTIONS)
+    methods = [other, mmattn.VAR(**VAR_TEST)]
+    with mmattn.apply(model, methods):
+        both = generate(model, batch)
+        singles = [generate(model, encode(vlm, [q], [i])) for i, q in enumerate(QUESTIONS)]
+    with mmattn.apply(model, other):
+        alone = generate(model, batch)
+    for i, single in enumerate(singles):
+        for step_batch, step_single in zip(both.logits, single.logits):
+            torch.testing.assert_close(step_single[0], step_batch[i], atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(both.logits[0], alone.logits[0], atol=1e-4)
+    assert model.config.text_config._attn_implementation == "sdpa"
+
+
+def test_var_validation():
+    with pytest.raises(ValueError, match=r"p=1.5 is out of range"):
+        mmattn.VAR(p=1.5)
+    with pytest.raises(ValueError, match="sink_dims="):
+        mmattn.VAR(sink_dims=())
+    vlm = build_tiny("tiny/llava")
+    with pytest.raises(ValueError, match="first_layer=2 is out of range for LlavaForConditionalGeneration"):
+        mmattn.apply(vlm.model, mmattn.VAR())
