@@ -474,3 +474,30 @@ class VAR(_Method):
         if self.sink_dims != "auto":
             data["sink_dims"] = list(self.sink_dims)
         return data
+
+
+@dataclass(frozen=True)
+class PAI(_Method):
+    """PAI ("Paying More Attention to Image: A Training-Free Method for Alleviating Hallucination in LVLMs",
+    ECCV 2024, arXiv 2407.21771), the attention step of the official code (LALBJ/PAI, ``excite_last_visual``).
+
+    On decoder layers ``first_layer`` to ``last_layer`` (inclusive; None: the last), the logits z of the image keys
+    in the generating row (each forward's last query: the prompt's last token in the prefill, the new token in each
+    decode step) become z + ``alpha`` |z| before the softmax, on every head. ``alpha=0`` changes nothing. The row is
+    recomputed exactly from its logits (one row, no N x N matrix); the other rows keep the fused attention. Image
+    keys follow pruning. Not included: PAI's optional CFG-style step on the logits (a second, image-free pass).
+    """
+
+    alpha: float = _setting(0.5, "image-logit excitation: z + alpha |z|, in [0, 10] (0: unchanged)")
+    first_layer: int = _setting(2, "first decoder layer modified (the official scripts: 2)")
+    last_layer: int | None = _setting(None, "last decoder layer modified, inclusive (default: the model's last)")
+
+    name = "pai"
+    applies_to = "vlm"
+
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
+        _check_range("alpha", self.alpha, 0.0, 10.0)
+        _check_layer("first_layer", self.first_layer, 0, "the first decoder layer modified")
+        if self.last_layer is not None:
+            _check_layer("last_layer", self.last_layer, self.first_layer, "the last decoder layer modified")

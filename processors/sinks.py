@@ -1,5 +1,6 @@
 """Attention-sink redistribution and head steering for VLM text models, as modifier ops of the shared text
-attention (:mod:`mmattn.text_attention`): ZeroTuning (arXiv 2505.11739) and VAR (arXiv 2503.03321)."""
+attention (:mod:`mmattn.text_attention`): ZeroTuning (arXiv 2505.11739), VAR (arXiv 2503.03321) and PAI
+(arXiv 2407.21771)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from mmattn import text_attention
 from mmattn._compat import ATTENTION_MASK, cache_argument, cache_length
 from mmattn.adapters import vlm_family
 from mmattn.api import installing, register_installer
-from mmattn.configs import VAR, ZeroTuning
+from mmattn.configs import PAI, VAR, ZeroTuning
 from mmattn.heads import resolve_heads
 from mmattn.processors.pruning import stage_positions
 
@@ -92,30 +93,65 @@ def last_sink_stats(model) -> SinkStats | None:
     return _SINK_STATS.get(model)
 
 
-class _VARState:
-    """One VAR installation: the prefill's image and padding masks, and per layer the sink scores phi of every
-    original position (decode steps reuse them)."""
+class _Tokens:
+    """Token bookkeeping of one installation on a VLM: the prefill's image and padding masks (B, N) over original
+    positions, and which of them each decoder layer's keys are (its prefill tokens, the kept ones under pruning,
+    then the tokens decoded since)."""
 
-    def __init__(self, model, config: VAR, image_ids: list[int]):
-        self.model, self.config = weakref.ref(model), config
-        self.image_ids = torch.tensor(image_ids)
-        self.image_mask = self.padding = None  # (B, N) of the prefill
+    def __init__(self, model, method: str):
+        family = vlm_family(model, method)
+        self.model, self.method = weakref.ref(model), method
+        self.image_ids = torch.tensor([model.config.image_token_id] + ([model.config.video_token_id] if family.video
+                                                                         else []))
+        self.image_mask = self.padding = None
         self.prefill = False
-        self.dims: torch.Tensor | None = None  # (B, n_dims) sink dims per sample
-        self.phi: dict[int, torch.Tensor] = {}  # layer -> (B, N) phi of each original position (-1: not seen)
 
     def begin(self, module, args, kwargs):
+        """Pre-hook on the VLM core."""
         input_ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
         cache = cache_argument(kwargs)
         self.prefill = cache is None or cache_length(cache) == 0
         if self.prefill:
             if input_ids is None:
-                raise ValueError("VAR finds image tokens in input_ids; this forward got inputs_embeds only")
+                raise ValueError(f"{self.method} finds image tokens in input_ids; this forward got inputs_embeds only")
             self.image_mask = torch.isin(input_ids, self.image_ids.to(input_ids.device))
             mask = kwargs.get(ATTENTION_MASK)
             self.padding = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-            self.phi, self.dims = {}, None
+            self.start()
+
+    def start(self) -> None:
+        """A prefill begins."""
+
+    def positions(self, index: int, device) -> torch.Tensor:
+        """(B, N_i) original positions of decoder layer ``index``'s prefill keys."""
+        batch, n = self.image_mask.shape
+        kept = next((p for p in stage_positions(self.model(), index)[:1] if p is not None), None)
+        return torch.arange(n, device=device).expand(batch, n) if kept is None else kept.to(device)
+
+    def keys(self, values: torch.Tensor, index: int, kv_len: int) -> torch.Tensor:
+        """(B, kv_len) per-key values of layer ``index`` from per-position ``values`` (B, N) bool of the prefill;
+        keys decoded since get False."""
+        taken = values.gather(1, self.positions(index, values.device))
+        pad = torch.zeros(taken.shape[0], max(0, kv_len - taken.shape[1]), dtype=taken.dtype, device=taken.device)
+        return torch.cat([taken, pad], 1)[:, -kv_len:]
+
+
+class _VARState(_Tokens):
+    """One VAR installation: the token bookkeeping, and per layer the sink scores phi of every original position
+    found in the prefill (decode steps reuse them)."""
+
+    def __init__(self, model, config: VAR):
+        super().__init__(model, "VAR")
+        self.config = config
+        self.dims: torch.Tensor | None = None  # (B, n_dims) sink dims per sample
+        self.phi: dict[int, torch.Tensor] = {}  # layer -> (B, N) phi of each original position (-1: not seen)
+
+    def begin(self, module, args, kwargs):
+        super().begin(module, args, kwargs)
         _SINK_STATS[self.model()] = SinkStats()
+
+    def start(self) -> None:
+        self.phi, self.dims = {}, None
 
     def layer_hook(self, index: int):
         def hook(module, args, kwargs):
@@ -155,18 +191,10 @@ class _VARState:
         return dims.sort(1).values[:, :count]  # samples without massive dims point at the zero column
 
     def sinks(self, index: int, kv_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, kv_len) sink keys and image keys of layer ``index``: its prefill tokens
-        (kept ones, under pruning) then the tokens decoded since (never sinks, never image)."""
-        batch, n = self.image_mask.shape
-        positions = next((p for p in stage_positions(self.model(), index)[:1] if p is not None), None)
-        positions = torch.arange(n, device=device).expand(batch, n) if positions is None else positions.to(device)
-        phi = self.phi[index].to(device).gather(1, positions)
-        image = self.image_mask.to(device).gather(1, positions)
-        real = torch.ones_like(image) if self.padding is None else self.padding.to(device).gather(1, positions)
-        sink = (phi > self.config.tau) & real
-        extra = kv_len - positions.shape[1]
-        pad = torch.zeros(batch, max(0, extra), dtype=torch.bool, device=device)
-        return torch.cat([sink, pad], 1)[:, -kv_len:], torch.cat([image, pad], 1)[:, -kv_len:]
+        """(B, kv_len) sink keys and image keys of layer ``index``."""
+        real = torch.ones_like(self.image_mask) if self.padding is None else self.padding
+        sink = (self.phi[index].to(device) > self.config.tau) & real.to(device)
+        return self.keys(sink, index, kv_len), self.keys(self.image_mask.to(device), index, kv_len)
 
 
 class VisualSinkRedistribution:
@@ -239,23 +267,65 @@ class VisualSinkRedistribution:
 
 @register_installer(VAR)
 def install_var(model, config: VAR):
-    family = vlm_family(model, "VAR")
-    layers = family.text_layers(model)
-    if not config.first_layer < len(layers):
-        raise ValueError(f"first_layer={config.first_layer} is out of range for {type(model).__name__}: its language "
-                         f"model has {len(layers)} layers; expected 0 <= first_layer <= {len(layers) - 1}")
+    chosen = _decoder_range(model, config, "VAR")
+    layers = vlm_family(model, "VAR").text_layers(model)
     text_attention.check(model, "VAR")
-    image_ids = [model.config.image_token_id]
-    if family.video:
-        image_ids.append(model.config.video_token_id)
-    state = _VARState(model, config, image_ids)
+    state = _VARState(model, config)
     with installing() as changes:
         changes.add(text_attention.use(model, "VAR"))
         changes.add(model.model.register_forward_pre_hook(state.begin, with_kwargs=True).remove)
         changes.add(lambda: _SINK_STATS.pop(model, None))
-        for i in range(config.first_layer, len(layers)):
+        for i in chosen:
             if getattr(layers[i].self_attn, "sliding_window", None) is not None:
                 continue
             changes.add(layers[i].register_forward_pre_hook(state.layer_hook(i), with_kwargs=True).remove)
             changes.add(text_attention.add_op(layers[i].self_attn, VisualSinkRedistribution(state, i)))
+    return changes.undo
+
+
+class ImageLogitExcitation:
+    """Row op of one decoder layer (PAI): each sample's last query row is recomputed with its image-key logits
+    z -> z + alpha |z| (keys the layer's mask hides stay hidden)."""
+
+    def __init__(self, tokens: _Tokens, index: int, alpha: float):
+        self.tokens, self.index, self.alpha = tokens, index, alpha
+
+    def replace_rows(self, module, query, key, value, attention_mask, out) -> None:
+        if self.alpha == 0.0 or self.tokens.image_mask is None:
+            return
+        batch, heads, q_len, _ = query.shape
+        kv_len, kv_heads = key.shape[2], key.shape[1]
+        image = self.tokens.keys(self.tokens.image_mask.to(query.device), self.index, kv_len)  # (B, Nk)
+        seen = text_attention.dense_visibility(attention_mask, batch, q_len, kv_len, query.device)[:, 0, -1]
+        scale = module.scaling if hasattr(module, "scaling") else query.shape[-1] ** -0.5
+        q = query[:, :, -1].float().view(batch, kv_heads, heads // kv_heads, 1, -1)
+        z = (q @ key.float()[:, :, None].transpose(-1, -2)).view(batch, heads, kv_len) * scale
+        z = torch.where(image[:, None, :], z + self.alpha * z.abs(), z)
+        z = z.masked_fill(~seen.expand(batch, kv_len)[:, None, :], float("-inf"))
+        p = torch.softmax(z, dim=-1).view(batch, kv_heads, heads // kv_heads, 1, kv_len)
+        row = (p @ value.float()[:, :, None]).view(batch, heads, -1)
+        out[:, -1] = row.to(out.dtype)
+
+
+def _decoder_range(model, config, method: str) -> range:
+    layers = vlm_family(model, method).text_layers(model)
+    last = len(layers) - 1 if getattr(config, "last_layer", None) is None else config.last_layer
+    for name, value in (("first_layer", config.first_layer), ("last_layer", last)):
+        if not value < len(layers):
+            raise ValueError(f"{name}={value} is out of range for {type(model).__name__}: its language model has "
+                             f"{len(layers)} layers; expected 0 <= {name} <= {len(layers) - 1}")
+    return range(config.first_layer, last + 1)
+
+
+@register_installer(PAI)
+def install_pai(model, config: PAI):
+    chosen = _decoder_range(model, config, "PAI")
+    text_attention.check(model, "PAI")
+    layers = vlm_family(model, "PAI").text_layers(model)
+    tokens = _Tokens(model, "PAI")
+    with installing() as changes:
+        changes.add(text_attention.use(model, "PAI"))
+        changes.add(model.model.register_forward_pre_hook(tokens.begin, with_kwargs=True).remove)
+        for i in chosen:
+            changes.add(text_attention.add_op(layers[i].self_attn, ImageLogitExcitation(tokens, i, config.alpha)))
     return changes.undo

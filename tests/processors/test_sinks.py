@@ -269,3 +269,76 @@ def test_var_validation():
     vlm = build_tiny("tiny/llava")
     with pytest.raises(ValueError, match="first_layer=2 is out of range for LlavaForConditionalGeneration"):
         mmattn.apply(vlm.model, mmattn.VAR())
+
+
+class PAIReference:
+    """Eager attention with PAI's step from the official code (LALBJ/PAI): after the mask, the last row's image-key
+    logits z become |z| * alpha + z, then the softmax."""
+
+    def __init__(self, model, config):
+        self.config, self.image_id, self.image = config, model.config.image_token_id, None
+
+    def capture(self, module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is None or cache.get_seq_length() == 0:
+            self.image = kwargs["input_ids"] == self.image_id
+
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        scores = query @ key.transpose(-1, -2) * scaling
+        if attention_mask is not None:
+            scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+        last = self.config.last_layer if self.config.last_layer is not None else 10 ** 6
+        if self.config.first_layer <= module.layer_idx <= last:
+            image = torch.cat([self.image, torch.zeros(self.image.shape[0], key.shape[2] - self.image.shape[1],
+                                                       dtype=torch.bool)], 1)
+            for b in range(scores.shape[0]):
+                z = scores[b, :, -1, image[b]]
+                scores[b, :, -1, image[b]] = z.abs() * self.config.alpha + z
+        probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+        return (probs @ value).transpose(1, 2).contiguous(), probs
+
+
+@pytest.mark.parametrize("name", ["tiny/llava", "tiny/qwen2-vl"])
+def test_pai_equals_the_eager_reference_prefill_and_decode(name):
+    vlm = build_tiny(name)
+    model = vlm.model
+    inputs = encode(vlm, QUESTIONS)
+    config = mmattn.PAI(alpha=0.8, first_layer=1)
+    baseline = generate(model, inputs)
+    with mmattn.apply(model, config):
+        ours = generate(model, inputs)
+    reference = PAIReference(model, config)
+    AttentionInterface.register(REFERENCE, reference)
+    AttentionMaskInterface.register(REFERENCE, eager_mask)
+    hook = model.model.register_forward_pre_hook(reference.capture, with_kwargs=True)
+    model.set_attn_implementation({"text_config": REFERENCE})
+    try:
+        want = generate(model, inputs)
+    finally:
+        model.set_attn_implementation({"text_config": "sdpa"})
+        hook.remove()
+    for got, expected in zip(ours.logits, want.logits):
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(ours.logits[0], baseline.logits[0], atol=1e-4)
+
+
+def test_pai_alpha_zero_is_the_unmodified_model_and_composes_with_fastv():
+    vlm = build_tiny("tiny/llava")
+    model = vlm.model
+    inputs = encode(vlm, QUESTIONS)
+    with torch.no_grad():
+        before = model(**inputs).logits
+        with mmattn.apply(model, mmattn.PAI(alpha=0.0, first_layer=0)):
+            assert torch.equal(model(**inputs).logits, before)
+        assert torch.equal(model(**inputs).logits, before)
+    methods = [FastV(layer=1, keep=0.5), mmattn.PAI(alpha=1.0, first_layer=1)]
+    with mmattn.apply(model, methods):
+        both = generate(model, inputs)
+        singles = [generate(model, encode(vlm, [q], [i])) for i, q in enumerate(QUESTIONS)]
+    for i, single in enumerate(singles):
+        for step_batch, step_single in zip(both.logits, single.logits):
+            torch.testing.assert_close(step_single[0], step_batch[i], atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="last_layer=5 is out of range for LlavaForConditionalGeneration"):
+        mmattn.apply(model, mmattn.PAI(first_layer=0, last_layer=5))
