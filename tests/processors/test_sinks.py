@@ -171,7 +171,7 @@ class VARReference:
         probs = torch.softmax(scores.float(), dim=-1)
         index, c = module.layer_idx, self.config
         if index >= c.first_layer:
-            n_keys, q_len = key.shape[2], query.shape[2]
+            n_keys = key.shape[2]
             pad = torch.zeros(probs.shape[0], n_keys - self.image.shape[1], dtype=torch.bool)
             sink, image = torch.cat([self.sinks[index], pad], 1), torch.cat([self.image, pad], 1)
             for b in range(probs.shape[0]):
