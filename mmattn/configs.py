@@ -501,3 +501,35 @@ class PAI(_Method):
         _check_layer("first_layer", self.first_layer, 0, "the first decoder layer modified")
         if self.last_layer is not None:
             _check_layer("last_layer", self.last_layer, self.first_layer, "the last decoder layer modified")
+
+
+@dataclass(frozen=True)
+class ACT(_Method):
+    """Attention calibration (ACT: "Unveiling and Harnessing Hidden Attention Sinks: Enhancing Large Language Models
+    without Training through Attention Calibration", ICML 2024, arXiv 2406.15765), the official code's rule
+    (GATECH-EIC/ACT) on the chosen heads of a VLM's text model.
+
+    In the prefill, per (sample, head), the sinks are the keys whose mean received attention (the sum of their
+    column over the queries that see them, divided by the number of those queries) exceeds ``threshold``, except
+    the first one found (the official code keeps it: normally <BOS>). Each sink keeps the fraction ``beta`` of its
+    weight in every row; the freed mass goes to all the other keys in proportion to their weights (rows still sum
+    to 1). ``heads``: ``layers.<i>[:heads]`` (the official code uses a per-model head list found offline, layers 2
+    to 30 of Llama-2). Decode steps reuse the prefill's sinks (the official code runs single forward passes; on a
+    decode step its rule would see one row). ``beta=1`` changes nothing. Fused path: the sinks' columns are
+    recomputed from the saved log-normaliser (no N x N matrix). Sliding-window layers are refused.
+    """
+
+    heads: str
+    beta: float = _setting(0.4, "fraction of each sink's weight kept, in [0, 1] (1: unchanged)")
+    threshold: float = _setting(0.1, "mean received attention above which a key is a sink, in (0, 1]")
+
+    name = "act"
+    applies_to = "vlm"
+
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
+        parse_heads(self.heads)
+        _check_range("beta", self.beta, 0.0, 1.0)
+        _number("threshold", self.threshold)
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"threshold={self.threshold!r} is out of range: expected a number in (0, 1]")

@@ -1,6 +1,6 @@
 """Attention-sink redistribution and head steering for VLM text models, as modifier ops of the shared text
-attention (:mod:`mmattn.text_attention`): ZeroTuning (arXiv 2505.11739), VAR (arXiv 2503.03321) and PAI
-(arXiv 2407.21771)."""
+attention (:mod:`mmattn.text_attention`): ZeroTuning (arXiv 2505.11739), VAR (arXiv 2503.03321), PAI
+(arXiv 2407.21771) and ACT (arXiv 2406.15765)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from mmattn import text_attention
 from mmattn._compat import ATTENTION_MASK, cache_argument, cache_length
 from mmattn.adapters import vlm_family
 from mmattn.api import installing, register_installer
-from mmattn.configs import PAI, VAR, ZeroTuning
+from mmattn import kernels
+from mmattn.configs import ACT, PAI, VAR, ZeroTuning
+from mmattn.kernels import BlockMask
 from mmattn.heads import resolve_heads
 from mmattn.processors.pruning import stage_positions
 
@@ -328,4 +330,74 @@ def install_pai(model, config: PAI):
         changes.add(model.model.register_forward_pre_hook(tokens.begin, with_kwargs=True).remove)
         for i in chosen:
             changes.add(text_attention.add_op(layers[i].self_attn, ImageLogitExcitation(tokens, i, config.alpha)))
+    return changes.undo
+
+
+class SinkCalibration:
+    """Row op of one decoder layer (ACT) on ``heads`` (bool (H,)): all rows of those heads are recomputed with the
+    sinks found in the prefill down to ``beta`` and the rest scaled up to fill the row:
+    o' = beta o_S + (1 + (1 - beta) m_S / (1 - m_S)) (o - o_S), with o_S and m_S the sinks' share of the output and
+    of the mass (recomputed from their columns and the rows' log-normaliser)."""
+
+    def __init__(self, config: ACT, heads: torch.Tensor):
+        self.config, self.heads = config, heads
+        self.sinks: torch.Tensor | None = None  # (B, H, N) of the layer's prefill keys
+
+    def replace_rows(self, module, query, key, value, attention_mask, out) -> None:
+        if self.config.beta == 1.0:
+            return
+        batch, heads, q_len, _ = query.shape
+        kv_len, kv_heads = key.shape[2], key.shape[1]
+        seen = text_attention.dense_visibility(attention_mask, batch, q_len, kv_len, query.device)
+        scale = module.scaling if hasattr(module, "scaling") else query.shape[-1] ** -0.5
+        block_mask = BlockMask.from_dense(seen.expand(batch, 1, q_len, kv_len))
+        _, lse = kernels.attention(query, key, value, scale=scale, block_mask=block_mask, return_lse=True)
+        if self.sinks is None or q_len == kv_len:  # a prefill: find the sinks
+            real_rows = seen.expand(batch, 1, q_len, kv_len).any(-1)[:, 0]
+            received = kernels.column_sums(query, key, lse, real_rows, scale=scale, block_mask=block_mask)
+            viewers = seen.expand(batch, 1, q_len, kv_len).sum(2).float()  # (B, 1, Nk)
+            sinks = received / viewers.clamp_min(1) > self.config.threshold
+            first = sinks.int().argmax(-1, keepdim=True)
+            sinks.scatter_(-1, first, False)  # the first sink found stays (the official code's [1:])
+            self.sinks = sinks & self.heads.to(query.device)[None, :, None]
+        sinks = torch.cat([self.sinks, self.sinks.new_zeros(batch, heads, max(0, kv_len - self.sinks.shape[-1]))],
+                          -1)[..., -kv_len:]
+        count = int(sinks.sum(-1).max())
+        if count == 0:
+            return
+        columns = torch.where(sinks, torch.arange(kv_len, device=query.device), kv_len).sort(-1).values[..., :count]
+        valid = columns < kv_len
+        columns = columns.clamp_max(kv_len - 1)  # (B, H, S)
+        rep = heads // kv_heads
+        k = key.repeat_interleave(rep, 1).float().gather(2, columns[..., None].expand(-1, -1, -1, key.shape[-1]))
+        v = value.repeat_interleave(rep, 1).float().gather(2, columns[..., None].expand(-1, -1, -1, value.shape[-1]))
+        s = query.float() @ k.transpose(-1, -2) * scale  # (B, H, Nq, S)
+        visible = seen.expand(batch, heads, q_len, kv_len).gather(3, columns[:, :, None, :].expand(-1, -1, q_len, -1))
+        p = torch.where(visible & valid[:, :, None, :], (s - lse[..., None]).exp(), 0.0)
+        mass = p.sum(-1, keepdim=True)
+        o_sink = p @ v
+        o = out.transpose(1, 2).float()  # (B, H, Nq, D)
+        rest = 1 + (1 - self.config.beta) * mass / (1 - mass).clamp_min(1e-12)
+        new = self.config.beta * o_sink + rest * (o - o_sink)
+        chosen = self.heads.to(query.device)
+        out[:, :, chosen] = new[:, chosen].transpose(1, 2).to(out.dtype)
+
+
+@register_installer(ACT)
+def install_act(model, config: ACT):
+    selection = text_heads(model, config.heads, "ACT")
+    layers = vlm_family(model, "ACT").text_layers(model)
+    for i in selection:
+        window = getattr(layers[i].self_attn, "sliding_window", None)
+        if window is not None:
+            raise ValueError(f"ACT: layers.{i} of {type(model).__name__} is a sliding-window layer (window {window}); "
+                             "select full-attention layers")
+    text_attention.check(model, "ACT")
+    heads_total = model.config.text_config.num_attention_heads
+    with installing() as changes:
+        changes.add(text_attention.use(model, "ACT"))
+        for i, chosen in selection.items():
+            mask = torch.zeros(heads_total, dtype=torch.bool)
+            mask[list(chosen)] = True
+            changes.add(text_attention.add_op(layers[i].self_attn, SinkCalibration(config, mask)))
     return changes.undo

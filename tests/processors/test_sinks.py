@@ -342,3 +342,77 @@ def test_pai_alpha_zero_is_the_unmodified_model_and_composes_with_fastv():
             torch.testing.assert_close(step_single[0], step_batch[i], atol=2e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="last_layer=5 is out of range for LlavaForConditionalGeneration"):
         mmattn.apply(model, mmattn.PAI(first_layer=0, last_layer=5))
+
+
+class ACTReference:
+    """Eager attention with ACT written from the official rule (GATECH-EIC/ACT), padding-aware: per (sample,
+    chosen head) in the prefill, sinks = keys whose column sum over the real rows that see them, divided by their
+    number, exceeds the threshold, less the first one; every row: sinks x beta, the rest scaled to fill the row.
+    Decode steps reuse the prefill's sinks."""
+
+    def __init__(self, config, heads_by_layer):
+        self.config, self.heads, self.sinks = config, heads_by_layer, {}
+
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        scores = query @ key.transpose(-1, -2) * scaling
+        visible = attention_mask[:, :, :, : key.shape[-2]] > -1e30 if attention_mask is not None else None
+        if attention_mask is not None:
+            scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+        probs = torch.softmax(scores.float(), dim=-1)
+        heads = self.heads.get(module.layer_idx, ())
+        n_q, n_k = query.shape[2], key.shape[2]
+        for b in range(probs.shape[0]):
+            for h in heads:
+                a = probs[b, h]
+                if n_q == n_k:  # prefill
+                    seen = visible[b, 0] if visible is not None else torch.ones(n_q, n_k, dtype=torch.bool).tril()
+                    real = seen.any(-1)
+                    mean = (a * real[:, None]).sum(0) / (seen & real[:, None]).sum(0).clamp_min(1)
+                    found = (mean > self.config.threshold).nonzero().flatten()[1:]
+                    self.sinks[(module.layer_idx, b, h)] = found
+                found = self.sinks[(module.layer_idx, b, h)]
+                freed = a[:, found].sum(-1) * (1 - self.config.beta)
+                rest = a.clone()
+                rest[:, found] = 0
+                new = a.clone()
+                new[:, found] *= self.config.beta
+                new = new + freed[:, None] * rest / rest.sum(-1, keepdim=True).clamp_min(1e-30)
+                probs[b, h] = new
+        probs = probs.to(query.dtype)
+        return (probs @ value).transpose(1, 2).contiguous(), probs
+
+
+@pytest.mark.parametrize("name", ["tiny/llava", "tiny/qwen2-vl"])
+def test_act_equals_the_eager_reference_prefill_and_decode(name):
+    vlm = build_tiny(name)
+    model = vlm.model
+    inputs = encode(vlm, QUESTIONS)
+    heads = model.config.text_config.num_attention_heads
+    config = mmattn.ACT(heads="layers.0:0,1;layers.1:*", beta=0.3, threshold=0.02)
+    baseline = generate(model, inputs)
+    with mmattn.apply(model, config):
+        ours = generate(model, inputs)
+    reference = ACTReference(config, {0: (0, 1), 1: tuple(range(heads))})
+    AttentionInterface.register(REFERENCE, reference)
+    AttentionMaskInterface.register(REFERENCE, eager_mask)
+    model.set_attn_implementation({"text_config": REFERENCE})
+    try:
+        want = generate(model, inputs)
+    finally:
+        model.set_attn_implementation({"text_config": "sdpa"})
+    assert any(len(v) for v in reference.sinks.values())
+    for got, expected in zip(ours.logits, want.logits):
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(ours.logits[0], baseline.logits[0], atol=1e-4)
+
+
+def test_act_beta_one_is_the_unmodified_model_and_remove_restores():
+    vlm = build_tiny("tiny/llava")
+    inputs = encode(vlm, QUESTIONS)
+    with torch.no_grad():
+        before = vlm.model(**inputs).logits
+        with mmattn.apply(vlm.model, mmattn.ACT(heads="layers.0-1:*", beta=1.0, threshold=0.02)):
+            assert torch.equal(vlm.model(**inputs).logits, before)
+        assert torch.equal(vlm.model(**inputs).logits, before)
