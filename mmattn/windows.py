@@ -97,6 +97,81 @@ class Window3D(Window):
     ndim = 3
 
 
+@dataclass(frozen=True)
+class SlidingTiles:
+    """Sliding tile attention (STA, arXiv 2502.04507): the grid is cut into tiles of ``tile`` tokens per axis; a
+    query sees every token of the ``window`` x ... tiles (counted in tiles, odd or even) around its own tile,
+    shifted inward at the borders (NATTEN's rule on the tile grid). With tiles of 64 tokens (the block size: e.g.
+    8 x 8, or 4 x 4 x 4) every visited block is full."""
+
+    tile: tuple[int, ...]
+    window: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        for name in ("tile", "window"):
+            values = tuple(getattr(self, name))
+            if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected positive integers, one per axis")
+            object.__setattr__(self, name, values)
+        if len(self.tile) != len(self.window):
+            raise ValueError(f"tile={self.tile} and window={self.window} need one value per axis each")
+
+    @property
+    def ndim(self) -> int:
+        return len(self.tile)
+
+    def tiles(self, grid: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(-(-n // t) for n, t in zip(grid, self.tile))
+
+    def check_grid(self, grid: tuple[int, ...]) -> None:
+        if len(grid) != self.ndim:
+            raise ValueError(f"SlidingTiles needs a {self.ndim}-axis token grid; got grid {tuple(grid)}")
+        for axis, (count, w) in enumerate(zip(self.tiles(grid), self.window)):
+            if w > count:
+                raise ValueError(f"axis {axis}: a window of {w} tiles exceeds the grid's {count} tiles "
+                                 f"(grid {tuple(grid)}, tile {self.tile})")
+
+    def visible(self, q, k, grid):
+        out = None
+        for axis, (t, w, count) in enumerate(zip(self.tile, self.window, self.tiles(grid))):
+            seen = _axis_visible(q[axis] // t, k[axis] // t, count, w, 1, 1, False)
+            out = seen if out is None else out & seen
+        return out
+
+
+@dataclass(frozen=True)
+class Radial:
+    """Radial attention for video (arXiv 2506.19852) on a (frames, rows, cols) grid: frames at most
+    ``dense_frames`` apart attend densely; farther pairs keep a band around the spatial diagonal, |s_q - s_k| <
+    width / 2 with s a token's row-major index within its frame, whose width starts at the frame's token count and
+    halves with each doubling of the frame distance (width = S / 2^floor(log2(|dt| / dense_frames))); every query
+    sees frame 0 whole (``sink_frame``). The official kernels round the band to blocks; this mask is exact."""
+
+    dense_frames: int = 1
+    sink_frame: bool = True
+
+    ndim = 3
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dense_frames, bool) or not isinstance(self.dense_frames, int) or self.dense_frames < 0:
+            raise ValueError(f"dense_frames={self.dense_frames!r}: expected an integer >= 0")
+        if not isinstance(self.sink_frame, bool):
+            raise ConfigTypeError(f"sink_frame={self.sink_frame!r}: expected a bool")
+
+    def check_grid(self, grid: tuple[int, ...]) -> None:
+        if len(grid) != 3:
+            raise ValueError(f"Radial needs a (frames, rows, cols) token grid; got grid {tuple(grid)}")
+
+    def visible(self, q, k, grid):
+        frames, rows, cols = grid
+        dt = (q[0] - k[0]).abs()
+        s_q, s_k = q[1] * cols + q[2], k[1] * cols + k[2]
+        level = torch.floor(torch.log2((dt.float() / max(1, self.dense_frames)).clamp_min(1)))
+        width = rows * cols / torch.pow(2.0, level)
+        out = (dt <= self.dense_frames) | ((s_q - s_k).abs().float() < width / 2)
+        return out | (k[0] == 0) if self.sink_frame else out
+
+
 def _axis_visible(q, k, extent: int, kernel: int, dilation: int, stride: int, causal: bool) -> torch.Tensor:
     """One axis of the neighborhood rule (module docstring), on broadcasting coordinate tensors."""
     group_q, group_k = q % dilation, k % dilation
@@ -151,7 +226,7 @@ class WindowPlan:
     mask: object  # kernels.BlockMask
 
 
-def plan(spec: Window, grid: tuple[int, ...], before: int = 0, after: int = 0, extra_keys: int = 0,
+def plan(spec, grid: tuple[int, ...], before: int = 0, after: int = 0, extra_keys: int = 0,
          text: str = "global", device="cpu") -> WindowPlan:
     """The plan for a sequence [``before`` other tokens, the grid's image tokens (row-major), ``after`` other
     tokens] attending to itself plus ``extra_keys`` keys appended after it (seen by every query).
@@ -170,7 +245,8 @@ def _plan(spec, grid, before, after, extra_keys, text, device) -> WindowPlan:
 
     n = math.prod(grid)
     total = before + n + after
-    image_order = tile_order(grid)
+    image_order = tile_order(grid, getattr(spec, "tile", None) if math.prod(getattr(spec, "tile", (0,))) == BLOCK
+                             else None)
     order = torch.cat([before + image_order, torch.arange(before), torch.arange(before + n, total)])
     inverse = torch.argsort(order)
     coords = torch.stack(torch.meshgrid(*(torch.arange(e) for e in grid), indexing="ij"), -1).reshape(n, -1)
@@ -238,7 +314,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Wi
     return out.transpose(1, 2).reshape(*q.shape[:-1], v.shape[-1])
 
 
-WINDOWS = {cls.__name__: cls for cls in (Window1D, Window2D, Window3D)}
+WINDOWS = {cls.__name__: cls for cls in (Window1D, Window2D, Window3D, SlidingTiles, Radial)}
 
 
 @dataclass(frozen=True)
@@ -247,7 +323,7 @@ class WindowAttention(_Method):
 
     ``window``: a :class:`Window2D` for image models, :class:`Window3D` (frames, rows, cols) for video models,
     NATTEN's semantics (module docstring), over each layer's own token grid as the call lays it out (a UNet's
-    deeper blocks see a coarser grid). ``layers``: attention layers by exact block name (``"*"``: all).
+    deeper blocks see a coarser grid); or :class:`SlidingTiles` (2 or 3 axes) or :class:`Radial` (video). ``layers``: attention layers by exact block name (``"*"``: all).
     ``steps``: the fractions [start, stop) of the denoising steps that use windows; dense attention elsewhere
     (Radial keeps the first steps dense). ``text``: joint attention's text tokens (SD3 [image, text], Flux
     [text, image]) see everything and are seen by every query ("global"), or attend among themselves only, with
@@ -256,7 +332,7 @@ class WindowAttention(_Method):
     the pipeline's default resolution). A window covering the whole grid equals dense attention.
     """
 
-    window: Window
+    window: Window | SlidingTiles | Radial
     layers: str = _setting("*", "attention layers by block name, e.g. transformer_blocks.0-3 ('*': all)")
     steps: tuple[float, float] = _setting((0.0, 1.0), "fractions [start, stop) of the denoising steps windowed")
     text: str = _setting("global", "text tokens: global (see and seen by all) or separate", ("global", "separate"))
@@ -273,8 +349,8 @@ class WindowAttention(_Method):
             if kind not in WINDOWS:
                 raise ValueError(f"window type={kind!r}: expected one of {', '.join(WINDOWS)}")
             window = WINDOWS[kind](**settings)
-        if not isinstance(window, Window):
-            raise ConfigTypeError(f"window={window!r}: expected a Window1D, Window2D or Window3D")
+        if not isinstance(window, tuple(WINDOWS.values())):
+            raise ConfigTypeError(f"window={window!r}: expected one of {', '.join(WINDOWS)}")
         object.__setattr__(self, "window", window)
         if self.layers != "*":
             parse_heads(self.layers, field="layers")
@@ -291,6 +367,7 @@ class WindowAttention(_Method):
             raise ValueError(f"training_tokens={self.training_tokens!r}: expected an integer >= 2 or None")
 
     def to_dict(self) -> dict:
-        window = {"type": type(self.window).__name__, **{k: list(v) for k, v in asdict(self.window).items()}}
+        window = {"type": type(self.window).__name__,
+                  **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.window).items()}}
         return {"method": self.name, "window": window, "layers": self.layers, "steps": list(self.steps),
                 "text": self.text, "entropy_scaling": self.entropy_scaling, "training_tokens": self.training_tokens}

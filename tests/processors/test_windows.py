@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 
 import pytest
@@ -251,3 +252,58 @@ def test_config_round_trip():
         WindowAttention(Window2D(3), steps=(0.5,))
     with pytest.raises(ValueError, match="text='both'"):
         WindowAttention(Window2D(3), text="both")
+
+
+def test_sliding_tiles_mask_equals_brute_force_and_visits_full_blocks():
+    from mmattn.windows import SlidingTiles
+
+    spec, grid = SlidingTiles(tile=(8, 8), window=(3, 3)), (40, 48)
+    p = plan(spec, grid)
+    dense = torch.zeros(40 * 48, 40 * 48, dtype=torch.bool)
+    dense[p.order[:, None], p.order[None, :]] = p.mask.to_dense()[0, 0]
+    rows, cols = torch.arange(40 * 48) // 48, torch.arange(40 * 48) % 48
+    tr, tc = rows // 8, cols // 8
+
+    def window_start(t, count, w=3):
+        return (t - w // 2).clamp(0, count - w)
+
+    sr, sc = window_start(tr, 5), window_start(tc, 6)
+    expected = ((tr[None, :] >= sr[:, None]) & (tr[None, :] < sr[:, None] + 3)
+                & (tc[None, :] >= sc[:, None]) & (tc[None, :] < sc[:, None] + 3))
+    assert torch.equal(dense, expected)
+    assert int(p.mask.partial_counts.max()) == 0  # 8 x 8 tiles are the 64-token blocks: every block is full
+
+
+def test_radial_mask_equals_brute_force():
+    from mmattn.windows import Radial
+
+    spec, grid = Radial(dense_frames=1), (9, 3, 4)
+    p = plan(spec, grid)
+    n = 9 * 12
+    dense = torch.zeros(n, n, dtype=torch.bool)
+    dense[p.order[:, None], p.order[None, :]] = p.mask.to_dense()[0, 0]
+    expected = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        for j in range(n):
+            dt, ds = abs(i // 12 - j // 12), abs(i % 12 - j % 12)
+            width = 12 if dt <= 1 else 12 / 2 ** int(math.floor(math.log2(dt)))
+            expected[i, j] = dt <= 1 or j // 12 == 0 or ds < width / 2
+    assert torch.equal(dense, expected)
+
+
+def test_radial_and_sliding_tiles_on_wan_and_sd3():
+    from mmattn.windows import Radial, SlidingTiles
+
+    wan = build_tiny("tiny/wan")
+    call = dict(height=64, width=64, num_frames=17)
+    dense = _run(wan, "tiny/wan", **call)
+    with mmattn.apply(wan, WindowAttention(Radial())):
+        radial = _run(wan, "tiny/wan", **call)
+    assert torch.isfinite(radial).all() and not torch.allclose(radial, dense, atol=1e-4)
+    sd3 = build_tiny("tiny/sd3")
+    with mmattn.apply(sd3, WindowAttention(SlidingTiles(tile=(4, 4), window=(1, 1)))):
+        tiles = _run(sd3, "tiny/sd3", height=64, width=64)
+    assert torch.isfinite(tiles).all()
+    config = WindowAttention(SlidingTiles(tile=(2, 4, 4), window=(1, 3, 3)))
+    assert methods.from_dict(config.to_dict()) == config
+    assert methods.from_dict(WindowAttention(Radial(dense_frames=2)).to_dict()).window == Radial(dense_frames=2)
