@@ -24,7 +24,7 @@ import torch
 from . import SoftPAG, __version__, methods
 from .pipelines.head_search import OBJECTIVES
 
-DEFAULT_MODEL = "tiny/sd3"
+DEFAULT_MODEL = "mmattn/shapes-t2i"  # shipped, trained, offline
 DEFAULT_VIDEO_MODEL = "tiny/wan"
 PENDING = {
     "vqa": "VQA with token pruning and sink steering lands with the VLM issues",

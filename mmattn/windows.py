@@ -314,6 +314,23 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Wi
     return out.transpose(1, 2).reshape(*q.shape[:-1], v.shape[-1])
 
 
+def _check_window_settings(config) -> None:
+    """The settings WindowAttention and FreeSwim share: layers, steps, text, entropy scaling."""
+    if config.layers != "*":
+        parse_heads(config.layers, field="layers")
+    if not isinstance(config.steps, (tuple, list)) or len(config.steps) != 2:
+        raise ValueError(f"steps={config.steps!r}: expected (start, stop)")
+    object.__setattr__(config, "steps", tuple(float(s) for s in config.steps))
+    _check_window(*config.steps)
+    if config.text not in ("global", "separate"):
+        raise ValueError(f"text={config.text!r}: expected 'global' or 'separate'")
+    if not isinstance(config.entropy_scaling, bool):
+        raise ConfigTypeError(f"entropy_scaling={config.entropy_scaling!r}: expected a bool")
+    tokens = config.training_tokens
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 2):
+        raise ValueError(f"training_tokens={tokens!r}: expected an integer >= 2 or None")
+
+
 WINDOWS = {cls.__name__: cls for cls in (Window1D, Window2D, Window3D, SlidingTiles, Radial)}
 
 
@@ -352,22 +369,55 @@ class WindowAttention(_Method):
         if not isinstance(window, tuple(WINDOWS.values())):
             raise ConfigTypeError(f"window={window!r}: expected one of {', '.join(WINDOWS)}")
         object.__setattr__(self, "window", window)
-        if self.layers != "*":
-            parse_heads(self.layers, field="layers")
-        if not isinstance(self.steps, (tuple, list)) or len(self.steps) != 2:
-            raise ValueError(f"steps={self.steps!r}: expected (start, stop)")
-        object.__setattr__(self, "steps", tuple(float(s) for s in self.steps))
-        _check_window(*self.steps)
-        if self.text not in ("global", "separate"):
-            raise ValueError(f"text={self.text!r}: expected 'global' or 'separate'")
-        if not isinstance(self.entropy_scaling, bool):
-            raise ConfigTypeError(f"entropy_scaling={self.entropy_scaling!r}: expected a bool")
-        if self.training_tokens is not None and (isinstance(self.training_tokens, bool) or
-                                                 not isinstance(self.training_tokens, int) or self.training_tokens < 2):
-            raise ValueError(f"training_tokens={self.training_tokens!r}: expected an integer >= 2 or None")
+        _check_window_settings(self)
 
     def to_dict(self) -> dict:
         window = {"type": type(self.window).__name__,
                   **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.window).items()}}
         return {"method": self.name, "window": window, "layers": self.layers, "steps": list(self.steps),
                 "text": self.text, "entropy_scaling": self.entropy_scaling, "training_tokens": self.training_tokens}
+
+
+@dataclass(frozen=True)
+class FreeSwim(_Method):
+    """FreeSwim (github WillWu111/FreeSwim): window attention sized to the model's training-scale token grid, for
+    generating above the training resolution.
+
+    Each selected self-attention layer sees a window of the training grid's extent per axis (NATTEN's inward
+    window: a query near a border still sees a training-sized neighbourhood), ``training_grid`` (frames, rows,
+    cols) defaulting to the pipeline's default resolution; at or below it the window covers everything (dense).
+    ``entropy_scaling`` (on by default): logits scaled by sqrt(log N / log T). ``dual_path``: a full-attention
+    branch runs every ``refresh_every`` steps and its cross-attention outputs replace the window branch's until
+    the next refresh (families with a cross-attention module: Wan, PixArt). ``layers``, ``steps``, ``text`` as in
+    :class:`WindowAttention`.
+    """
+
+    layers: str = _setting("*", "attention layers by block name ('*': all)")
+    steps: tuple[float, float] = _setting((0.0, 1.0), "fractions [start, stop) of the denoising steps windowed")
+    text: str = _setting("global", "text tokens: global or separate", ("global", "separate"))
+    entropy_scaling: bool = _setting(True, "scale logits by sqrt(log N / log T)")
+    training_tokens: int | None = _setting(None, "T of entropy scaling (default: the training grid's tokens)")
+    training_grid: tuple[int, int, int] | None = _setting(None, "(frames, rows, cols) of the training-scale tokens")
+    dual_path: bool = _setting(False, "full-attention branch for cross-attention outputs (Wan, PixArt)")
+    refresh_every: int = _setting(5, "steps between recomputations of the full-attention branch, >= 1")
+
+    name = "freeswim"
+
+    def __post_init__(self) -> None:
+        _check_window_settings(self)
+        if self.training_grid is not None:
+            grid = tuple(self.training_grid)
+            if len(grid) != 3 or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid):
+                raise ValueError(f"training_grid={self.training_grid!r}: expected (frames, rows, cols), positive ints")
+            object.__setattr__(self, "training_grid", grid)
+        if not isinstance(self.dual_path, bool):
+            raise ConfigTypeError(f"dual_path={self.dual_path!r}: expected a bool")
+        if isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int) or self.refresh_every < 1:
+            raise ValueError(f"refresh_every={self.refresh_every!r}: expected an integer >= 1")
+
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        data["steps"] = list(self.steps)
+        if self.training_grid is not None:
+            data["training_grid"] = list(self.training_grid)
+        return data

@@ -9,27 +9,30 @@ than its own sequence (cross-attention), it calls the original core. Guidance op
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 
+import torch
 
 from mmattn.adapters import diffusion_family
 from mmattn.api import installing, register_installer
-from mmattn.guidance import GuidedDenoiser
+from mmattn.guidance import GuidedDenoiser, step_index
 from mmattn.heads import resolve_heads
 from mmattn.processors.diffusion import FamilyProcessor, check_mirrored, family_processor, heads_first
-from mmattn.windows import WindowAttention, plan, windowed
+from mmattn.windows import FreeSwim, Window2D, Window3D, WindowAttention, plan, windowed
 
 VIDEO_FAMILIES = ("wan",)
 
 
 class WindowCore:
-    """``core(query, key, value, attention_mask)`` of one layer's processor, windowed by ``config``."""
+    """``core(query, key, value, attention_mask)`` of one layer's processor, windowed by ``config``
+    (WindowAttention or FreeSwim); ``window_for(grid)`` gives the window of a call's grid."""
 
-    def __init__(self, processor: FamilyProcessor, config: WindowAttention, text_first: bool, video: bool,
-                 training_tokens: int | None):
-        self.processor, self.config, self.text_first, self.video = processor, config, text_first, video
-        self.training_tokens = training_tokens
+    def __init__(self, processor: FamilyProcessor, config, window_for, text_first: bool, video: bool,
+                 training_tokens: int | None, dual: _DualPath | None = None):
+        self.processor, self.config, self.window_for = processor, config, window_for
+        self.text_first, self.video, self.training_tokens, self.dual = text_first, video, training_tokens, dual
 
     def __call__(self, query, key, value, attention_mask):
         info = self.processor.info
@@ -37,7 +40,8 @@ class WindowCore:
         start, stop = self.config.steps
         axis = self.processor.heads_axis
         sequence = 2 if axis == 1 else 1
-        if not start <= index / total < stop or key.shape[sequence] != query.shape[sequence]:
+        dense = self.dual is not None and self.dual.recording
+        if dense or not start <= index / total < stop or key.shape[sequence] != query.shape[sequence]:
             return self.processor.original_core(query, key, value, attention_mask)
         if attention_mask is not None:
             raise ValueError("window attention does not combine with an attention mask on self-attention; "
@@ -47,7 +51,7 @@ class WindowCore:
         grid, n_image = self._grid(n)
         n_text = n - n_image
         before, after = (n_text, 0) if self.text_first else (0, n_text)
-        window_plan = plan(self.config.window, grid, before, after, text=self.config.text, device=q.device)
+        window_plan = plan(self.window_for(grid), grid, before, after, text=self.config.text, device=q.device)
         scale = None
         if self.config.entropy_scaling:
             scale = math.sqrt(math.log(n_image) / math.log(self.training_tokens)) / math.sqrt(q.shape[-1])
@@ -62,14 +66,15 @@ class WindowCore:
         except ValueError:
             frames, rows, cols = info.layer_grid(n - info.text_tokens)
         if not self.video and frames != 1:
-            raise ValueError(f"{type(self.config.window).__name__} is an image window; this call has {frames} frames")
+            raise ValueError(f"an image window cannot lay out this call's {frames} frames")
         grid = (frames, rows, cols) if self.video else (rows, cols)
         return grid, frames * rows * cols
 
 
-def default_tokens(pipe, family) -> int:
-    """Image tokens at the pipeline's default call resolution (what it was trained at, as far as the pipeline
-    knows): the ``height``/``width``/``num_frames`` defaults of its ``__call__``, or its default sample size."""
+def default_grid(pipe, family) -> tuple[int, int, int]:
+    """(frames, rows, cols) of the image tokens at the pipeline's default call resolution (what it was trained at,
+    as far as the pipeline knows): the ``height``/``width``/``num_frames`` defaults of its ``__call__``, or its
+    default sample size."""
     defaults = {k: p.default for k, p in inspect.signature(type(pipe).__call__).parameters.items()}
     vae_factor = getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", 8)
     sample = getattr(pipe, "default_sample_size", None) or getattr(family.denoiser(pipe).config, "sample_size", None)
@@ -77,24 +82,57 @@ def default_tokens(pipe, family) -> int:
     width = defaults.get("width") if isinstance(defaults.get("width"), int) else sample * vae_factor
     patch = getattr(family.denoiser(pipe).config, "patch_size", None) or (2 if family.name == "flux" else 1)
     spatial = patch[-1] if isinstance(patch, (tuple, list)) else patch
-    tokens = (height // (vae_factor * spatial)) * (width // (vae_factor * spatial))
+    frames = 1
     if family.name in VIDEO_FAMILIES:
-        frames = defaults.get("num_frames") if isinstance(defaults.get("num_frames"), int) else 1
-        tokens *= (frames - 1) // getattr(pipe, "vae_scale_factor_temporal", 4) + 1
-    return tokens
+        count = defaults.get("num_frames") if isinstance(defaults.get("num_frames"), int) else 1
+        frames = (count - 1) // getattr(pipe, "vae_scale_factor_temporal", 4) + 1
+    return frames, height // (vae_factor * spatial), width // (vae_factor * spatial)
 
 
-@register_installer(WindowAttention)
-def install_windows(pipe, config: WindowAttention):
-    """Validate everything first (family, window rank, layers, processors), then set the window core on each
-    selected layer's processor; each change's undo is registered as it is made."""
+class _DualPath:
+    """FreeSwim's full-attention branch: on refresh steps the denoiser first runs once with dense attention (the
+    original forward: no guidance rows) and each cross-attention module's output is kept, per call of the step
+    (Wan calls cond and uncond separately); the windowed forwards until the next refresh use the kept outputs
+    (rows a guidance method appended, copies of the cond rows, get the cond rows' outputs)."""
+
+    def __init__(self, pipe, guided: GuidedDenoiser, refresh_every: int):
+        self.pipe, self.guided, self.refresh_every = pipe, guided, refresh_every
+        self.recording, self.kept, self.step, self.call = False, {}, None, 0
+
+    def before_forward(self, module, args, kwargs):
+        inputs = self.guided._signature.bind(*args, **kwargs).arguments
+        step = step_index(self.pipe.scheduler, inputs.get("timestep", 0))
+        self.call = self.call + 1 if step == self.step else 0
+        self.step = step
+        if step[0] % self.refresh_every == 0 or not any(key[0] == self.call for key in self.kept):
+            self.recording = True
+            try:
+                self.guided._forward(*args, **kwargs)  # dense: the cores see ``recording``
+            finally:
+                self.recording = False
+        return None
+
+    def cross_attention_hook(self, module, args, kwargs, output):
+        key = (self.call, id(module))
+        if self.recording:
+            self.kept[key] = output
+            return None
+        kept = self.kept.get(key)
+        if kept is None:
+            return output
+        extra = output.shape[0] - kept.shape[0]
+        if extra > 0:  # guidance rows appended after the n rows: copies of the last b (cond) rows per branch
+            b = next((br.rows.stop - br.rows.start for br in self.guided.info.branches if br.rows is not None), extra)
+            kept = torch.cat([kept] + [kept[kept.shape[0] - b:]] * (extra // b))
+        return kept
+
+
+def _install_windows(pipe, config, make_window, dual: bool = False):
+    """Validate everything first (family, window rank, layers, processors), then set a window core on each
+    selected layer's processor; each change's undo is registered as it is made. ``make_window(family, pipe)``
+    returns ``window_for(grid)``."""
     family = diffusion_family(pipe)
     video = family.name in VIDEO_FAMILIES
-    rank = 3 if video else 2
-    if config.window.ndim != rank:
-        kind = "a video (frames, rows, cols)" if video else "an image (rows, cols)"
-        raise ValueError(f"{type(pipe).__name__} is {kind} model: it needs a Window{rank}D; got "
-                         f"{type(config.window).__name__}")
     denoiser = family.denoiser(pipe)
     attention = family.attention_layers(denoiser)
     names = list(attention) if config.layers == "*" else \
@@ -104,14 +142,119 @@ def install_windows(pipe, config: WindowAttention):
         processor = attention[name].processor
         if isinstance(processor, FamilyProcessor) and processor.core is not None:
             raise ValueError(f"{name} already has a window method applied; remove() it first")
-    training = config.training_tokens or (default_tokens(pipe, family) if config.entropy_scaling else None)
+    window_for = make_window(family, pipe)
+    blocks = family.blocks(denoiser)
+    cross = {name: getattr(blocks[name], "attn2", None) for name in names}
+    if dual and not all(isinstance(c, torch.nn.Module) for c in cross.values()):
+        raise ValueError(f"FreeSwim's dual path needs a cross-attention module (attn2) in every selected block; "
+                         f"{family.name} has none: use dual_path=False")
+    trained = getattr(config, "training_grid", None) or default_grid(pipe, family)
+    training = config.training_tokens or (math.prod(trained) if config.entropy_scaling else None)
     with installing() as changes:
         guided = GuidedDenoiser.attach(pipe, family)
         changes.add(guided.release)
         guided.holders += 1
         changes.add(lambda: setattr(guided, "holders", guided.holders - 1))
+        path = None
+        if dual:
+            path = _DualPath(pipe, guided, config.refresh_every)
+            changes.add(denoiser.register_forward_pre_hook(path.before_forward, with_kwargs=True).remove)
+            for module in cross.values():
+                changes.add(module.register_forward_hook(path.cross_attention_hook, with_kwargs=True).remove)
         for name in names:
             processor = family_processor(attention[name], family, guided.info, changes)
-            processor.core = WindowCore(processor, config, family.text_first, video, training)
+            processor.core = WindowCore(processor, config, window_for, family.text_first, video, training, path)
             changes.add(lambda p=processor: setattr(p, "core", None))
     return changes.undo
+
+
+def _is_timm_vit(model) -> bool:
+    return type(model).__module__.startswith("timm.") and hasattr(model, "patch_embed") and hasattr(model, "blocks")
+
+
+class _ViTGrid:
+    """The patch grid of a timm ViT's current input, read by a pre-hook on its patch embedding (the image's height
+    and width), which every forward (``forward``, ``forward_features``, ``forward_intermediates``) calls."""
+
+    def __init__(self, model):
+        self.model, self.grid = model, None
+
+    def __call__(self, module, args, kwargs):
+        x = args[0] if args else kwargs["x"]
+        patch = self.model.patch_embed.patch_size
+        self.grid = (x.shape[-2] // patch[0], x.shape[-1] // patch[1])
+
+
+def _windowed_vit_forward(attention, window, grid: _ViTGrid, prefix: int, text: str):
+    """A replacement for a timm ``Attention.forward`` (same signature): windows over the patch grid, the prefix
+    tokens ([CLS], registers) seeing and seen by every token ("global")."""
+    original = attention.forward
+
+    def forward(x, attn_mask=None, is_causal=False):
+        if attn_mask is not None or is_causal or attention.training or getattr(attention, "gate", None) is not None:
+            return original(x, attn_mask=attn_mask, is_causal=is_causal)
+        b, n, _ = x.shape
+        qkv = attention.qkv(x).reshape(b, n, 3, attention.num_heads, attention.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = attention.q_norm(q), attention.k_norm(k)
+        if math.prod(grid.grid) + prefix != n:
+            raise ValueError(f"window attention: {n} tokens do not make {prefix} prefix tokens and the patch grid "
+                             f"{grid.grid}")
+        out = windowed(q, k, v, plan(window, grid.grid, before=prefix, text=text, device=x.device))
+        out = attention.norm(out.transpose(1, 2).reshape(b, n, -1).to(x.dtype))
+        return attention.proj_drop(attention.proj(out))
+
+    return functools.update_wrapper(forward, original)
+
+
+def _install_vit_windows(model, config: WindowAttention):
+    """Window attention in every ``blocks.<i>.attn`` of a timm VisionTransformer (``layers``: "blocks.<i>")."""
+    if config.window.ndim != 2:
+        raise ValueError(f"{type(model).__name__} is an image model: it needs a Window2D; got "
+                         f"{type(config.window).__name__}")
+    attention = {f"blocks.{i}": block.attn for i, block in enumerate(model.blocks)}
+    names = list(attention) if config.layers == "*" else \
+        list(resolve_heads(config.layers, {name: a.num_heads for name, a in attention.items()}, "layers"))
+    if config.steps != (0.0, 1.0) or config.entropy_scaling:
+        raise ValueError("a timm ViT has no denoising steps or training-token scaling here: use steps=(0, 1) and "
+                         "entropy_scaling=False")
+    grid = _ViTGrid(model)
+    prefix = getattr(model, "num_prefix_tokens", 1)
+    with installing() as changes:
+        changes.add(model.patch_embed.register_forward_pre_hook(grid, with_kwargs=True).remove)
+        for name in names:
+            module = attention[name]
+            module.forward = _windowed_vit_forward(module, config.window, grid, prefix, config.text)
+            changes.add(lambda m=module: m.__dict__.pop("forward", None))
+    return changes.undo
+
+
+@register_installer(WindowAttention)
+def install_window_attention(pipe, config: WindowAttention):
+    if _is_timm_vit(pipe):
+        return _install_vit_windows(pipe, config)
+
+    def make_window(family, pipe):
+        rank = 3 if family.name in VIDEO_FAMILIES else 2
+        if config.window.ndim != rank:
+            kind = "a video (frames, rows, cols)" if rank == 3 else "an image (rows, cols)"
+            raise ValueError(f"{type(pipe).__name__} is {kind} model: it needs a Window{rank}D; got "
+                             f"{type(config.window).__name__}")
+        return lambda grid: config.window
+
+    return _install_windows(pipe, config, make_window)
+
+
+@register_installer(FreeSwim)
+def install_freeswim(pipe, config: FreeSwim):
+    def make_window(family, pipe):
+        video = family.name in VIDEO_FAMILIES
+        if family.name == "unet":
+            raise ValueError("FreeSwim sizes its window to one token grid; a UNet's blocks see several: use "
+                             "WindowAttention with a Window2D instead")
+        frames, rows, cols = config.training_grid or default_grid(pipe, family)
+        trained = (frames, rows, cols) if video else (rows, cols)
+        spec = Window3D if video else Window2D
+        return lambda grid: spec(tuple(min(t, g) for t, g in zip(trained, grid)))
+
+    return _install_windows(pipe, config, make_window, dual=config.dual_path)

@@ -22,9 +22,19 @@ MMATTN = str(Path(sys.executable).with_name("mmattn"))
 REPO = Path(__file__).resolve().parents[1]
 
 
+def quick_model(args) -> list[str]:
+    """generate and heads search default to the shipped shapes-t2i (20 steps at 64 x 64); these tests run on
+    tiny/sd3 unless they name a model (test_generate_defaults_to_shapes_t2i covers the default)."""
+    args = list(args)
+    if args[:1] in (["generate"], ["heads"]) and "--model" not in args and "--help" not in args:
+        args[1 if args[0] == "generate" else 2:1 if args[0] == "generate" else 2] = ["--model", "tiny/sd3"]
+    return args
+
+
 def cli(*args, cwd=None):
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
-    return subprocess.run([MMATTN, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+    return subprocess.run([MMATTN, *quick_model(args)], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=300)
 
 
 def test_version_and_help():
@@ -124,7 +134,7 @@ def test_heads_search_writes_a_spec_generate_accepts(tmp_path):
 def run(capsys, *args):
     """(exit status, stdout, stderr lines) of ``mmattn *args`` run in this process."""
     try:
-        status = main(list(args))
+        status = main(quick_model(args))
     except SystemExit as exit:  # argparse: --help, usage errors
         status = exit.code
     captured = capsys.readouterr()
@@ -359,3 +369,12 @@ def test_eval_vqa_writes_the_table(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as usage:
         cli.main(["eval", "vqa", "--questions", "2"])
     assert usage.value.code == 2 and "--questions" in capsys.readouterr().err
+
+
+def test_generate_defaults_to_shapes_t2i(tmp_path):
+    result = subprocess.run([MMATTN, "generate", "--steps", "4", "--out", str(tmp_path)], capture_output=True,
+                            text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    assert settings["model"] == "mmattn/shapes-t2i" and settings["prompts"] == ["a red circle left of a blue square"]
+    assert settings["call"]["height"] == 64 and (tmp_path / "comparison.png").exists()

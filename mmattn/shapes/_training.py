@@ -67,13 +67,15 @@ def card_markdown(card: dict) -> str:
                                               + (" (frozen)" if card.get("vision_frozen") else "")
                                               if card.get("vision_init") else ""),
              f"- time: {card['train_minutes']} min on {card['threads']} CPU thread(s)"
+             + (f", after {card['vae_training']['minutes']} min ({card['vae_training']['steps']} steps) of VAE training"
+                if card.get("vae_training") else "")
              + "".join(f"; continued from a run of {p['steps']} steps ({p['train_minutes']} min)"
                        for p in card.get("continued_from", [])),
              f"- reproduce: `{card.get('command') or 'python -m mmattn.shapes.train --help'}`", "", "## Test scores", ""]
     for key, value in card["test"].items():
         if isinstance(value, dict):
             lines += [f"- {key}: " + ", ".join(f"{k} {v:.1%}" for k, v in value.items())]
-        elif isinstance(value, float) and ("accuracy" in key or "exact" in key):
+        elif isinstance(value, float) and ("accuracy" in key or "exact" in key or "adherence" in key):
             lines += [f"- {key}: {value:.1%}"]
         elif isinstance(value, float):
             lines += [f"- {key}: {value:.3g}"]

@@ -2,7 +2,8 @@
 
 vqa: accuracy on test-split questions (overall and per question type) of shapes-vlm unmodified and with each pruning
 method keeping 33 %, 22 % and 11 % of the 144 image tokens (the shape of the field's 192/128/64-of-576 table),
-with the mean time of a batch's prefill (one answer token) for each. Writes ``vqa.json``, ``vqa.md`` and, with
+and with each sink method (VAR, PAI, ACT, ZeroTuning) at its defaults, with the mean time of a batch's prefill
+(one answer token) for each. Writes ``vqa.json``, ``vqa.md`` and, with
 matplotlib, ``vqa.png``.
 
 gen: shapes-t2i's prompt adherence (shapes-classifier, :func:`mmattn.shapes.t2i.matches`) and a Fréchet distance
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 import mmattn
-from mmattn import PAG, SEG, SLG, DivPrune, FastV, PyramidDrop, SoftPAG, SparseVLM, VisionZip
+from mmattn import ACT, PAG, PAI, SEG, SLG, VAR, DivPrune, FastV, PyramidDrop, SoftPAG, SparseVLM, VisionZip, ZeroTuning
 
 from . import scenes, vlm
 
@@ -40,6 +41,12 @@ def methods(keep: float) -> dict:
     }
 
 
+def sink_methods() -> dict:
+    """The sink and steering methods at their default settings (ACT and ZeroTuning need heads: all heads of the
+    middle layers of the 4-layer LM)."""
+    return {"VAR": VAR(), "PAI": PAI(), "ACT": ACT(heads="layers.1-2:*"), "ZeroTuning": ZeroTuning(heads="layers.1-2:*")}
+
+
 def run(questions: int = 600, out: Path = Path("bench/results/shapes")) -> dict:
     model = vlm.load()
     rows = [{"method": "none", "keep": 1.0, **vlm.evaluate(model, "test", questions)}]
@@ -47,6 +54,9 @@ def run(questions: int = 600, out: Path = Path("bench/results/shapes")) -> dict:
         for name, config in methods(keep).items():
             with mmattn.apply(model.model, config):
                 rows.append({"method": name, "keep": keep, **vlm.evaluate(model, "test", questions)})
+    for name, config in sink_methods().items():  # all image tokens kept
+        with mmattn.apply(model.model, config):
+            rows.append({"method": name, "keep": 1.0, **vlm.evaluate(model, "test", questions)})
     result = {"date": date.today().isoformat(), "machine": platform.platform(), "threads": torch.get_num_threads(),
               "commit": _commit(), "questions": rows[0]["questions"], "image_tokens": vlm.IMAGE_TOKENS, "rows": rows}
     out.mkdir(parents=True, exist_ok=True)

@@ -272,7 +272,8 @@ def generate(pipe, items: list[scenes.Scene], seed: int = 0, batch_size: int = 5
 @torch.no_grad()
 def evaluate(pipe, split: str = "test", n: int = 200, classifier=None, **call) -> dict:
     """Prompt adherence by shapes-classifier: the share of ``n`` generated images whose objects match their
-    caption (``matches``), overall and by object count."""
+    caption (``matches``), overall and by object count; and the looser share whose objects have exactly the
+    caption's colours (``colour_adherence``)."""
     from . import classifier as classifier_module
 
     judge = classifier or classifier_module.load()
@@ -281,5 +282,6 @@ def evaluate(pipe, split: str = "test", n: int = 200, classifier=None, **call) -
     hits = [matches(s, f) for s, f in zip(items, found)]
     by_count = {f"{k} object{'s' * (k > 1)}": float(np.mean([h for h, s in zip(hits, items) if len(s.things) == k]))
                 for k in range(1, MAX_THINGS + 1)}
-    return {"adherence": float(np.mean(hits)), "by_count": by_count, "images": n,
-            "guidance_scale": {**CALL_DEFAULTS, **call}["guidance_scale"]}
+    colours = [sorted(f[1] for f in fs) == sorted(t.colour for t in s.things) for s, fs in zip(items, found)]
+    return {"adherence": float(np.mean(hits)), "by_count": by_count, "colour_adherence": float(np.mean(colours)),
+            "images": n, "guidance_scale": {**CALL_DEFAULTS, **call}["guidance_scale"]}

@@ -307,3 +307,88 @@ def test_radial_and_sliding_tiles_on_wan_and_sd3():
     config = WindowAttention(SlidingTiles(tile=(2, 4, 4), window=(1, 3, 3)))
     assert methods.from_dict(config.to_dict()) == config
     assert methods.from_dict(WindowAttention(Radial(dense_frames=2)).to_dict()).window == Radial(dense_frames=2)
+
+
+TRAINING_GRIDS = {"tiny/sd3": (1, 8, 8), "tiny/flux": (1, 8, 8), "tiny/wan": (3, 4, 4), "tiny/pixart": (1, 8, 8)}
+
+
+@pytest.mark.parametrize("name", list(TRAINING_GRIDS))
+def test_freeswim_at_the_training_size_is_dense(name):
+    pipe = build_tiny(name)
+    baseline = _run(pipe, name)
+    with mmattn.apply(pipe, mmattn.FreeSwim(training_grid=TRAINING_GRIDS[name])):
+        same = _run(pipe, name)
+    torch.testing.assert_close(same, baseline, atol=2e-5, rtol=1e-4)
+    if name in ("tiny/wan", "tiny/pixart"):  # the dual path refreshed every step: the same cross-attention
+        with mmattn.apply(pipe, mmattn.FreeSwim(training_grid=TRAINING_GRIDS[name], dual_path=True, refresh_every=1)):
+            torch.testing.assert_close(_run(pipe, name), baseline, atol=2e-5, rtol=1e-4)
+    assert torch.equal(_run(pipe, name), baseline)
+
+
+@pytest.mark.parametrize("name,call", [("tiny/sd3", dict(height=64, width=64)), ("tiny/flux", dict(height=64, width=64)),
+                                       ("tiny/wan", dict(height=64, width=64, num_frames=17))])
+def test_freeswim_at_twice_the_size(name, call):
+    pipe = build_tiny(name)
+    dense = _run(pipe, name, **call)
+    with mmattn.apply(pipe, mmattn.FreeSwim(training_grid=TRAINING_GRIDS[name])):
+        out = _run(pipe, name, **call)
+    assert torch.isfinite(out).all() and not torch.allclose(out, dense, atol=1e-4)
+
+
+def test_freeswim_dual_path_refreshes_every_k_steps():
+    pipe = build_tiny("tiny/wan")
+    calls = []
+    denoiser = pipe.transformer
+    counter = denoiser.register_forward_pre_hook(lambda module, args: calls.append(1))
+    call = dict(height=64, width=64, num_frames=17, num_inference_steps=4)
+    with mmattn.apply(pipe, mmattn.FreeSwim(training_grid=(3, 4, 4))):
+        plain = _run(pipe, "tiny/wan", **call)
+    windowed_calls = len(calls)
+    calls.clear()
+    with mmattn.apply(pipe, mmattn.FreeSwim(training_grid=(3, 4, 4), dual_path=True, refresh_every=2)):
+        dual = _run(pipe, "tiny/wan", **call)
+    counter.remove()
+    assert len(calls) == windowed_calls  # the dense branch runs inside the hooked call, not as another call
+    assert not torch.allclose(dual, plain, atol=1e-4)
+
+
+def test_freeswim_refusals():
+    with pytest.raises(ValueError, match="a UNet's blocks see several"):
+        mmattn.apply(build_tiny("tiny/sd"), mmattn.FreeSwim())
+    with pytest.raises(ValueError, match="dual path needs a cross-attention module"):
+        mmattn.apply(build_tiny("tiny/sd3"), mmattn.FreeSwim(dual_path=True))
+    with pytest.raises(ValueError, match="refresh_every=0"):
+        mmattn.FreeSwim(refresh_every=0)
+    config = mmattn.FreeSwim(training_grid=(3, 4, 4), dual_path=True, steps=(0.1, 0.9))
+    assert methods.from_dict(config.to_dict()) == config
+
+
+def _tiny_vit():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, embed_dim=32,
+                             depth=2, num_heads=2, num_classes=5, dynamic_img_size=True).eval()
+
+
+def test_timm_vit_whole_grid_window_is_dense_and_runs_at_twice_the_resolution():
+    vit = _tiny_vit()
+    x, big = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 64, 64)
+    features = vit.forward_features  # every token (the [CLS] head alone would not see windows in the last block)
+    with torch.no_grad():
+        baseline, baseline_big = features(x), features(big)
+        with mmattn.apply(vit, WindowAttention(Window2D(8))):
+            torch.testing.assert_close(features(x), baseline, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(vit(x), vit.forward_head(baseline), atol=1e-5, rtol=1e-4)
+        with mmattn.apply(vit, WindowAttention(Window2D(5), layers="blocks.1")):
+            windowed = features(big)
+        assert torch.equal(features(big), baseline_big) and torch.equal(features(x), baseline)
+    assert windowed.shape == baseline_big.shape and not torch.allclose(windowed, baseline_big, atol=1e-4)
+    assert "forward" not in vit.blocks[1].attn.__dict__
+
+
+def test_timm_vit_refusals():
+    vit = _tiny_vit()
+    with pytest.raises(ValueError, match="needs a Window2D"):
+        mmattn.apply(vit, WindowAttention(Window3D(3)))
+    with pytest.raises(ValueError, match="no attention layer named 'blocks.7'"):
+        mmattn.apply(vit, WindowAttention(Window2D(3), layers="blocks.7"))
