@@ -26,8 +26,9 @@ def quick_model(args) -> list[str]:
     """generate and heads search default to the shipped shapes-t2i (20 steps at 64 x 64); these tests run on
     tiny/sd3 unless they name a model (test_generate_defaults_to_shapes_t2i covers the default)."""
     args = list(args)
-    if args[:1] in (["generate"], ["heads"]) and "--model" not in args and "--help" not in args:
-        args[1 if args[0] == "generate" else 2:1 if args[0] == "generate" else 2] = ["--model", "tiny/sd3"]
+    at = 1 if args[:1] == ["generate"] else 2 if args[:2] == ["heads", "search"] else None
+    if at is not None and "--model" not in args and "--help" not in args:
+        args[at:at] = ["--model", "tiny/sd3"]
     return args
 
 

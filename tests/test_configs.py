@@ -130,6 +130,10 @@ EXAMPLES = [
     mmattn.SparseVLM(layer=2, keep=0.5), mmattn.DivPrune(keep=0.1, layer=1),
     VisionZip(keep=32, contextual=4), PyramidDrop(stages=[(2, 0.5), (6, 0.2)]),
     mmattn.ZeroTuning(heads="layers.0-1:*", gamma=0.5),
+    mmattn.VAR(p=0.5, sink_dims=(3, 7)), mmattn.VAR(), mmattn.PAI(alpha=0.2, first_layer=1, last_layer=3),
+    mmattn.ACT(heads="layers.2:0,3", beta=0.5),
+    mmattn.WindowAttention(mmattn.Window2D((5, 7), dilation=(1, 2)), steps=(0.2, 1.0)),
+    mmattn.WindowAttention(mmattn.Radial(dense_frames=2)), mmattn.FreeSwim(training_grid=(1, 32, 32)),
 ]
 
 
@@ -137,9 +141,9 @@ def test_every_registered_method_has_an_example():
     from mmattn import methods
 
     assert sorted({config.name for config in EXAMPLES}) == methods.list_methods()
-    assert methods.list_methods("vlm") == ["divprune", "fastv", "pyramiddrop", "sparsevlm", "visionzip",
-                                             "zerotuning"]
-    assert methods.list_methods("diffusion") == ["pag", "seg", "slg", "softpag", "stg"]
+    assert methods.list_methods("vlm") == ["act", "divprune", "fastv", "pai", "pyramiddrop", "sparsevlm", "var",
+                                             "visionzip", "zerotuning"]
+    assert methods.list_methods("diffusion") == ["freeswim", "pag", "seg", "slg", "softpag", "stg", "window"]
     assert methods.get("softpag") is SoftPAG
 
 
@@ -156,7 +160,7 @@ def test_from_dict_round_trips(config):
 def test_from_dict_errors():
     from mmattn import methods
 
-    with pytest.raises(KeyError, match="unknown method 'fastvv'; known methods: divprune, fastv"):
+    with pytest.raises(KeyError, match="unknown method 'fastvv'; known methods: act, divprune, fastv"):
         methods.from_dict({"method": "fastvv"})
     with pytest.raises(ValueError, match=r"fastv: unknown settings \['ratio'\]"):
         methods.from_dict({"method": "fastv", "ratio": 0.5})
