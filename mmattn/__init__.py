@@ -3,7 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .api import Handle, apply
-from .configs import ACT, PAG, PAI, SEG, SLG, STG, VAR, DivPrune, FastV, PyramidDrop, SoftPAG, SparseVLM, VisionZip, ZeroTuning
+from .configs import ACT, PAG, PAI, SEG, SLG, STG, VAR, VHR, DivPrune, FastV, PyramidDrop, SoftPAG, SparseVLM, VisionZip, ZeroTuning
 from .windows import FreeSwim, Radial, SlidingTiles, Window1D, Window2D, Window3D, WindowAttention, window_attention
 
 try:
@@ -17,6 +17,6 @@ from .processors import pruning as _pruning  # noqa: E402,F401
 from .processors import sinks as _sinks  # noqa: E402,F401
 from .processors import windows as _windows  # noqa: E402,F401
 
-__all__ = ["apply", "Handle", "FastV", "PyramidDrop", "SparseVLM", "DivPrune", "VisionZip", "PAG", "SEG", "SLG", "STG", "SoftPAG", "ZeroTuning", "VAR", "PAI", "ACT",
+__all__ = ["apply", "Handle", "FastV", "PyramidDrop", "SparseVLM", "DivPrune", "VisionZip", "PAG", "SEG", "SLG", "STG", "SoftPAG", "ZeroTuning", "VAR", "PAI", "ACT", "VHR",
            "Window1D", "Window2D", "Window3D", "SlidingTiles", "Radial", "WindowAttention", "FreeSwim",
            "window_attention", "__version__"]

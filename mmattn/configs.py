@@ -533,3 +533,41 @@ class ACT(_Method):
         _number("threshold", self.threshold)
         if not 0 < self.threshold <= 1:
             raise ValueError(f"threshold={self.threshold!r} is out of range: expected a number in (0, 1]")
+
+
+@dataclass(frozen=True)
+class VHR(_Method):
+    """Vision-aware head reinforcement (VHR: "Cracking the Code of Hallucination in LVLMs with Vision-aware Head
+    Divergence", arXiv 2412.13949), from the paper's rule (its code was not reachable here).
+
+    In the prefill, the heads' outputs (the input of ``o_proj``) at each sample's last token are compared with the
+    same model's on the prompt without its image tokens (one extra text-only pass): VHD = ||A(image) - A(no
+    image)||, set to 0 for heads whose VHD and squared text-only norm are both above their layer's mean + std.
+    In each of ``layers`` the heads with VHD above the layer's median are vision-aware; their outputs are
+    multiplied by ``alpha`` at every position of the prefill and of each decode step (heads chosen once, in the
+    prefill, and kept). The choice runs layer by layer through the image pass, so earlier reinforcement reaches
+    later layers' VHD; the text-only pass runs unmodified (the paper does not say). ``layers``: decoder layer
+    indices, default the second and the last 14 (the paper's LLaVA setting; all layers of a smaller model).
+    ``alpha=1`` changes nothing.
+    """
+
+    alpha: float = _setting(2.0, "output scale of vision-aware heads, in [0, 10] (1: unchanged)")
+    layers: tuple[int, ...] | None = _setting(None, "decoder layers (default: 1 and the last 14)")
+
+    name = "vhr"
+    applies_to = "vlm"
+
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
+        _check_range("alpha", self.alpha, 0.0, 10.0)
+        if self.layers is not None:
+            if isinstance(self.layers, (str, int)) or not len(self.layers) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers):
+                raise ValueError(f"layers={self.layers!r}: expected decoder layer indices (ints >= 0) or None")
+            object.__setattr__(self, "layers", tuple(sorted(set(self.layers))))
+
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        if self.layers is not None:
+            data["layers"] = list(self.layers)
+        return data

@@ -1,6 +1,6 @@
 """Attention-sink redistribution and head steering for VLM text models, as modifier ops of the shared text
 attention (:mod:`mmattn.text_attention`): ZeroTuning (arXiv 2505.11739), VAR (arXiv 2503.03321), PAI
-(arXiv 2407.21771) and ACT (arXiv 2406.15765)."""
+(arXiv 2407.21771), ACT (arXiv 2406.15765) and VHR (arXiv 2412.13949)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from mmattn._compat import ATTENTION_MASK, cache_argument, cache_length
 from mmattn.adapters import vlm_family
 from mmattn.api import installing, register_installer
 from mmattn import kernels
-from mmattn.configs import ACT, PAI, VAR, ZeroTuning
+from mmattn.configs import ACT, PAI, VAR, VHR, ZeroTuning
 from mmattn.kernels import BlockMask
 from mmattn.heads import resolve_heads
 from mmattn.processors.pruning import stage_positions
@@ -400,4 +400,95 @@ def install_act(model, config: ACT):
             mask = torch.zeros(heads_total, dtype=torch.bool)
             mask[list(chosen)] = True
             changes.add(text_attention.add_op(layers[i].self_attn, SinkCalibration(config, mask)))
+    return changes.undo
+
+
+class _VHRState(_Tokens):
+    """One VHR installation: the text-only pass's last-token head outputs per layer, and per layer the heads
+    chosen in the prefill, (B, H) bool."""
+
+    def __init__(self, model, config: VHR, heads: int):
+        super().__init__(model, "VHR")
+        self.config, self.heads = config, heads
+        self.reference: dict[int, torch.Tensor] = {}
+        self.chosen: dict[int, torch.Tensor] = {}
+        self.recording = False
+
+    def begin(self, module, args, kwargs):
+        if self.recording:
+            return None
+        super().begin(module, args, kwargs)
+        if self.prefill:
+            self.reference, self.chosen = {}, {}
+            if bool(self.image_mask.any()):
+                self._text_only_pass(module, kwargs["input_ids"] if "input_ids" in kwargs else args[0])
+        return None
+
+    def _text_only_pass(self, core, input_ids: torch.Tensor) -> None:
+        """The prompts without their image tokens, left-padded, through the core (its other hooks see a text-only
+        prefill; they run again, for the image pass, after this one)."""
+        real = torch.ones_like(input_ids, dtype=torch.bool) if self.padding is None else self.padding.to(input_ids.device)
+        rows = [ids[keep] for ids, keep in zip(input_ids, real & ~self.image_mask.to(input_ids.device))]
+        length = max(len(r) for r in rows)
+        pad = self.model().config.text_config.pad_token_id or 0
+        ids = torch.full((len(rows), length), pad, dtype=input_ids.dtype, device=input_ids.device)
+        mask = torch.zeros_like(ids)
+        for b, r in enumerate(rows):
+            ids[b, length - len(r):], mask[b, length - len(r):] = r, 1
+        self.recording = True
+        try:
+            with torch.no_grad():
+                core(input_ids=ids, attention_mask=mask, use_cache=False)
+        finally:
+            self.recording = False
+
+    def output_hook(self, index: int):
+        """Pre-hook on layer ``index``'s ``o_proj``: records (text-only pass), chooses (image prefill), scales."""
+
+        def hook(module, args):
+            x = args[0]
+            batch, n = x.shape[:2]
+            heads = x.view(batch, n, self.heads, -1)
+            if self.recording:
+                self.reference[index] = heads[:, -1].detach()
+                return None
+            if self.prefill and index not in self.chosen and index in self.reference:
+                self.chosen[index] = vision_aware_heads(heads[:, -1], self.reference[index])
+            chosen = self.chosen.get(index)
+            if chosen is None or self.config.alpha == 1.0:
+                return None
+            scale = torch.where(chosen.to(x.device), self.config.alpha, 1.0).to(x.dtype)
+            return ((heads * scale[:, None, :, None]).view_as(x),)
+
+        return hook
+
+
+def vision_aware_heads(with_image: torch.Tensor, text_only: torch.Tensor) -> torch.Tensor:
+    """(B, H) bool: VHD = ||A(image) - A(text only)|| per head of (B, H, D) outputs, zeroed where both VHD and the
+    squared text-only norm exceed their mean + std over the layer's heads, then above the layer's median."""
+    vhd = (with_image.float() - text_only.float()).norm(dim=-1)
+    norm = text_only.float().square().sum(-1)
+
+    def high(v):
+        return v > v.mean(1, keepdim=True) + v.std(1, keepdim=True)
+
+    vhd = torch.where(high(vhd) & high(norm), 0.0, vhd)
+    return vhd > vhd.median(dim=1, keepdim=True).values
+
+
+@register_installer(VHR)
+def install_vhr(model, config: VHR):
+    layers = vlm_family(model, "VHR").text_layers(model)
+    n = len(layers)
+    chosen = config.layers if config.layers is not None else tuple(sorted({1, *range(max(0, n - 14), n)} & set(range(n))))
+    bad = [i for i in chosen if i >= n]
+    if bad:
+        raise ValueError(f"layers={list(config.layers)}: {type(model).__name__}'s language model has {n} layers "
+                         f"(0-{n - 1}); got {bad}")
+    state = _VHRState(model, config, model.config.text_config.num_attention_heads)
+    with installing() as changes:
+        # first among the core's pre-hooks: the text-only pass runs before the other methods set up the image pass
+        changes.add(model.model.register_forward_pre_hook(state.begin, with_kwargs=True, prepend=True).remove)
+        for i in chosen:
+            changes.add(layers[i].self_attn.o_proj.register_forward_pre_hook(state.output_hook(i)).remove)
     return changes.undo

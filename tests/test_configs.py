@@ -131,7 +131,7 @@ EXAMPLES = [
     VisionZip(keep=32, contextual=4), PyramidDrop(stages=[(2, 0.5), (6, 0.2)]),
     mmattn.ZeroTuning(heads="layers.0-1:*", gamma=0.5),
     mmattn.VAR(p=0.5, sink_dims=(3, 7)), mmattn.VAR(), mmattn.PAI(alpha=0.2, first_layer=1, last_layer=3),
-    mmattn.ACT(heads="layers.2:0,3", beta=0.5),
+    mmattn.ACT(heads="layers.2:0,3", beta=0.5), mmattn.VHR(alpha=3.0, layers=(1, 5)),
     mmattn.WindowAttention(mmattn.Window2D((5, 7), dilation=(1, 2)), steps=(0.2, 1.0)),
     mmattn.WindowAttention(mmattn.Radial(dense_frames=2)), mmattn.FreeSwim(training_grid=(1, 32, 32)),
 ]
@@ -142,7 +142,7 @@ def test_every_registered_method_has_an_example():
 
     assert sorted({config.name for config in EXAMPLES}) == methods.list_methods()
     assert methods.list_methods("vlm") == ["act", "divprune", "fastv", "pai", "pyramiddrop", "sparsevlm", "var",
-                                             "visionzip", "zerotuning"]
+                                             "vhr", "visionzip", "zerotuning"]
     assert methods.list_methods("diffusion") == ["freeswim", "pag", "seg", "slg", "softpag", "stg", "window"]
     assert methods.get("softpag") is SoftPAG
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import mmattn
-from mmattn import ACT, PAG, PAI, SEG, SLG, VAR, DivPrune, FastV, PyramidDrop, SoftPAG, SparseVLM, VisionZip, ZeroTuning
+from mmattn import ACT, PAG, PAI, SEG, SLG, VAR, VHR, DivPrune, FastV, PyramidDrop, SoftPAG, SparseVLM, VisionZip, ZeroTuning
 
 from . import scenes, vlm
 
@@ -44,7 +44,8 @@ def methods(keep: float) -> dict:
 def sink_methods() -> dict:
     """The sink and steering methods at their default settings (ACT and ZeroTuning need heads: all heads of the
     middle layers of the 4-layer LM)."""
-    return {"VAR": VAR(), "PAI": PAI(), "ACT": ACT(heads="layers.1-2:*"), "ZeroTuning": ZeroTuning(heads="layers.1-2:*")}
+    return {"VAR": VAR(), "PAI": PAI(), "ACT": ACT(heads="layers.1-2:*"), "VHR": VHR(),
+            "ZeroTuning": ZeroTuning(heads="layers.1-2:*")}
 
 
 def run(questions: int = 600, out: Path = Path("bench/results/shapes")) -> dict:

@@ -416,3 +416,90 @@ def test_act_beta_one_is_the_unmodified_model_and_remove_restores():
         with mmattn.apply(vlm.model, mmattn.ACT(heads="layers.0-1:*", beta=1.0, threshold=0.02)):
             assert torch.equal(vlm.model(**inputs).logits, before)
         assert torch.equal(vlm.model(**inputs).logits, before)
+
+
+class VHRReference:
+    """VHR from the paper's rule, with plain hooks: text-only last-token head outputs first; in the image prefill,
+    per chosen layer, VHD = ||A_img - A_txt||, zeroed where VHD and ||A_txt||^2 both exceed mean + std over the
+    layer's heads, heads above the median scaled by alpha, at every position, then kept for decode."""
+
+    def __init__(self, model, alpha, layers):
+        self.model, self.alpha, self.layers = model, alpha, layers
+        self.text, self.chosen, self.prefill = {}, {}, True
+        self.heads = model.config.text_config.num_attention_heads
+
+    def text_only(self, inputs):
+        image = inputs["input_ids"] == self.model.config.image_token_id
+        rows = [ids[keep.bool() & ~img] for ids, keep, img in zip(inputs["input_ids"], inputs["attention_mask"], image)]
+        length = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), length, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, r in enumerate(rows):
+            ids[b, length - len(r):], mask[b, length - len(r):] = r, 1
+        layers = self.model.model.language_model.layers
+        hooks = [layers[i].self_attn.o_proj.register_forward_pre_hook(
+            lambda m, a, i=i: self.text.__setitem__(i, a[0][:, -1].reshape(a[0].shape[0], self.heads, -1)))
+            for i in self.layers]
+        with torch.no_grad():
+            self.model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        for hook in hooks:
+            hook.remove()
+
+    def hook(self, i):
+        def scale(module, args):
+            x = args[0]
+            heads = x.reshape(x.shape[0], x.shape[1], self.heads, -1)
+            if i not in self.chosen:
+                vhd = (heads[:, -1] - self.text[i]).norm(dim=-1)
+                ta = self.text[i].pow(2).sum(-1)
+                out = (vhd > vhd.mean(1, keepdim=True) + vhd.std(1, keepdim=True)) & \
+                    (ta > ta.mean(1, keepdim=True) + ta.std(1, keepdim=True))
+                vhd = vhd.masked_fill(out, 0.0)
+                self.chosen[i] = vhd > vhd.median(1, keepdim=True).values
+            factor = 1 + (self.alpha - 1) * self.chosen[i].float()
+            return ((heads * factor[:, None, :, None]).reshape(x.shape),)
+        return scale
+
+
+@pytest.mark.parametrize("name", ["tiny/llava", "tiny/qwen2-vl"])
+def test_vhr_equals_the_reference_prefill_and_decode(name):
+    vlm = build_tiny(name)
+    model = vlm.model
+    inputs = encode(vlm, QUESTIONS)
+    config = mmattn.VHR(alpha=3.0, layers=(0, 1))
+    baseline = generate(model, inputs)
+    with mmattn.apply(model, config):
+        ours = generate(model, inputs)
+    reference = VHRReference(model, 3.0, (0, 1))
+    reference.text_only(inputs)
+    layers = model.model.language_model.layers
+    hooks = [layers[i].self_attn.o_proj.register_forward_pre_hook(reference.hook(i)) for i in (0, 1)]
+    try:
+        want = generate(model, inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert all(c.any() and not c.all() for c in reference.chosen.values())
+    for got, expected in zip(ours.logits, want.logits):
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(ours.logits[0], baseline.logits[0], atol=1e-4)
+
+
+def test_vhr_alpha_one_is_the_unmodified_model_and_composes_with_var():
+    vlm = build_tiny("tiny/llava")
+    model = vlm.model
+    inputs = encode(vlm, QUESTIONS)
+    with torch.no_grad():
+        before = model(**inputs).logits
+        with mmattn.apply(model, mmattn.VHR(alpha=1.0)):
+            assert torch.equal(model(**inputs).logits, before)
+        assert torch.equal(model(**inputs).logits, before)
+    methods = [mmattn.VAR(**VAR_TEST), mmattn.VHR(alpha=2.0)]
+    with mmattn.apply(model, methods):
+        both = generate(model, inputs)
+        singles = [generate(model, encode(vlm, [q], [i])) for i, q in enumerate(QUESTIONS)]
+    for i, single in enumerate(singles):
+        for step_batch, step_single in zip(both.logits, single.logits):
+            torch.testing.assert_close(step_single[0], step_batch[i], atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="has 2 layers"):
+        mmattn.apply(model, mmattn.VHR(layers=(0, 5)))

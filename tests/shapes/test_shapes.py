@@ -86,7 +86,7 @@ def test_vqa_harness_writes_its_table(tmp_path, monkeypatch):
     result = evaluate.run(questions=6, out=tmp_path)
     assert [(r["method"], r["keep"]) for r in result["rows"][:2]] == [("none", 1.0), ("FastV", 0.33)]
     assert len(result["rows"]) == 1 + 5 * len(evaluate.KEEPS) + len(evaluate.sink_methods())
-    assert [r["method"] for r in result["rows"][-4:]] == ["VAR", "PAI", "ACT", "ZeroTuning"]
+    assert [r["method"] for r in result["rows"][-5:]] == ["VAR", "PAI", "ACT", "VHR", "ZeroTuning"]
     table = (tmp_path / "vqa.md").read_text()
     assert "| VisionZip | 11% | 16 |" in table and json.loads((tmp_path / "vqa.json").read_text())["rows"]
 
