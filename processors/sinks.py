@@ -49,24 +49,31 @@ def text_heads(model, spec: str, method: str) -> dict[int, tuple[int, ...]]:
     return {int(name.split(".")[1]): chosen for name, chosen in selection.items()}
 
 
-@register_installer(ZeroTuning)
-def install_zerotuning(model, config: ZeroTuning):
-    selection = text_heads(model, config.heads, "ZeroTuning")
-    layers = vlm_family(model, "ZeroTuning").text_layers(model)
+def install_head_ops(model, spec: str, method: str, make_op, why: str = ""):
+    """Validate a ``layers.<i>[:heads]`` selection (full-attention layers only; ``why`` says why), then add
+    ``make_op(heads)`` (heads: bool (H,)) to each selected layer's attention. Returns undo."""
+    selection = text_heads(model, spec, method)
+    layers = vlm_family(model, method).text_layers(model)
     for i in selection:
         window = getattr(layers[i].self_attn, "sliding_window", None)
         if window is not None:
-            raise ValueError(f"ZeroTuning: layers.{i} of {type(model).__name__} is a sliding-window layer "
-                             f"(window {window}), where the initial token leaves the window; select full-attention layers")
-    text_attention.check(model, "ZeroTuning")
+            raise ValueError(f"{method}: layers.{i} of {type(model).__name__} is a sliding-window layer "
+                             f"(window {window}){why}; select full-attention layers")
+    text_attention.check(model, method)
     heads_total = model.config.text_config.num_attention_heads
     with installing() as changes:
-        changes.add(text_attention.use(model, "ZeroTuning"))
+        changes.add(text_attention.use(model, method))
         for i, chosen in selection.items():
             mask = torch.zeros(heads_total, dtype=torch.bool)
             mask[list(chosen)] = True
-            changes.add(text_attention.add_op(layers[i].self_attn, InitialTokenWeight(config.gamma, mask)))
+            changes.add(text_attention.add_op(layers[i].self_attn, make_op(mask)))
     return changes.undo
+
+
+@register_installer(ZeroTuning)
+def install_zerotuning(model, config: ZeroTuning):
+    return install_head_ops(model, config.heads, "ZeroTuning", lambda heads: InitialTokenWeight(config.gamma, heads),
+                            ", where the initial token leaves the window")
 
 
 @dataclass
@@ -385,22 +392,7 @@ class SinkCalibration:
 
 @register_installer(ACT)
 def install_act(model, config: ACT):
-    selection = text_heads(model, config.heads, "ACT")
-    layers = vlm_family(model, "ACT").text_layers(model)
-    for i in selection:
-        window = getattr(layers[i].self_attn, "sliding_window", None)
-        if window is not None:
-            raise ValueError(f"ACT: layers.{i} of {type(model).__name__} is a sliding-window layer (window {window}); "
-                             "select full-attention layers")
-    text_attention.check(model, "ACT")
-    heads_total = model.config.text_config.num_attention_heads
-    with installing() as changes:
-        changes.add(text_attention.use(model, "ACT"))
-        for i, chosen in selection.items():
-            mask = torch.zeros(heads_total, dtype=torch.bool)
-            mask[list(chosen)] = True
-            changes.add(text_attention.add_op(layers[i].self_attn, SinkCalibration(config, mask)))
-    return changes.undo
+    return install_head_ops(model, config.heads, "ACT", lambda heads: SinkCalibration(config, heads))
 
 
 class _VHRState(_Tokens):

@@ -64,6 +64,26 @@ def generate(model, inputs, tokens=4):
                           output_logits=True)
 
 
+def reference_generate(model, inputs, reference, hooks=()):
+    """generate() with the text model on the eager ``reference`` attention; ``hooks`` (handles) removed after."""
+    AttentionInterface.register(REFERENCE, reference)
+    AttentionMaskInterface.register(REFERENCE, eager_mask)
+    model.set_attn_implementation({"text_config": REFERENCE})
+    try:
+        return generate(model, inputs)
+    finally:
+        model.set_attn_implementation({"text_config": "sdpa"})
+        for hook in hooks:
+            hook.remove()
+
+
+def assert_matches(ours, want, baseline):
+    """Ours equals the reference at the prefill's last row and every decode step, and differs from baseline."""
+    for got, expected in zip(ours.logits, want.logits):
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(ours.logits[0], baseline.logits[0], atol=1e-4)
+
+
 @pytest.mark.parametrize("name", ["tiny/llava", "tiny/qwen2-vl"])
 @pytest.mark.parametrize("gamma", [0.2, 4.0])
 def test_zerotuning_equals_the_eager_reference_prefill_and_decode(name, gamma):
@@ -210,22 +230,11 @@ def test_var_equals_the_eager_reference_prefill_and_decode(name):
         ours = generate(model, inputs)
         stats = last_sink_stats(model)
     reference = VARReference(model, config)
-    AttentionInterface.register(REFERENCE, reference)
-    AttentionMaskInterface.register(REFERENCE, eager_mask)
     layers = model.model.language_model.layers
     hooks = [model.model.register_forward_pre_hook(reference.capture, with_kwargs=True)]
     hooks += [layers[i].register_forward_pre_hook(reference.layer_hook(i), with_kwargs=True) for i in range(len(layers))]
-    model.set_attn_implementation({"text_config": REFERENCE})
-    try:
-        want = generate(model, inputs)
-    finally:
-        model.set_attn_implementation({"text_config": "sdpa"})
-        for hook in hooks:
-            hook.remove()
+    assert_matches(ours, reference_generate(model, inputs, reference, hooks), baseline)
     assert any(reference.sinks[1][b][inputs["input_ids"][b] == model.config.image_token_id].any() for b in range(2))
-    for got, expected in zip(ours.logits, want.logits):  # prefill's last row, then each decode step
-        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
-    assert not torch.allclose(ours.logits[0], baseline.logits[0], atol=1e-4)
     assert stats.layers and stats.layers[0].visual_sinks > 0 and stats.layers[0].rows > 0
 
 
@@ -310,18 +319,8 @@ def test_pai_equals_the_eager_reference_prefill_and_decode(name):
     with mmattn.apply(model, config):
         ours = generate(model, inputs)
     reference = PAIReference(model, config)
-    AttentionInterface.register(REFERENCE, reference)
-    AttentionMaskInterface.register(REFERENCE, eager_mask)
     hook = model.model.register_forward_pre_hook(reference.capture, with_kwargs=True)
-    model.set_attn_implementation({"text_config": REFERENCE})
-    try:
-        want = generate(model, inputs)
-    finally:
-        model.set_attn_implementation({"text_config": "sdpa"})
-        hook.remove()
-    for got, expected in zip(ours.logits, want.logits):
-        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
-    assert not torch.allclose(ours.logits[0], baseline.logits[0], atol=1e-4)
+    assert_matches(ours, reference_generate(model, inputs, reference, [hook]), baseline)
 
 
 def test_pai_alpha_zero_is_the_unmodified_model_and_composes_with_fastv():
@@ -395,17 +394,9 @@ def test_act_equals_the_eager_reference_prefill_and_decode(name):
     with mmattn.apply(model, config):
         ours = generate(model, inputs)
     reference = ACTReference(config, {0: (0, 1), 1: tuple(range(heads))})
-    AttentionInterface.register(REFERENCE, reference)
-    AttentionMaskInterface.register(REFERENCE, eager_mask)
-    model.set_attn_implementation({"text_config": REFERENCE})
-    try:
-        want = generate(model, inputs)
-    finally:
-        model.set_attn_implementation({"text_config": "sdpa"})
+    want = reference_generate(model, inputs, reference)
     assert any(len(v) for v in reference.sinks.values())
-    for got, expected in zip(ours.logits, want.logits):
-        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
-    assert not torch.allclose(ours.logits[0], baseline.logits[0], atol=1e-4)
+    assert_matches(ours, want, baseline)
 
 
 def test_act_beta_one_is_the_unmodified_model_and_remove_restores():
