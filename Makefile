@@ -28,7 +28,8 @@ install: $(UV)
 	$(UV_INSTALL) $(BIN)/python -e ".[dev]"
 
 run: install
-	HF_HUB_OFFLINE=1 $(BIN)/mmattn generate --overwrite --out $(OUT)
+	HF_HUB_OFFLINE=1 $(BIN)/mmattn generate --overwrite --out $(OUT) --strength 0.3 --scale 1.0 --seed 0 --seed 1 \
+		--prompt "a red circle left of a blue square" --prompt "a large yellow star"
 
 test: test-lowest test-newest
 
