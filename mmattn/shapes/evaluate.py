@@ -82,6 +82,17 @@ def markdown(result: dict) -> str:
 
 
 def _plot(result: dict, path: Path) -> None:
+    base = result["rows"][0]["accuracy"]
+    series = {}
+    for name in methods(KEEPS[0]):
+        rows = [r for r in result["rows"] if r["method"] == name]
+        series[name] = ([1.0] + [r["keep"] for r in rows], [base] + [r["accuracy"] for r in rows])
+    _line_plot(path, series, "image tokens kept", "accuracy", "shapes-vlm: accuracy vs image tokens kept", "x")
+
+
+def _line_plot(path: Path, series: dict, xlabel: str, ylabel: str, title: str, percent_axis: str) -> None:
+    """One line per name of ``series`` ({name: (xs, ys)}), ``percent_axis`` ("x" or "y") in percent; needs
+    matplotlib (the ``eval`` extra), else nothing is drawn."""
     try:
         import matplotlib
 
@@ -89,15 +100,13 @@ def _plot(result: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    base = result["rows"][0]["accuracy"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name in methods(KEEPS[0]):
-        rows = [r for r in result["rows"] if r["method"] == name]
-        ax.plot([1.0] + [r["keep"] for r in rows], [base] + [r["accuracy"] for r in rows], marker="o", label=name)
-    ax.set_xlabel("image tokens kept")
-    ax.set_ylabel("accuracy")
-    ax.set_title("shapes-vlm: accuracy vs image tokens kept")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    getattr(ax, f"{percent_axis}axis").set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -177,25 +186,12 @@ def gen_markdown(result: dict) -> str:
 
 
 def _plot_gen(result: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
+    series = {}
     for name in dict.fromkeys(r["method"] for r in result["rows"]):
         rows = [r for r in result["rows"] if r["method"] == name]
-        ax.plot([r["guidance_scale"] for r in rows], [r["adherence"] for r in rows], marker="o", label=name)
-    ax.set_xlabel("CFG scale")
-    ax.set_ylabel("prompt adherence (shapes-classifier)")
-    ax.set_title("shapes-t2i: adherence vs guidance scale")
-    ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        series[name] = ([r["guidance_scale"] for r in rows], [r["adherence"] for r in rows])
+    _line_plot(path, series, "CFG scale", "prompt adherence (shapes-classifier)",
+               "shapes-t2i: adherence vs guidance scale", "y")
 
 
 def _commit() -> str:
