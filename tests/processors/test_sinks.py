@@ -77,6 +77,13 @@ def reference_generate(model, inputs, reference, hooks=()):
             hook.remove()
 
 
+def assert_rows_alone(batch, singles):
+    """Each row of a batched generate() equals that sample generated alone, at every step."""
+    for i, single in enumerate(singles):
+        for step_batch, step_single in zip(batch.logits, single.logits):
+            torch.testing.assert_close(step_single[0], step_batch[i], atol=2e-5, rtol=1e-4)
+
+
 def assert_matches(ours, want, baseline):
     """Ours equals the reference at the prefill's last row and every decode step, and differs from baseline."""
     for got, expected in zip(ours.logits, want.logits):
@@ -137,9 +144,7 @@ def test_zerotuning_with_fastv_in_a_padded_batch_equals_each_row_alone():
         assert model.config.text_config._attn_implementation == mmattn.processors.pruning.IMPLEMENTATION
     with mmattn.apply(model, methods[0]):
         fastv = generate(model, batch)
-    for i, single in enumerate(singles):
-        for step_batch, step_single in zip(both.logits, single.logits):
-            torch.testing.assert_close(step_single[0], step_batch[i], atol=2e-5, rtol=1e-4)
+    assert_rows_alone(both, singles)
     assert not torch.allclose(both.logits[0], fastv.logits[0], atol=1e-4)
     assert model.config.text_config._attn_implementation == "sdpa"
 
@@ -263,9 +268,7 @@ def test_var_combined_in_a_padded_batch_equals_each_row_alone(other):
         singles = [generate(model, encode(vlm, [q], [i])) for i, q in enumerate(QUESTIONS)]
     with mmattn.apply(model, other):
         alone = generate(model, batch)
-    for i, single in enumerate(singles):
-        for step_batch, step_single in zip(both.logits, single.logits):
-            torch.testing.assert_close(step_single[0], step_batch[i], atol=2e-5, rtol=1e-4)
+    assert_rows_alone(both, singles)
     assert not torch.allclose(both.logits[0], alone.logits[0], atol=1e-4)
     assert model.config.text_config._attn_implementation == "sdpa"
 
@@ -336,9 +339,7 @@ def test_pai_alpha_zero_is_the_unmodified_model_and_composes_with_fastv():
     with mmattn.apply(model, methods):
         both = generate(model, inputs)
         singles = [generate(model, encode(vlm, [q], [i])) for i, q in enumerate(QUESTIONS)]
-    for i, single in enumerate(singles):
-        for step_batch, step_single in zip(both.logits, single.logits):
-            torch.testing.assert_close(step_single[0], step_batch[i], atol=2e-5, rtol=1e-4)
+    assert_rows_alone(both, singles)
     with pytest.raises(ValueError, match="last_layer=5 is out of range for LlavaForConditionalGeneration"):
         mmattn.apply(model, mmattn.PAI(first_layer=0, last_layer=5))
 
@@ -489,8 +490,6 @@ def test_vhr_alpha_one_is_the_unmodified_model_and_composes_with_var():
     with mmattn.apply(model, methods):
         both = generate(model, inputs)
         singles = [generate(model, encode(vlm, [q], [i])) for i, q in enumerate(QUESTIONS)]
-    for i, single in enumerate(singles):
-        for step_batch, step_single in zip(both.logits, single.logits):
-            torch.testing.assert_close(step_single[0], step_batch[i], atol=2e-5, rtol=1e-4)
+    assert_rows_alone(both, singles)
     with pytest.raises(ValueError, match="has 2 layers"):
         mmattn.apply(model, mmattn.VHR(layers=(0, 5)))
