@@ -69,7 +69,8 @@ def card_markdown(card: dict) -> str:
              f"- time: {card['train_minutes']} min on {card['threads']} CPU thread(s)"
              + (f", after {card['vae_training']['minutes']} min ({card['vae_training']['steps']} steps) of VAE training"
                 if card.get("vae_training") else "")
-             + "".join(f"; continued from a run of {p['steps']} steps ({p['train_minutes']} min)"
+             + "".join(f"; continued from a run of {p['steps']} steps ({p['train_minutes']} min"
+                       + (f": `{p['command']}`" if p.get("command") else "") + ")"
                        for p in card.get("continued_from", [])),
              f"- reproduce: `{card.get('command') or 'python -m mmattn.shapes.train --help'}`", "", "## Test scores", ""]
     for key, value in card["test"].items():
