@@ -10,8 +10,8 @@ tokens per image + 64 text tokens), one prompt with 1 and with 4 images, fp32, s
 
 Random weights have no massive activations, so the sinks come from a low threshold on two fixed dims
 (``tau=2.5, sink_dims=(0, 1)``): a few percent of the tokens, enough rows image-centric to redistribute. Times:
-median over ``--repeats`` interleaved rounds after a warm-up; peak memory: the maximum RSS of a child process
-that runs one prefill of one case.
+median over ``--repeats`` interleaved rounds after a warm-up; peak memory: the largest RSS increase during one
+prefill of each case (``bench_pruning.measure``: RSS sampled every 2 ms).
 
     .venv/bin/python bench/bench_sinks.py --out bench/results/sinks_cpu.json
 """
@@ -21,11 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
-import sys
-import time
 from datetime import date
 from pathlib import Path
 
@@ -35,7 +32,7 @@ import mmattn
 from mmattn._compat import AttentionInterface, AttentionMaskInterface, eager_attention_forward, eager_mask
 from mmattn.processors import sinks
 
-from bench_pruning import build_model, make_inputs
+from bench_pruning import build_model, make_inputs, measure
 
 EAGER_VAR = "bench_eager_var"
 CONFIG = mmattn.VAR(tau=2.5, sink_dims=(0, 1), rho=0.9, image_mass=0.05)
@@ -94,15 +91,6 @@ class _Case:
             self.handle.remove()
 
 
-def _child(case: str, images: int, args) -> None:
-    torch.manual_seed(0)
-    model = build_model(args.layers, args.hidden, args.heads, args.kv_heads)
-    inputs = make_inputs(args.text_tokens, images)
-    with _Case(model, case):
-        _prefill(model, inputs)
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=16)
@@ -112,28 +100,24 @@ def main() -> None:
     parser.add_argument("--text-tokens", type=int, default=64)
     parser.add_argument("--images", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default="bench/results/sinks_cpu.json")
     args = parser.parse_args()
     AttentionInterface.register(EAGER_VAR, _eager_var_attention)
     AttentionMaskInterface.register(EAGER_VAR, eager_mask)
-    if args.child:
-        case, images = args.child.split(":")
-        _child(case, int(images), args)
-        return
     torch.manual_seed(0)
     model = build_model(args.layers, args.hidden, args.heads, args.kv_heads)
     rows = []
     for images in args.images:
         inputs = make_inputs(args.text_tokens, images)
         times = {case: [] for case in CASES}
+        peaks = {case: 0 for case in CASES}
         for round_ in range(args.repeats + 1):
             for case in CASES:
                 with _Case(model, case):
-                    started = time.perf_counter()
-                    _prefill(model, inputs)
+                    seconds, peak = measure(lambda: _prefill(model, inputs))
                     if round_:
-                        times[case].append(time.perf_counter() - started)
+                        times[case].append(seconds)
+                        peaks[case] = max(peaks[case], peak)
         with _Case(model, "var"):
             _prefill(model, inputs)
             stats = sinks.last_sink_stats(model)
@@ -141,10 +125,7 @@ def main() -> None:
                **{f"{case}_s": statistics.median(times[case]) for case in CASES},
                "visual_sinks": sum(layer.visual_sinks for layer in stats.layers),
                "rows_redistributed": sum(layer.rows for layer in stats.layers)}
-        for case in CASES:
-            child = subprocess.run([sys.executable, __file__, "--child", f"{case}:{images}", *sys.argv[1:]],
-                                   capture_output=True, text=True, check=True)
-            row[f"{case}_peak_rss_mb"] = round(json.loads(child.stdout.strip().splitlines()[-1])["peak_rss_mb"])
+        row.update({f"{case}_peak_rss_increase_mb": round(peaks[case] / 2**20) for case in CASES})
         row["var_vs_baseline"] = round(row["var_s"] / row["baseline_s"], 2)
         row["eager_vs_var"] = round(row["eager_var_s"] / row["var_s"], 2)
         print(json.dumps(row))
