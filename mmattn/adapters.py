@@ -25,6 +25,8 @@ class DiffusionFamily:
     Token layout: the image-token grid comes from the input ``image_ids`` names (Flux's ``img_ids``:
     (row, col) per token) or else from the latent's shape and the denoiser's patch size;
     ``grid_factors`` are the resolutions below it that attention layers see (a UNet's down blocks).
+    ``fork_inputs``: the block arguments that carry the batch, for guidance's fork at the first perturbed block
+    (mmattn.guidance); empty: the family runs the whole perturbed branch (a UNet, whose skip connections cross blocks).
     """
 
     name: str
@@ -40,6 +42,7 @@ class DiffusionFamily:
     text_first: bool = False
     image_ids: str | None = None
     grid_factors: tuple[int, ...] = (1,)
+    fork_inputs: tuple[str, ...] = ()
 
     def denoiser(self, pipe):
         return getattr(pipe, self.denoiser_attr)
@@ -74,15 +77,20 @@ DIFFUSION_FAMILIES = (
                     grid_factors=(1, 2, 4, 8)),
     DiffusionFamily("sd3", "SD3Transformer2DModel", "transformer", ("JointTransformerBlock",), "attn",
                     ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"),
-                    block_outputs=("encoder_hidden_states", "hidden_states")),
+                    block_outputs=("encoder_hidden_states", "hidden_states"),
+                    fork_inputs=("hidden_states", "encoder_hidden_states", "temb")),
     DiffusionFamily("flux", "FluxTransformer2DModel", "transformer", ("FluxTransformerBlock", "FluxSingleTransformerBlock"), "attn",
                     ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance"),
                     cfg_calls="separate", cfg_scale="true_cfg_scale", cfg_needs_negative=True,
-                    block_outputs=("encoder_hidden_states", "hidden_states"), text_first=True, image_ids="img_ids"),
+                    block_outputs=("encoder_hidden_states", "hidden_states"), text_first=True, image_ids="img_ids",
+                    fork_inputs=("hidden_states", "encoder_hidden_states", "temb")),
     DiffusionFamily("wan", "WanTransformer3DModel", "transformer", ("WanTransformerBlock",), "attn1",
-                    ("hidden_states", "encoder_hidden_states", "timestep", "encoder_hidden_states_image"), cfg_calls="separate"),
+                    ("hidden_states", "encoder_hidden_states", "timestep", "encoder_hidden_states_image"), cfg_calls="separate",
+                    fork_inputs=("hidden_states", "encoder_hidden_states", "temb")),
     DiffusionFamily("pixart", "PixArtTransformer2DModel", "transformer", ("BasicTransformerBlock",), "attn1",
-                    ("hidden_states", "encoder_hidden_states", "encoder_attention_mask", "timestep", "added_cond_kwargs")),
+                    ("hidden_states", "encoder_hidden_states", "encoder_attention_mask", "timestep", "added_cond_kwargs"),
+                    fork_inputs=("hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask",
+                                 "timestep")),
 )
 
 

@@ -35,7 +35,7 @@ PENDING = {
 METHODS = {name: methods.get(name) for name in methods.list_methods("diffusion")
            if "scale" in {f.name for f in methods.settings(name)}}
 SELECTION_FIELDS = ("heads", "layers")  # set by --heads
-GUIDANCE_FLAGS = ("scale", "start", "stop")  # fields every diffusion method has
+GUIDANCE_FLAGS = ("scale", "start", "stop", "batch_branches")  # fields every guidance method has
 COMMON_FLAGS = ("heads", *GUIDANCE_FLAGS)
 METHOD_FLAGS = {name: tuple(f.name for f in methods.settings(name) if f.name not in SELECTION_FIELDS + GUIDANCE_FLAGS)
                 for name in METHODS}
@@ -184,8 +184,12 @@ def _method_args(parser) -> None:
         f = owners[0][1]
         users = "every method" if flag in GUIDANCE_FLAGS else "/".join(name for name, _ in owners)
         defaults = ", ".join(f"{name} {g.default}" for name, g in owners)
-        parser.add_argument(f"--{flag}", type=type(f.default), choices=f.metadata.get("choices"),
-                            help=f"{users}: {f.metadata.get('help', flag)} (default: {defaults})")
+        text = f"{users}: {f.metadata.get('help', flag)} (default: {defaults})"
+        if isinstance(f.default, bool):
+            parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, action=argparse.BooleanOptionalAction,
+                                help=text)
+        else:
+            parser.add_argument(f"--{flag}", type=type(f.default), choices=f.metadata.get("choices"), help=text)
 
 
 def _call_args(parser, frames: bool) -> None:

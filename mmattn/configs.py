@@ -85,7 +85,21 @@ class _Method:
 
 
 @dataclass(frozen=True)
-class SoftPAG(_Method):
+class _Guidance(_Method):
+    """Common to the perturbation-guidance configs: how the perturbed branch runs (``batch_branches``; a keyword)."""
+
+    batch_branches: bool = field(default=True, kw_only=True, metadata={
+        "help": "run the perturbed branch in the denoiser's batch (forked at the first perturbed block on DiTs); "
+                "false: in a forward of its own (less memory, same result)", "choices": None})
+
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
+        if not isinstance(self.batch_branches, bool):
+            raise ConfigTypeError(f"batch_branches={self.batch_branches!r}: expected True or False")
+
+
+@dataclass(frozen=True)
+class SoftPAG(_Guidance):
     """Soft perturbed-attention guidance on selected heads.
 
     HeadHunter / SoftPAG (arXiv 2506.10978), generalising PAG (arXiv 2403.17377). In the perturbed
@@ -109,7 +123,7 @@ class SoftPAG(_Method):
     name = "softpag"
 
     def __post_init__(self) -> None:
-        _plain_numbers(self)
+        super().__post_init__()
         parse_heads(self.heads)
         _check_range("strength", self.strength, 0.0, 1.0)
         _check_range("scale", self.scale, 0.0, 100.0)
@@ -140,7 +154,7 @@ class PAG(SoftPAG):
 
 
 @dataclass(frozen=True)
-class SEG(_Method):
+class SEG(_Guidance):
     """Smoothed energy guidance (arXiv 2408.00760): blur the image-token queries of the selected heads.
 
     The blur is a Gaussian of width ``sigma`` (in tokens) over the spatial token grid (rows and
@@ -162,7 +176,7 @@ class SEG(_Method):
     name = "seg"
 
     def __post_init__(self) -> None:
-        _plain_numbers(self)
+        super().__post_init__()
         parse_heads(self.heads)
         _number("sigma", self.sigma)
         if not self.sigma > 0:
@@ -173,7 +187,7 @@ class SEG(_Method):
 
 
 @dataclass(frozen=True)
-class SLG(_Method):
+class SLG(_Guidance):
     """Skip-layer guidance (as in Stable Diffusion 3.5): the perturbed branch skips whole blocks.
 
     A skipped block passes its inputs through unchanged (``heads`` names blocks; head indices are
@@ -189,20 +203,20 @@ class SLG(_Method):
     name = "slg"
 
     def __post_init__(self) -> None:
-        _plain_numbers(self)
+        super().__post_init__()
         parse_heads(self.layers, field="layers")
         _check_range("scale", self.scale, 0.0, 100.0)
         _check_window(self.start, self.stop)
 
 
 @dataclass(frozen=True)
-class STG(_Method):
+class STG(_Guidance):
     """Spatiotemporal skip guidance (arXiv 2411.18664) for video (and image) diffusion.
 
     ``mode="attention"`` makes the selected layers' self-attention the identity (output = V);
     ``mode="residual"`` skips the selected blocks. ``rescale`` r in [0, 1] rescales the guided
-    prediction: ε ← ε·(r·std(ε_c)/std(ε) + 1 − r). Wan computes uncond in a separate call, so
-    there rescale needs guidance_scale <= 1 (no CFG).
+    prediction: ε ← ε·(r·std(ε_c)/std(ε) + 1 − r), with CFG also where the pipeline computes uncond in a
+    separate call (Wan; Flux's true CFG).
     """
 
     layers: str
@@ -216,7 +230,7 @@ class STG(_Method):
     name = "stg"
 
     def __post_init__(self) -> None:
-        _plain_numbers(self)
+        super().__post_init__()
         parse_heads(self.layers, field="layers")
         if self.mode not in ("attention", "residual"):
             raise ValueError(f"mode={self.mode!r}: expected 'attention' or 'residual'")

@@ -10,7 +10,15 @@ yields
 
 and, without CFG (e.g. guidance-distilled Flux), ε = ε_c + Σ_k s_k·(ε_c − ε_k). Pipelines that call
 the denoiser separately for cond and uncond (Wan) get the branches batched into the cond call.
-An optional rescale r (STG, arXiv 2411.18664) replaces ε by ε·(r·std(ε_c)/std(ε) + 1 − r).
+An optional rescale r (STG, arXiv 2411.18664) replaces ε by ε·(r·std(ε_c)/std(ε) + 1 − r). A separate-call
+family learns ε_u only in its second call: the cond call hands back ε_c + Σ_k (s_k/w)·(ε_c − ε_k), and the uncond
+call hands back u' = (ε_rescaled − w·c')/(1 − w), so that the pipeline's u' + w·(c' − u') is the rescaled ε.
+
+The fork (DiT families, ``DiffusionFamily.fork_inputs``): blocks before the first perturbed one compute the same
+thing for the conditional and the perturbed rows, so they run on [uncond, cond] only and the conditional rows are
+copied into the perturbed ones where the first perturbed block starts. A UNet keeps the whole branch: its up
+blocks read skip connections from every down block. With ``batch_branches=False`` on any active method, each
+branch runs in its own forward on the conditional rows (less memory, the same result; no fork).
 
 Whether a denoiser call carries CFG is decided from what the pipeline does in that call, not from an
 attribute some pipelines lack (PixArt has no ``do_classifier_free_guidance``): while a method is
@@ -42,6 +50,8 @@ class Branch:
     rescale: float = 0.0
     rows: slice | None = None
     open_window: bool = False
+    batched: bool = True  # False: this branch's rows run in a forward of their own
+    blocks: tuple[str, ...] = ()  # the blocks it perturbs (their names in DiffusionFamily.blocks)
 
     def covers(self, index: int, total: int) -> bool:
         if self.open_window:
@@ -106,6 +116,31 @@ def _expand(x, n: int, b: int, copies: int):
     return x
 
 
+def _take_last(x, n: int, b: int):
+    """The last ``b`` of ``n`` batch rows (tensors, dicts of tensors)."""
+    if isinstance(x, dict):
+        return {k: _take_last(v, n, b) for k, v in x.items()}
+    if isinstance(x, torch.Tensor) and x.ndim > 0 and x.shape[0] == n:
+        return x[n - b:]
+    return x
+
+
+def _map_block_inputs(fields: tuple[str, ...], fn):
+    """A forward pre-hook (with kwargs) applying ``fn`` to the block arguments named in ``fields``."""
+    signatures: dict[type, inspect.Signature] = {}
+
+    def hook(module, args, kwargs):
+        signature = signatures.setdefault(type(module), inspect.signature(type(module).forward))
+        bound = signature.bind(module, *args, **kwargs)
+        for name in fields:
+            value = bound.arguments.get(name)
+            if isinstance(value, torch.Tensor) and value.ndim > 0:
+                bound.arguments[name] = fn(value)
+        return bound.args[1:], bound.kwargs
+
+    return hook
+
+
 def _rescale(eps: torch.Tensor, eps_cond: torch.Tensor, r: float) -> torch.Tensor:
     dims = tuple(range(1, eps.ndim))
     return eps * (r * eps_cond.std(dim=dims, keepdim=True) / eps.std(dim=dims, keepdim=True) + 1 - r)
@@ -122,12 +157,15 @@ class GuidedDenoiser:
     ``release`` restores the original forward and pipeline class exactly.
     """
 
+    fork = True  # run the blocks before the first perturbed one on [uncond, cond] only (DiT families)
+
     def __init__(self, pipe, denoiser: torch.nn.Module, family):
         self.pipe, self.denoiser, self.family = pipe, denoiser, family
         self.info = CallInfo()
         self._forward = denoiser.forward
         self._signature = inspect.signature(self._forward)
         self._step, self._calls_in_step = None, 0
+        self._pending = None  # separate-call rescale: what the cond call left for the uncond call of its step
         self.call: PipelineCall | None = None  # set while the pipeline's __call__ runs
         self.holders = 0  # methods other than branches that read ``info`` (window attention)
         functools.update_wrapper(self, self._forward)
@@ -155,7 +193,7 @@ class GuidedDenoiser:
 
     def begin_call(self, arguments: dict) -> None:
         """The pipeline's ``__call__`` starts with ``arguments`` (its bound arguments, defaults applied)."""
-        self._step, self._calls_in_step = None, 0
+        self._step, self._calls_in_step, self._pending = None, 0, None
         prompt, embeds = arguments.get("prompt"), arguments.get("prompt_embeds")
         per_prompt = arguments.get("num_images_per_prompt") or arguments.get("num_videos_per_prompt") or 1
         rows = embeds.shape[0] if isinstance(embeds, torch.Tensor) else (
@@ -184,6 +222,7 @@ class GuidedDenoiser:
         self._step = self.info.step = (index, total)
         if self.family.cfg_calls == "separate" and cfg and self._calls_in_step % 2 == 1:
             return []
+        self._pending = None
         if inputs.get("skip_layers") is not None:
             return []
         return [b for b in self.info.branches if b.scale != 0.0 and b.covers(index, total)]
@@ -204,26 +243,18 @@ class GuidedDenoiser:
         active = self._active(inputs, cfg)
         self._describe_call(inputs)
         if not active:
-            return self._forward(*args, **kwargs)
+            output = self._forward(*args, **kwargs)
+            pending, self._pending = self._pending, None
+            return output if pending is None else self._rescaled_uncond(output, *pending)
         batched_cfg = cfg and self.family.cfg_calls == "batched"
-        if cfg and not batched_cfg and any(branch.rescale for branch in active):
-            raise ValueError(f"rescale needs the uncond prediction, which {type(self.pipe).__name__} computes in a "
-                             "separate call: use rescale=0 or guidance_scale <= 1")
         b = n // 2 if batched_cfg else n
-        for name in self.family.batched_inputs:
-            if name in inputs:
-                inputs[name] = _expand(inputs[name], n, b, len(active))
-        for i, branch in enumerate(active):
-            branch.rows = slice(n + i * b, n + (i + 1) * b)
-        try:
-            output = self._forward(*bound.args, **bound.kwargs)
-        finally:
-            for branch in active:
-                branch.rows = None
-        sample = output[0] if isinstance(output, tuple) else output.sample
+        if all(branch.batched for branch in active):
+            output, sample, perturbed = self._batched_forward(bound, inputs, active, n, b)
+        else:
+            output, sample, perturbed = self._separate_forwards(bound, inputs, active, n, b)
         main = sample[:n]
         cond = main[n - b:]
-        delta = sum(branch.scale * (cond - sample[n + i * b: n + (i + 1) * b]) for i, branch in enumerate(active))
+        delta = sum(branch.scale * (cond - p) for branch, p in zip(active, perturbed))
         rescale = max(branch.rescale for branch in active)
         if not rescale:
             new_cond = cond + delta / w
@@ -231,6 +262,9 @@ class GuidedDenoiser:
             uncond = main[: n - b]
             guided = _rescale(uncond + w * (cond - uncond) + delta, cond, rescale)
             new_cond = uncond + (guided - uncond) / w
+        elif cfg:  # separate calls: ε_u comes in the next call, which finishes the rescale (_rescaled_uncond)
+            new_cond = cond + delta / w
+            self._pending = (cond, new_cond, delta, w, rescale)
         else:  # no CFG: the pipeline uses this prediction as it is
             new_cond = _rescale(cond + delta, cond, rescale)
         main = torch.cat([main[: n - b], new_cond])
@@ -238,6 +272,85 @@ class GuidedDenoiser:
             return (main, *output[1:])
         output.sample = main
         return output
+
+    @staticmethod
+    def _rescaled_uncond(output, cond, new_cond, delta, w: float, rescale: float):
+        """The uncond call's output u' for which the pipeline's u' + w·(c' − u') is the rescaled guided ε."""
+        uncond = output[0] if isinstance(output, tuple) else output.sample
+        guided = _rescale(uncond + w * (cond - uncond) + delta, cond, rescale)
+        new_uncond = (guided - w * new_cond) / (1 - w)
+        if isinstance(output, tuple):
+            return (new_uncond, *output[1:])
+        output.sample = new_uncond
+        return output
+
+    def _batched_forward(self, bound, inputs, active: list[Branch], n: int, b: int):
+        """One forward over [uncond, cond, pert_1, ...]; forked at the first perturbed block where the family
+        allows it. Returns (output, its sample, the perturbed rows of each branch)."""
+        for name in self.family.batched_inputs:
+            if name in inputs:
+                inputs[name] = _expand(inputs[name], n, b, len(active))
+        for i, branch in enumerate(active):
+            branch.rows = slice(n + i * b, n + (i + 1) * b)
+        hooks = self._fork_hooks(inputs, active, n, b)
+        try:
+            output = self._forward(*bound.args, **bound.kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for branch in active:
+                branch.rows = None
+        sample = output[0] if isinstance(output, tuple) else output.sample
+        return output, sample, [sample[n + i * b: n + (i + 1) * b] for i in range(len(active))]
+
+    def _separate_forwards(self, bound, inputs, active: list[Branch], n: int, b: int):
+        """The unperturbed forward, then one forward per branch on the conditional rows alone."""
+        output = self._forward(*bound.args, **bound.kwargs)
+        sample = output[0] if isinstance(output, tuple) else output.sample
+        original = dict(inputs)
+        perturbed = []
+        for branch in active:
+            for name in self.family.batched_inputs:
+                if name in original:
+                    inputs[name] = _take_last(original[name], n, b)
+            branch.rows = slice(0, b)
+            try:
+                out = self._forward(*bound.args, **bound.kwargs)
+            finally:
+                branch.rows = None
+            perturbed.append(out[0] if isinstance(out, tuple) else out.sample)
+        return output, sample, perturbed
+
+    def _fork_hooks(self, inputs, active: list[Branch], n: int, b: int) -> list:
+        """Pre-hooks that run the blocks before the first perturbed one on the first ``n`` rows and copy the
+        conditional rows into the perturbed ones at that block (none where the family keeps the whole branch,
+        a ControlNet adds residuals between blocks, or the first block is perturbed)."""
+        fields = self.family.fork_inputs
+        if not (self.fork and fields) or any(inputs.get(name) is not None for name in _CONTROLNET_INPUTS):
+            return []
+        blocks = list(self.family.blocks(self.denoiser).items())
+        perturbed = {name for branch in active for name in branch.blocks}
+        first = next((i for i, (name, _) in enumerate(blocks) if name in perturbed), 0)
+        if first == 0:
+            return []
+        total, copies = n + b * len(active), len(active)
+        trim = _map_block_inputs(fields, lambda x: x[:n] if x.shape[0] == total else x)
+        fork = _map_block_inputs(fields, lambda x: torch.cat([x] + [x[n - b:n]] * copies) if x.shape[0] == n else x)
+        hooks = []
+        try:
+            for _, block in blocks[:first]:
+                hooks.append(block.register_forward_pre_hook(trim, with_kwargs=True))
+            hooks.append(blocks[first][1].register_forward_pre_hook(fork, with_kwargs=True))
+        except BaseException:
+            for hook in hooks:
+                hook.remove()
+            raise
+        return hooks
+
+
+# Denoiser inputs that add residuals between blocks (ControlNet): the fork is off when one is given.
+_CONTROLNET_INPUTS = ("block_controlnet_hidden_states", "controlnet_block_samples", "controlnet_single_block_samples",
+                      "down_block_additional_residuals", "mid_block_additional_residual")
 
 
 _RECORDING: dict[type, type] = {}  # pipeline class -> its subclass whose __call__ records the call

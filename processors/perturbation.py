@@ -166,6 +166,7 @@ def install_perturbation(pipe, spec: str, branch: Branch, make_op=None, skip_blo
         raise ValueError(f"{field}={spec!r} selects no layer")
     if make_op is not None:
         check_mirrored(family, attention, selection)
+    branch.blocks = tuple(selection)
     with installing() as changes:
         guided = GuidedDenoiser.attach(pipe, family)
         changes.add(guided.release)
@@ -184,31 +185,35 @@ def install_perturbation(pipe, spec: str, branch: Branch, make_op=None, skip_blo
     return changes.undo
 
 
+def _branch(config, **options) -> Branch:
+    return Branch(config.scale, config.start, config.stop, batched=config.batch_branches, **options)
+
+
 @register_installer(PAG)
 @register_installer(SoftPAG)
 def install_softpag(pipe, config: SoftPAG):
     if config.scope == "image" and diffusion_family(pipe).name != "sd3":
         raise ValueError(f"scope={config.scope!r} is supported on sd3 only; this pipeline is {diffusion_family(pipe).name}")
     target = "image_block" if config.scope == "image" else config.target
-    return install_perturbation(pipe, config.heads, Branch(config.scale, config.start, config.stop),
+    return install_perturbation(pipe, config.heads, _branch(config),
                                 lambda branch, heads: HeadOp(branch, heads, "blend", config.strength, target))
 
 
 @register_installer(SEG)
 def install_seg(pipe, config: SEG):
-    return install_perturbation(pipe, config.heads, Branch(config.scale, config.start, config.stop),
+    return install_perturbation(pipe, config.heads, _branch(config),
                                 lambda branch, heads: HeadOp(branch, heads, "blur", config.strength, sigma=config.sigma))
 
 
 @register_installer(SLG)
 def install_slg(pipe, config: SLG):
-    branch = Branch(config.scale, config.start, config.stop, open_window=True)  # SD3's n*start < i < n*stop
+    branch = _branch(config, open_window=True)  # SD3's n*start < i < n*stop
     return install_perturbation(pipe, config.layers, branch, skip_blocks=True, field="layers")
 
 
 @register_installer(STG)
 def install_stg(pipe, config: STG):
-    branch = Branch(config.scale, config.start, config.stop, config.rescale)
+    branch = _branch(config, rescale=config.rescale)
     if config.mode == "residual":
         return install_perturbation(pipe, config.layers, branch, skip_blocks=True, field="layers")
     return install_perturbation(pipe, config.layers, branch, lambda b, heads: HeadOp(b, heads, "blend", 1.0, "identity"),

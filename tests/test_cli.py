@@ -65,6 +65,7 @@ def test_bad_setting_names_field_and_range():
     (["--method", "seg", "--sigma", "inf"], {"method": "seg", "sigma": "inf", "scale": 3.0}),
     (["--method", "stg", "--mode", "residual", "--rescale", "0.5"], {"method": "stg", "mode": "residual", "rescale": 0.5}),
     (["--method", "slg", "--start", "0"], {"method": "slg", "start": 0.0, "stop": 0.2}),
+    (["--method", "slg", "--no-batch-branches"], {"method": "slg", "batch_branches": False}),
 ])
 def test_generate_other_methods(tmp_path, args, expected):
     result = cli("generate", "--no-baseline", "--out", str(tmp_path), *args)
@@ -106,7 +107,7 @@ def test_generate_writes_images_and_settings(tmp_path):
     settings = json.loads((out / "settings.json").read_text())
     assert settings["model"] == "tiny/sd3" and settings["pipeline"] == "StableDiffusion3Pipeline"
     assert settings["method"] == {"method": "softpag", "heads": "transformer_blocks.1:0,2", "strength": 0.5, "scale": 3.0,
-                                  "target": "identity", "start": 0.0, "stop": 1.0, "scope": "joint"}
+                                  "target": "identity", "start": 0.0, "stop": 1.0, "scope": "joint", "batch_branches": True}
     files = sorted(r["file"] for r in settings["outputs"])
     assert files == ["baseline/prompt00_seed0.png", "baseline/prompt00_seed3.png", "softpag/prompt00_seed0.png", "softpag/prompt00_seed3.png"]
     from PIL import Image

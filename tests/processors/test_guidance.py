@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mmattn
-from mmattn import SLG, SoftPAG
+from mmattn import SLG, STG, SoftPAG
 from mmattn.adapters import diffusion_family
 from mmattn.testing import build_tiny, tiny_spec
 
@@ -69,16 +69,21 @@ CASES = [  # (tiny model, pipeline arguments, CFG weight w or None, the pipeline
 ]
 
 
+@pytest.mark.parametrize("rescale", [0.0, 0.7])
 @pytest.mark.parametrize("prompts", [1, 2])
 @pytest.mark.parametrize("name, call, w, separate", CASES)
-def test_guided_eps_is_the_formula(name, call, w, separate, prompts):
+def test_guided_eps_is_the_formula(name, call, w, separate, prompts, rescale):
+    """... and with STG's rescale r: ε·(r·std(ε_c)/std(ε) + 1 − r), also where uncond comes in its own call."""
     pipe = pipe_for(name)
     if prompts == 2 and name not in ("tiny/pixart", "tiny/sd3", "tiny/flux"):
         pytest.skip("two prompts: one family of each CFG pattern")
+    if rescale and not (separate or name == "tiny/sd3"):
+        pytest.skip("rescale: the separate-call families and one batched family")
     prompt = "a red fox" if prompts == 1 else ["a red fox", "a blue bird"]
     family = diffusion_family(pipe)
     layer = list(family.attention_layers(family.denoiser(pipe)))[1]
-    config = SoftPAG(heads=f"{layer}:0", strength=0.7, scale=2.0)
+    config = (STG(layers=layer, scale=2.0, rescale=rescale) if rescale else
+              SoftPAG(heads=f"{layer}:0", strength=0.7, scale=2.0))
     _, calls = first_step(pipe, name, prompt, **call)
     assert len(calls) == (2 if separate and w else 1)
     args, kwargs, out = calls[0]
@@ -114,6 +119,9 @@ def test_guided_eps_is_the_formula(name, call, w, separate, prompts):
         branch.rows = None
     eps_g = eps_c + config.scale * (eps_c - eps_p)
     want = eps_g if w is None else eps_u + w * (eps_c - eps_u) + config.scale * (eps_c - eps_p)
+    if rescale:
+        dims = tuple(range(1, want.ndim))
+        want = want * (rescale * eps_c.std(dim=dims, keepdim=True) / want.std(dim=dims, keepdim=True) + 1 - rescale)
     want = want[:, : got.shape[1]]  # PixArt's learned sigma: the scheduler gets the first channels
     assert not torch.allclose(eps_p, eps_c, atol=1e-4), "the perturbation changes the conditional prediction"
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
@@ -278,3 +286,73 @@ def test_soft_seg_blends_plain_and_blurred_queries():
     want[1:2, [0, 2], :16] = torch.lerp(tokens, gaussian_blur_tokens(tokens, grid, 1.5), 0.5)
     torch.testing.assert_close(q_half, want)
     assert not torch.allclose(q_half, q_full)
+
+
+FORK_CASES = [  # (tiny model, call arguments, prompts, SoftPAG layer, STG-skipped block): both after the first block
+    ("tiny/sd3", {"guidance_scale": 4.0}, 2, "transformer_blocks.2", "transformer_blocks.3"),
+    ("tiny/flux", {"true_cfg_scale": 3.0, "negative_prompt": "blurry"}, 1, "single_transformer_blocks.0",
+     "single_transformer_blocks.1"),
+    ("tiny/wan", {"guidance_scale": 4.0}, 1, "blocks.1", "blocks.1"),
+    ("tiny/pixart", {"guidance_scale": 4.0}, 2, "transformer_blocks.1", "transformer_blocks.1"),
+]
+
+
+def _generate(pipe, name, prompt, call):
+    kwargs = tiny_spec(name).defaults | {"output_type": "pt", "num_inference_steps": 2} | call
+    out = pipe(prompt, generator=torch.Generator().manual_seed(0), **kwargs)
+    return out.frames if hasattr(out, "frames") else out.images
+
+
+@pytest.mark.parametrize("name, call, prompts, layer, block", FORK_CASES)
+def test_fork_at_the_first_perturbed_block_equals_the_whole_branch(name, call, prompts, layer, block, monkeypatch):
+    """Blocks before the first perturbed one run on [uncond, cond] only, the conditional rows are copied into the
+    perturbed ones there, and the output equals the unforked branch and one forward per branch."""
+    from mmattn.guidance import GuidedDenoiser
+
+    pipe = pipe_for(name)
+    family = diffusion_family(pipe)
+    blocks = family.blocks(family.denoiser(pipe))
+    prompt = ["a red fox", "a blue bird"][:prompts]
+    methods = [SoftPAG(heads=f"{layer}:0", strength=0.7, scale=2.0), STG(layers=block, mode="residual", scale=1.5)]
+    separate = name in ("tiny/flux", "tiny/wan")
+    n = prompts * (1 if separate else 2)  # the rows of the cond call (separate CFG) or of [uncond, cond]
+    seen = {}
+    hooks = [module.register_forward_hook(
+        lambda m, args, kwargs, out, key=key: seen.setdefault(key, []).append(
+            (kwargs.get("hidden_states", args[0] if args else None)).shape[0]), with_kwargs=True)
+        for key, module in blocks.items()]
+    try:
+        with mmattn.apply(pipe, methods):
+            forked = _generate(pipe, name, prompt, call)
+        first = list(blocks).index(layer)
+        for i, key in enumerate(blocks):
+            calls = seen[key][0::2] if separate else seen[key]  # the cond call of each step (Wan, Flux: then uncond)
+            assert set(calls) == {n if i < first else n + 2 * prompts}, (key, seen[key])
+        monkeypatch.setattr(GuidedDenoiser, "fork", False)
+        with mmattn.apply(pipe, methods):
+            whole = _generate(pipe, name, prompt, call)
+        monkeypatch.undo()
+        with mmattn.apply(pipe, [type(m)(**{**vars(m), "batch_branches": False}) for m in methods]):
+            separate_forwards = _generate(pipe, name, prompt, call)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    torch.testing.assert_close(forked, whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(separate_forwards, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_the_unet_keeps_the_whole_branch():
+    """A UNet's up blocks read skip connections from its down blocks: every block sees the perturbed rows."""
+    pipe = pipe_for("tiny/sd")
+    family = diffusion_family(pipe)
+    blocks = family.blocks(family.denoiser(pipe))
+    layer = "up_blocks.1.attentions.0.transformer_blocks.0"
+    seen = []
+    hook = blocks["down_blocks.0.attentions.0.transformer_blocks.0"].register_forward_hook(
+        lambda m, args, out: seen.append(args[0].shape[0]))
+    try:
+        with mmattn.apply(pipe, SoftPAG(heads=f"{layer}:0", scale=2.0)):
+            _generate(pipe, "tiny/sd", "a red fox", {"guidance_scale": 4.0})
+    finally:
+        hook.remove()
+    assert set(seen) == {3}
