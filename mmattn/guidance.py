@@ -14,6 +14,11 @@ An optional rescale r (STG, arXiv 2411.18664) replaces ε by ε·(r·std(ε_c)/s
 family learns ε_u only in its second call: the cond call hands back ε_c + Σ_k (s_k/w)·(ε_c − ε_k), and the uncond
 call hands back u' = (ε_rescaled − w·c')/(1 − w), so that the pipeline's u' + w·(c' − u') is the rescaled ε.
 
+A pipeline's own ``guidance_rescale`` φ (SD, SDXL: arXiv 2305.08891) rescales toward std(c') of the rows it is
+handed. So that it sees the true ε_c, the rows handed back are c' = ε_u + (α·ε − ε_u)/w with the per-sample α
+that makes φ·std(c')/std(α·ε) + (1 − φ) equal φ·std(ε_c)/std(ε) + (1 − φ) (a quadratic in α, solved in closed
+form): the pipeline's result is then the guided ε rescaled with std(ε_c).
+
 The fork (DiT families, ``DiffusionFamily.fork_inputs``): blocks before the first perturbed one compute the same
 thing for the conditional and the perturbed rows, so they run on [uncond, cond] only and the conditional rows are
 copied into the perturbed ones where the first perturbed block starts. A UNet keeps the whole branch: its up
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -67,6 +73,7 @@ class PipelineCall:
     rows: int | None
     scale: float
     cfg: bool
+    guidance_rescale: float = 0.0
 
 
 @dataclass
@@ -123,6 +130,33 @@ def _take_last(x, n: int, b: int):
     if isinstance(x, torch.Tensor) and x.ndim > 0 and x.shape[0] == n:
         return x[n - b:]
     return x
+
+
+def _pipeline_rescale_factor(uncond: torch.Tensor, cond: torch.Tensor, guided: torch.Tensor, w: float,
+                             phi: float) -> torch.Tensor:
+    """Per sample, the α for which a pipeline's ``rescale_noise_cfg(α·g, c', φ)`` with c' = u + (α·g − u)/w equals
+    ``rescale_noise_cfg(g, ε_c, φ)``: with s(α)² = var(c') = a0 + a1·α + a2·α² (unbiased, as the pipeline's std),
+    φ·s(α) = std(g)·(K − (1 − φ)·α), K = φ·std(ε_c)/std(g) + 1 − φ; of the roots, the one nearest 1 (α = 1 when
+    there is no perturbation)."""
+    dims = tuple(range(1, guided.ndim))
+    size = math.prod(guided.shape[1:])
+    a, g = (uncond * (1 - 1 / w)).double(), guided.double()
+    a, g = a - a.mean(dim=dims, keepdim=True), g - g.mean(dim=dims, keepdim=True)
+    var_a, var_g = (a * a).sum(dims) / (size - 1), (g * g).sum(dims) / (size - 1)
+    cov = (a * g).sum(dims) / (size - 1)
+    k = phi * cond.double().std(dim=dims) / var_g.sqrt() + 1 - phi
+    qa = phi ** 2 * var_g / w ** 2 - var_g * (1 - phi) ** 2
+    qb = phi ** 2 * 2 * cov / w + 2 * var_g * k * (1 - phi)
+    qc = phi ** 2 * var_a - var_g * k ** 2
+    disc = (qb * qb - 4 * qa * qc).clamp_min(0).sqrt()
+    linear = qa.abs() < 1e-12 * (qb.abs() + qc.abs())
+    safe = torch.where(linear, torch.ones_like(qa), qa)
+    roots = torch.stack([(-qb + disc) / (2 * safe), (-qb - disc) / (2 * safe)])
+    roots = torch.where(linear, -qc / qb, roots)
+    valid = k - (1 - phi) * roots >= 0
+    distance = torch.where(valid, (roots - 1).abs(), torch.full_like(roots, math.inf))
+    alpha = roots.gather(0, distance.argmin(0, keepdim=True))[0]
+    return alpha.to(guided.dtype).view(-1, *([1] * len(dims)))
 
 
 def _map_block_inputs(fields: tuple[str, ...], fn):
@@ -201,7 +235,8 @@ class GuidedDenoiser:
         scale = float(arguments.get(self.family.cfg_scale, 1.0) or 1.0)
         negative = not self.family.cfg_needs_negative or any(
             arguments.get(name) is not None for name in ("negative_prompt", "negative_prompt_embeds"))
-        self.call = PipelineCall(None if rows is None else rows * per_prompt, scale, scale > 1 and negative)
+        self.call = PipelineCall(None if rows is None else rows * per_prompt, scale, scale > 1 and negative,
+                                 float(arguments.get("guidance_rescale") or 0.0))
 
     def _cfg(self, n: int) -> tuple[bool, float]:
         """(this denoiser call's batch of ``n`` rows carries CFG / its pipeline runs an uncond call, w)."""
@@ -256,12 +291,17 @@ class GuidedDenoiser:
         cond = main[n - b:]
         delta = sum(branch.scale * (cond - p) for branch, p in zip(active, perturbed))
         rescale = max(branch.rescale for branch in active)
-        if not rescale:
-            new_cond = cond + delta / w
-        elif batched_cfg:  # rescale the final ε, then hand back the cond that makes the pipeline produce it
+        phi = self.call.guidance_rescale if self.call is not None and batched_cfg else 0.0
+        if batched_cfg and (rescale or phi):  # the final ε, then the cond that makes the pipeline produce it
             uncond = main[: n - b]
-            guided = _rescale(uncond + w * (cond - uncond) + delta, cond, rescale)
+            guided = uncond + w * (cond - uncond) + delta
+            if rescale:
+                guided = _rescale(guided, cond, rescale)
+            if phi:
+                guided = guided * _pipeline_rescale_factor(uncond, cond, guided, w, phi)
             new_cond = uncond + (guided - uncond) / w
+        elif not rescale:
+            new_cond = cond + delta / w
         elif cfg:  # separate calls: ε_u comes in the next call, which finishes the rescale (_rescaled_uncond)
             new_cond = cond + delta / w
             self._pending = (cond, new_cond, delta, w, rescale)

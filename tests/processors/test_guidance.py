@@ -57,7 +57,9 @@ def rows_of(x, rows: slice, n: int):
 CASES = [  # (tiny model, pipeline arguments, CFG weight w or None, the pipeline computes uncond in its own call)
     ("tiny/sd", {"guidance_scale": 4.0}, 4.0, False),
     ("tiny/sd", {"guidance_scale": 1.0}, None, False),
+    ("tiny/sd", {"guidance_scale": 4.0, "guidance_rescale": 0.7}, 4.0, False),
     ("tiny/sdxl", {"guidance_scale": 4.0}, 4.0, False),
+    ("tiny/sdxl", {"guidance_scale": 4.0, "guidance_rescale": 1.0}, 4.0, False),
     ("tiny/sd3", {"guidance_scale": 4.0}, 4.0, False),
     ("tiny/sd3", {"guidance_scale": 1.0}, None, False),
     ("tiny/pixart", {"guidance_scale": 4.0}, 4.0, False),
@@ -77,7 +79,7 @@ def test_guided_eps_is_the_formula(name, call, w, separate, prompts, rescale):
     pipe = pipe_for(name)
     if prompts == 2 and name not in ("tiny/pixart", "tiny/sd3", "tiny/flux"):
         pytest.skip("two prompts: one family of each CFG pattern")
-    if rescale and not (separate or name == "tiny/sd3"):
+    if rescale and not (separate or name == "tiny/sd3" or "guidance_rescale" in call):
         pytest.skip("rescale: the separate-call families and one batched family")
     prompt = "a red fox" if prompts == 1 else ["a red fox", "a blue bird"]
     family = diffusion_family(pipe)
@@ -122,6 +124,10 @@ def test_guided_eps_is_the_formula(name, call, w, separate, prompts, rescale):
     if rescale:
         dims = tuple(range(1, want.ndim))
         want = want * (rescale * eps_c.std(dim=dims, keepdim=True) / want.std(dim=dims, keepdim=True) + 1 - rescale)
+    phi = call.get("guidance_rescale", 0.0)
+    if phi:  # the pipeline's own rescale (arXiv 2305.08891) toward the true conditional prediction
+        dims = tuple(range(1, want.ndim))
+        want = phi * want * eps_c.std(dim=dims, keepdim=True) / want.std(dim=dims, keepdim=True) + (1 - phi) * want
     want = want[:, : got.shape[1]]  # PixArt's learned sigma: the scheduler gets the first channels
     assert not torch.allclose(eps_p, eps_c, atol=1e-4), "the perturbation changes the conditional prediction"
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
