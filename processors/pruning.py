@@ -116,12 +116,13 @@ class _Interval:
 
 @dataclass
 class PruningStats:
-    """What the last pruned prefill did, per sample (every sample has the same counts), and how long it took.
+    """What the last pruned prefill did, per sample, and how long it took.
 
-    ``tokens_per_layer``: tokens entering each decoder layer; ``image_positions`` (B, n_image) and
-    ``image_scores`` (B, n_image): the image tokens and the first stage's scores of them (see
-    :class:`StageStats`); ``kept_image_positions`` (B, k): the image tokens kept after the last stage,
-    ascending; ``stages``: each stage's own choice. ``prefill_seconds``: time of the prefill's forward through the
+    ``tokens_per_layer``: tokens entering each decoder layer (per sample, fillers included: see
+    ``_PruneState.choose``); ``image_positions`` (B, n_image) and ``image_scores`` (B, n_image): the image tokens and
+    the first stage's scores of them (see :class:`StageStats`); ``kept_image_positions`` (B, k): the image tokens kept
+    after the last stage, ascending; ``stages``: each stage's own choice. Where samples hold different numbers of
+    image tokens (or keep different numbers), shorter rows end in -1 positions and NaN scores. ``prefill_seconds``: time of the prefill's forward through the
     VLM core (vision tower and decoder layers, not the LM head); ``decode_seconds`` and ``decode_steps``: the same
     summed over the decode forwards since. On CUDA the times are device times between two events, read when
     asked for: nothing synchronises while the model runs.
@@ -212,7 +213,8 @@ class _PruneState:
         self.padding_mask: torch.Tensor | None = None  # (B, N) 2D attention mask of the prefill, if any
         self.kept_stages: list[torch.Tensor | None] = [None] * len(stages)  # per stage: (B, N_i) ascending positions
         self.gather: list[torch.Tensor | None] = [None] * len(stages)  # per stage: indices of kept[i] in kept[i-1]
-        self.n_image = 0
+        self.n_images: torch.Tensor | None = None  # (B,) image tokens of each sample in the prefill
+        self.fillers: list[torch.Tensor | None] = [None] * len(stages)  # per stage: (B, N) bool, see choose()
         self.stage_stats: list[StageStats] = []
         self.prefill_len = 0
         self.end = 0  # decode: original positions of the current forward end here (exclusive)
@@ -248,6 +250,7 @@ class _PruneState:
         self.next_stage = 0 if has_images else None
         self.kept_stages = [None] * len(self.stages)
         self.gather = [None] * len(self.stages)
+        self.fillers = [None] * len(self.stages)
         self.stage_stats = []
         self.image_mask = visual
         self.padding_mask = _padding_mask(kwargs.get(ATTENTION_MASK))
@@ -269,21 +272,20 @@ class _PruneState:
             self.timed.decodes.append(interval)
 
     def _current(self, stage: int, batch: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The ``n`` tokens entering stage ``stage``: their original positions, which are image tokens and which are
-        real (not padding), each (B, n)."""
+        """The ``n`` tokens entering stage ``stage``: their original positions, which are image tokens still in the
+        running and which are real (neither padding nor an earlier stage's filler), each (B, n)."""
         image_mask = self.image_mask.to(device)
         if stage == 0:
-            counts = image_mask.sum(dim=1)
-            if (counts != counts[0]).any():
-                raise ValueError(f"{self.config.name} needs the same number of image tokens in every sample; got "
-                                 f"{counts.tolist()}")
-            self.n_image = int(counts[0])
+            self.n_images = image_mask.sum(dim=1)
             positions = torch.arange(n, device=device).expand(batch, n)
         else:
             positions = self.kept_stages[stage - 1].to(device)
             image_mask = image_mask.gather(1, positions)
         real = torch.ones(batch, n, dtype=torch.bool, device=device) if self.padding_mask is None \
             else self.padding_mask.to(device).bool().gather(1, positions)
+        if stage > 0 and self.fillers[stage - 1] is not None:
+            real = real & ~self.fillers[stage - 1].to(device).gather(1, positions)
+            image_mask = image_mask & real
         return positions, image_mask, real
 
     def select(self, stage: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None,
@@ -306,6 +308,7 @@ class _PruneState:
                 rows = (real[b] & ~image_mask[b] & after_image).nonzero().squeeze(1)
             if attention_mask is not None:
                 visible = text_attention.visible(attention_mask[b if attention_mask.shape[0] > 1 else 0, 0, rows])
+                visible = visible & real[b]
             else:
                 visible = real[b] & (torch.arange(n, device=query.device) <= rows[:, None])
             q, k, v = query[b:b + 1, :, rows], key[b:b + 1], value[b:b + 1]
@@ -334,7 +337,7 @@ class _PruneState:
         for b in range(batch):
             if mask is not None:
                 row = mask[b if mask.shape[0] > 1 else 0, 0].index_select(0, positions[b, last[b]].view(1))
-                visible = text_attention.visible(row[:, positions[b]])[0]
+                visible = text_attention.visible(row[:, positions[b]])[0] & real[b]
             else:
                 visible = real[b] & (torch.arange(n, device=hidden.device) <= last[b])
             logits = torch.einsum("hd,hnd->hn", query[b, :, last[b]], key[b]).float() * layer.self_attn.scaling
@@ -346,10 +349,10 @@ class _PruneState:
         """DivPrune, in layer K's pre-hook: greedy max-min cosine diversity of the image tokens' hidden states."""
         batch, n, _ = hidden.shape
         positions, image_mask, _ = self._current(stage, batch, n, hidden.device)
-        n_current = int(image_mask[0].sum())
-        budget = self.budget(stage, n_current)
         scores = torch.zeros(batch, n, dtype=torch.float32, device=hidden.device)
         for b in range(batch):
+            n_current = int(image_mask[b].sum())
+            budget = self.budget(stage, n_current, b)
             picked = max_min_diverse(hidden[b, image_mask[b]], budget)
             image_scores = torch.zeros(n_current, device=hidden.device)
             image_scores[picked] = torch.arange(budget, 0, -1, dtype=torch.float32, device=hidden.device)
@@ -369,18 +372,21 @@ class _PruneState:
                              f"{int(image_mask.sum())} image tokens")
         scores = torch.zeros(batch, n, dtype=torch.float32, device=hidden.device)
         scores[image_mask] = flat
-        budget = self.budget(stage, self.n_image)
-        contextual = min(self.config.contextual, budget)
-        if contextual == 0:
+        if self.config.contextual == 0:
             self.choose(stage, positions, image_mask, scores)
             return hidden
         hidden, chosen = hidden.clone(), []
         for b in range(batch):
+            budget = self.budget(stage, int(self.n_images[b]), b)
+            contextual = min(self.config.contextual, budget)
             image = image_mask[b].nonzero().squeeze(1)
             dominant = scores[b, image].topk(budget - contextual).indices
             rest = torch.ones(len(image), dtype=torch.bool, device=hidden.device)
             rest[dominant] = False
             rest = rest.nonzero().squeeze(1)
+            if contextual == 0:
+                chosen.append(image[dominant].sort().values)
+                continue
             targets = rest[::max(1, len(rest) // contextual)][:contextual]
             others = rest[~torch.isin(rest, targets)]
             x = F.normalize(hidden[b, image].float(), dim=-1)
@@ -394,7 +400,7 @@ class _PruneState:
                 merged = (target + assigned) / (1 + counts)
             hidden[b, image[targets]] = merged.to(hidden.dtype)
             chosen.append(image[torch.cat([dominant, targets])].sort().values)
-        self.choose(stage, positions, image_mask, scores, chosen=torch.stack(chosen))
+        self.choose(stage, positions, image_mask, scores, chosen=chosen)
         return hidden
 
     def wrap_image_features(self, core):
@@ -416,33 +422,58 @@ class _PruneState:
         core.get_image_features = get_image_features
         return lambda: delattr(core, "get_image_features")
 
-    def budget(self, stage: int, n_current: int) -> int:
-        """Image tokens stage ``stage`` keeps: an int keep as it is; a fraction of the original image tokens, rounded
-        (PyramidDrop's official ranking: floored, as its code takes ``int(N * ratio)``)."""
-        keep = self.stages[stage][1]
-        share = keep * self.n_image
+    def budget(self, stage: int, n_current: int, sample: int) -> int:
+        """Image tokens stage ``stage`` keeps in ``sample`` (``n_current`` still in the running): an int keep as it
+        is; a fraction of the sample's own original image tokens, rounded (PyramidDrop's official ranking: floored,
+        as its code takes ``int(N * ratio)``)."""
+        keep, n_image = self.stages[stage][1], int(self.n_images[sample])
+        share = keep * n_image
         budget = keep if isinstance(keep, int) else int(share) if self.stages[stage][2] == "layer_input" else round(share)
-        if budget == 0 and keep != 0:
-            warnings.warn(f"{self.config.name}: keep={keep} (a fraction) of {self.n_image} image tokens rounds to 0: no "
+        if budget == 0 and keep != 0 and n_image:
+            warnings.warn(f"{self.config.name}: keep={keep} (a fraction) of {n_image} image tokens rounds to 0: no "
                           "image token is kept; pass an int to keep a count of tokens", stacklevel=2)
         return min(budget, n_current)
 
     def choose(self, stage: int, positions: torch.Tensor, image_mask: torch.Tensor, scores: torch.Tensor,
-               chosen: torch.Tensor | None = None) -> None:
-        """Keep the top-scoring image tokens of stage ``stage`` (or the positions ``chosen``, (B, k) ascending) and
-        every other token; record the statistics."""
+               chosen: list[torch.Tensor] | None = None) -> None:
+        """Keep each sample's top-scoring image tokens of stage ``stage`` (or the positions ``chosen[b]``, ascending)
+        and every other token; record the statistics.
+
+        Samples whose image-token counts (or budgets) differ keep different numbers of tokens; the shorter ones are
+        padded to the longest with *fillers*: some of their dropped image tokens, kept in the sequence but hidden
+        from every query but their own (``fillers[stage]``, over original positions) from this stage on."""
         self.next_stage = stage + 1 if stage + 1 < len(self.stages) else None
         batch, n = positions.shape
-        n_current = int(image_mask[0].sum())  # every sample has the same count
-        image_positions = positions[image_mask].view(batch, n_current)
-        image_scores = scores[image_mask].view(batch, n_current)
-        if chosen is None:
-            chosen = top_image_tokens(image_scores, image_positions, self.budget(stage, n_current))
-        others = positions[~image_mask].view(batch, n - n_current)
-        kept = torch.cat([others, chosen], dim=1).sort(dim=1).values
+        image_positions, image_scores, kept_images, rows = [], [], [], []
+        for b in range(batch):
+            candidates, candidate_scores = positions[b][image_mask[b]], scores[b][image_mask[b]]
+            if chosen is None:
+                budget = self.budget(stage, len(candidates), b)
+                picked = top_image_tokens(candidate_scores[None], candidates[None], budget)[0]
+            else:
+                picked = chosen[b]
+            image_positions.append(candidates)
+            image_scores.append(candidate_scores)
+            kept_images.append(picked)
+            rows.append((positions[b][~image_mask[b]], candidates[~torch.isin(candidates, picked)]))
+        length = max(len(others) + len(picked) for (others, _), picked in zip(rows, kept_images))
+        kept, fillers = [], None
+        for b, ((others, dropped), picked) in enumerate(zip(rows, kept_images)):
+            extra = dropped[:length - len(others) - len(picked)]
+            if len(extra):
+                if fillers is None:
+                    previous = self.fillers[stage - 1] if stage else None
+                    fillers = (previous.clone() if previous is not None
+                               else torch.zeros(batch, self.prefill_len, dtype=torch.bool, device=positions.device))
+                fillers[b, extra] = True
+            kept.append(torch.cat([others, picked, extra]).sort().values)
+        kept = torch.stack(kept)
+        self.fillers[stage] = fillers if fillers is not None else (self.fillers[stage - 1] if stage else None)
         self.kept_stages[stage] = kept
         self.gather[stage] = kept if stage == 0 else torch.searchsorted(positions.contiguous(), kept)
-        self.stage_stats.append(StageStats(self.stages[stage][0], image_positions, image_scores, chosen))
+        chosen = _pad_rows(kept_images)
+        self.stage_stats.append(StageStats(self.stages[stage][0], _pad_rows(image_positions),
+                                           _pad_rows(image_scores, float("nan")), chosen))
 
         tokens, length = [], self.prefill_len
         for i in range(self.num_layers):  # stages not chosen yet count as keeping every token
@@ -479,13 +510,15 @@ class _PruneState:
             raise ValueError("setting kept is for a one-stage (FastV) installation")
         self.kept_stages[0] = self.gather[0] = value
 
-    def decode_mask(self, kept: torch.Tensor, keys: int, queries: int, sliding_window: int | None) -> torch.Tensor:
+    def decode_mask(self, kept: torch.Tensor, keys: int, queries: int, sliding_window: int | None,
+                    fillers: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 1, queries, keys) bool mask of a decode step in a pruned layer whose cache returns ``keys`` keys.
 
         The layer's keys are the last ``keys`` of: the prefill tokens ``kept`` (B, N_i) by the layer's stage, then
         every token decoded since.
         A key at original position k is visible to the query at original position q when k <= q, k is no
-        padding and, in a sliding-window layer, k > q - sliding_window (as transformers' masks).
+        padding (nor one of the stage's ``fillers``) and, in a sliding-window layer, k > q - sliding_window (as
+        transformers' masks).
         """
         device = kept.device
         new = torch.arange(self.prefill_len, self.end, device=device).expand(kept.shape[0], -1)
@@ -494,9 +527,33 @@ class _PruneState:
         predicates = [text_attention.causal]
         if sliding_window is not None:
             predicates.append(text_attention.sliding_window(sliding_window))
-        if self.decode_padding is not None:
-            predicates.append(text_attention.not_padding(self.decode_padding.to(device)))
+        padding = self.decode_padding
+        if fillers is not None:
+            real = torch.ones(kept.shape[0], self.end, dtype=torch.bool, device=device)
+            real[:, :self.prefill_len] = ~fillers.to(device)
+            padding = real if padding is None else padding.to(device).bool() & real
+        if padding is not None:
+            predicates.append(text_attention.not_padding(padding.to(device)))
         return text_attention.position_mask(query_positions, key_positions, *predicates)
+
+    def filler_mask(self, mask: torch.Tensor | None, kept: torch.Tensor, fillers: torch.Tensor,
+                    sliding_window: int | None) -> torch.Tensor:
+        """(B, 1, n, n) bool prefill mask over the ``kept`` tokens of a layer whose stage keeps fillers: the layer's
+        own mask (or, with none, causal, padding and sliding window by original position), with the filler keys
+        hidden; every query still sees itself, so no row is empty."""
+        device = kept.device
+        hidden = _take(fillers.to(device), kept, 1)[:, None, None, :]
+        if mask is not None:
+            allowed = text_attention.visible(_take(_take(mask, kept, 2), kept, 3))
+        else:
+            predicates = [text_attention.causal]
+            if sliding_window is not None:
+                predicates.append(text_attention.sliding_window(sliding_window))
+            if self.padding_mask is not None:
+                predicates.append(text_attention.not_padding(self.padding_mask.to(device)))
+            allowed = text_attention.position_mask(kept, kept, *predicates)
+        itself = torch.eye(kept.shape[1], dtype=torch.bool, device=device)
+        return (allowed & ~hidden) | itself
 
     def layer_hook(self, layer, stage: int, first: bool):
         """Pre-hook for a layer pruned by ``stage`` (the last stage whose layer is <= it); ``first`` (the stage's
@@ -521,7 +578,10 @@ class _PruneState:
                 kwargs[POSITION_EMBEDDINGS] = (_take(cos, kept, 1), _take(sin, kept, 1))
                 if kwargs.get(POSITION_IDS) is not None:
                     kwargs[POSITION_IDS] = _take(kwargs[POSITION_IDS], kept, 1)
-                if mask is not None:
+                fillers = self.fillers[stage]
+                if fillers is not None:
+                    kwargs[ATTENTION_MASK] = self.filler_mask(mask, kept, fillers, sliding_window)
+                elif mask is not None:
                     kwargs[ATTENTION_MASK] = _take(_take(mask, kept, 2), kept, 3)
             else:
                 # Decode: transformers sized the mask for a full-length cache (or, when the first full-attention
@@ -529,10 +589,17 @@ class _PruneState:
                 # sliding layer: the last window - 1 of them). Rebuild the mask over the keys it will return.
                 queries = args[0].shape[1] if args else kwargs["hidden_states"].shape[1]
                 stored = stored_keys(cache_argument(kwargs), attention.layer_idx)
-                kwargs[ATTENTION_MASK] = self.decode_mask(kept, stored + queries, queries, sliding_window)
+                kwargs[ATTENTION_MASK] = self.decode_mask(kept, stored + queries, queries, sliding_window,
+                                                          self.fillers[stage])
             return args, kwargs
 
         return hook
+
+
+def _pad_rows(rows: list[torch.Tensor], value: float = -1) -> torch.Tensor:
+    """(B, longest) rows of different lengths, the shorter padded with ``value`` at the end."""
+    longest = max(len(row) for row in rows)
+    return torch.stack([F.pad(row, (0, longest - len(row)), value=value) for row in rows])
 
 
 def _rater_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, visible: torch.Tensor,

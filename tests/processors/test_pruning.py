@@ -413,11 +413,56 @@ def test_rejects_unsupported_model_unchanged():
     assert hook_count(model) == hooks
 
 
-def test_rejects_unequal_image_counts():
-    vlm = build_tiny("tiny/qwen2-vl")  # image token counts follow the image size
-    batch = encode(vlm, [SHORT, SHORT], [make_image(1), make_image(2, height=96, width=96)])
-    with mmattn.apply(vlm.model, FastV(layer=1)), pytest.raises(ValueError, match="same number of image tokens"):
-        logits(vlm.model, batch)
+def encode_multi(vlm: TinyVLM, questions: list[str], images: list[list]) -> dict:
+    """Several images per sample (``images[b]``), each sample one user turn."""
+    chats = [[{"role": "user", "content": [{"type": "image"}] * len(ims) + [{"type": "text", "text": q}]}]
+             for q, ims in zip(questions, images)]
+    prompts = [vlm.processor.apply_chat_template(c, add_generation_prompt=True) for c in chats]
+    return dict(vlm.processor(text=prompts, images=[im for ims in images for im in ims], padding=True,
+                              return_tensors="pt"))
+
+
+UNEQUAL = {  # (images of sample 0, images of sample 1): their image-token counts differ
+    "sizes": ([make_image(1)], [make_image(2, height=96, width=96)]),
+    "one and two images": ([make_image(1), make_image(3, height=64, width=48)], [make_image(2)]),
+}
+
+
+@pytest.mark.parametrize("images", list(UNEQUAL))
+@pytest.mark.parametrize("name", ["tiny/qwen2-vl", "tiny/llava-onevision", "tiny/qwen2.5-vl"])
+@pytest.mark.parametrize("method_name", list(METHODS) + ["pyramiddrop"])
+def test_unequal_image_counts_equal_single_samples(name, method_name, images):
+    """Samples with different numbers of image tokens each keep their own share (the shorter padded inside with
+    hidden fillers): logits and generate() with the cache equal each sample run alone."""
+    if method_name == "visionzip" and name == "tiny/llava-onevision":
+        pytest.skip("VisionZip does not support LLaVA-OneVision (tested to refuse it)")
+    deep = method_name == "pyramiddrop"  # two stages need the 4-layer variant
+    key = name + (":deep" if deep else "")
+    if key not in _UNEQUAL_VLMS:
+        _UNEQUAL_VLMS[key] = build_deep(key) if deep else build_tiny(name)
+    vlm = _UNEQUAL_VLMS[key]
+    model = vlm.model
+    layers = model.config.text_config.num_hidden_layers
+    config = (PyramidDrop(stages=((1, 0.5), (layers - 1, 0.25))) if method_name == "pyramiddrop"
+              else METHODS[method_name](model, 0.25))
+    questions, rows = [SHORT, LONG], UNEQUAL[images]
+    batch = encode_multi(vlm, questions, list(rows))
+    counts = visual_mask(model, batch["input_ids"]).sum(1)
+    assert counts[0] != counts[1], counts
+    with mmattn.apply(model, config):
+        batch_logits = logits(model, batch)[:, -1]
+        kept = pruning.last_stats(model).kept_image_positions
+        batch_out = generate(model, batch, return_dict_in_generate=True, output_logits=True)
+        for i in range(2):
+            single = encode_multi(vlm, [questions[i]], [rows[i]])
+            torch.testing.assert_close(logits(model, single)[0, -1], batch_logits[i], atol=1e-5, rtol=1e-5)
+            alone = pruning.last_stats(model).kept_image_positions[0]
+            assert (kept[i] >= 0).sum() == len(alone)  # its own budget
+            single_out = generate(model, single, return_dict_in_generate=True, output_logits=True)
+            assert_row_generates_alone(model, batch, batch_out, i, single, single_out)
+
+
+_UNEQUAL_VLMS: dict = {}
 
 
 def test_rejects_layer_out_of_range(vlm):
