@@ -16,7 +16,6 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -46,7 +45,7 @@ CALL_FLAGS = {"num_inference_steps": "steps", "height": "height", "width": "widt
 # Multiples of height and width that pipelines check themselves (their check_inputs), beside the latent patch grid.
 PIPELINE_SIZE_MULTIPLE = {"unet": 8, "pixart": 8, "wan": 16}
 # What generate and video write into --out, and so what --overwrite deletes there.
-GENERATED_FILES = ("settings.json", "comparison.png", "comparison.gif")
+GENERATED_FILES = ("settings.json", "comparison.png", "comparison.webp")
 GENERATED_FOLDERS = ("baseline", *METHODS, "none")
 SEARCH_FILES = ("checkpoint.json", "heads.json")
 
@@ -167,6 +166,9 @@ def _generation_args(parser, default_model: str, default_method: str, default_ou
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale w")
     _machine_args(parser)
     parser.add_argument("--no-baseline", action="store_true", help="skip the baseline and the side-by-side comparison")
+    parser.add_argument("--from", dest="from_settings", metavar="SETTINGS_JSON",
+                        help="run again what a settings.json records (model, methods, prompts, seeds, call, device, "
+                             "dtype), into --out; the other generation flags are not read")
     parser.add_argument("--out", default=default_out, help=f"output folder (default {default_out})")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into a non-empty --out, first deleting what an earlier run wrote there (settings.json, "
@@ -273,7 +275,7 @@ def _clear_outputs(out: Path, files: tuple[str, ...], folders: tuple[str, ...] =
         (out / name).unlink(missing_ok=True)
     for folder in (out / name for name in folders):
         if folder.is_dir():
-            for image in [*folder.glob("prompt*_seed*.png"), *folder.glob("prompt*_seed*.gif")]:
+            for image in [*folder.glob("prompt*_seed*.png"), *folder.glob("prompt*_seed*.webp")]:
                 image.unlink()
             if not any(folder.iterdir()):
                 folder.rmdir()
@@ -348,6 +350,12 @@ def _call(args, pipe) -> dict:
     return call
 
 
+def mmattn_apply(pipe, method):
+    from . import apply
+
+    return apply(pipe, method)
+
+
 def _warn_if_unguided(prog: str, method, steps: int) -> None:
     """Say so when no step i of the run lies in the method's window: start <= i/steps < stop."""
     if not any(method.start <= i / steps < method.stop for i in range(steps)):
@@ -355,102 +363,38 @@ def _warn_if_unguided(prog: str, method, steps: int) -> None:
               f"i/{steps} < stop={method.stop}, so its outputs equal the baseline", file=sys.stderr)
 
 
-def _grid(rows: list[list], labels: list[str]):
-    """Side-by-side picture: one column per label, one row per (prompt, seed)."""
-    from PIL import Image, ImageDraw
-
-    zoom = max(1, 128 // rows[0][0].width)  # tiny models make tiny images: enlarge them to be seen
-    rows = [[image.resize((image.width * zoom, image.height * zoom), Image.NEAREST) for image in row] for row in rows]
-    w, h = rows[0][0].size
-    pad = 14
-    grid = Image.new("RGB", (w * len(labels), pad + h * len(rows)), "white")
-    draw = ImageDraw.Draw(grid)
-    for c, label in enumerate(labels):
-        draw.text((c * w + 2, 1), label, fill="black")
-    for r, images in enumerate(rows):
-        for c, image in enumerate(images):
-            grid.paste(image, (c * w, pad + r * h))
-    return grid
-
-
 def _generate(args) -> int:
-    """Images (``generate``) or videos (``video``): baseline and intervention per prompt and seed."""
-    from tqdm.auto import tqdm
+    """Images (``generate``) or videos (``video``): baseline and intervention per prompt and seed, through
+    ``mmattn.pipelines.generation.GenerationPipeline``; ``--from settings.json`` runs a recorded run again."""
+    from .hub import default_prompt
+    from .pipelines.generation import GenerationPipeline
 
-    from . import apply
-    from .hub import default_prompt, load_pipeline
-
-    video = args.kind == "video"
-    _check_method_flags(args)
-    device, dtype = _device_and_dtype(args)
-    _method(args, args.heads or "layer")  # every setting checked before the model loads; the default heads need it
-    out = _checked_out(args.out, args.overwrite)
-    pipe = load_pipeline(args.model, dtype=dtype, kinds=(args.kind,), device=device)
-    pipe.set_progress_bar_config(leave=False)
-    call = _call(args, pipe)
-    method = _method(args, args.heads or _default_heads(pipe))
-    if method is not None:
-        with apply(pipe, method):  # the heads checked against the model before anything is generated
-            pass
-        _warn_if_unguided(args.prog, method, call["num_inference_steps"])
+    if args.from_settings is not None:
+        out = _checked_out(args.out, args.overwrite)
+        gen = GenerationPipeline.from_settings(args.from_settings)
+    else:
+        _check_method_flags(args)
+        device, dtype = _device_and_dtype(args)
+        _method(args, args.heads or "layer")  # every setting checked before the model loads; the default heads need it
+        out = _checked_out(args.out, args.overwrite)
+        gen = GenerationPipeline.from_pretrained(args.model, dtype=dtype, device=device, kinds=(args.kind,))
+        gen.call = _call(args, gen.pipe)
+        method = _method(args, args.heads or _default_heads(gen.pipe))
+        gen.methods = [method] if method is not None else []
+        gen.compare = not args.no_baseline
+        gen.prompts, gen.seeds = args.prompt or [default_prompt(args.model)], args.seed or [0]
+        if method is not None:
+            with mmattn_apply(gen.pipe, method):  # the heads checked against the model before anything is generated
+                pass
+            _warn_if_unguided(args.prog, method, gen.call["num_inference_steps"])
     if args.overwrite:
         _clear_outputs(out, GENERATED_FILES, GENERATED_FOLDERS)
-    call["output_type"] = "pil"
-    prompts = args.prompt or [default_prompt(args.model)]
-    seeds = args.seed or [0]
-    variants = ([("baseline", None)] if not args.no_baseline else []) + [(args.method, method)]
-
-    rows, records = [], []
-    jobs = [(p, s) for p in range(len(prompts)) for s in seeds]
-    started = time.perf_counter()
-    for p, seed in tqdm(jobs, desc=args.command, unit="video" if video else "image"):
-        row = []
-        for label, config in variants:
-            generator = torch.Generator("cpu").manual_seed(seed)
-            if config is None:
-                output = pipe(prompts[p], generator=generator, **call)
-            else:
-                with apply(pipe, config):
-                    output = pipe(prompts[p], generator=generator, **call)
-            frames = output.frames[0] if video else [output.images[0]]
-            path = out / label / f"prompt{p:02d}_seed{seed}.{'gif' if video else 'png'}"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _save(frames, path)
-            records.append({"variant": label, "prompt_index": p, "seed": seed, "file": str(path.relative_to(out))})
-            row.append(frames)
-        rows.append(row)
-    written = f"{len(records)} {'videos' if video else 'images'}, settings.json"
-    if len(variants) > 1:
-        comparison = out / f"comparison.{'gif' if video else 'png'}"
-        labels = [label for label, _ in variants]
-        _save([_grid([[frames[t] for frames in row] for row in rows], labels) for t in range(len(rows[0][0]))], comparison)
-        written += f" and {comparison.name}"
-    first = rows[0][0]
-    ran = {"height": first[0].height, "width": first[0].width} | ({"num_frames": len(first)} if video else {})
-    settings = {
-        "mmattn_version": __version__,
-        "model": args.model,
-        "pipeline": type(pipe).__name__,
-        "device": str(device),
-        "dtype": _dtype_name(dtype),
-        "method": method.to_dict() if method else None,
-        "prompts": prompts,
-        "seeds": seeds,
-        "call": call | ran,
-        "outputs": records,
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    (out / "settings.json").write_text(json.dumps(settings, indent=2))
-    print(f"wrote {written} to {out}")
+    run = gen.generate(out=out)
+    outputs = len(run.settings["outputs"])
+    kind = "videos" if gen.video else "images"
+    comparison = [f.name for f in run.files if f.stem == "comparison"]
+    print(f"wrote {outputs} {kind}, settings.json{' and ' + comparison[0] if comparison else ''} to {out}")
     return 0
-
-
-def _save(frames: list, path: Path) -> None:
-    """One frame as PNG, several as a looping GIF (8 frames per second)."""
-    if len(frames) == 1:
-        frames[0].save(path)
-    else:
-        frames[0].save(path, save_all=True, append_images=frames[1:], duration=125, loop=0)
 
 
 def _heads_search(args) -> int:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
@@ -70,23 +71,23 @@ def test_bad_setting_names_field_and_range():
 def test_generate_other_methods(tmp_path, args, expected):
     result = cli("generate", "--no-baseline", "--out", str(tmp_path), *args)
     assert result.returncode == 0, result.stderr
-    method = json.loads((tmp_path / "settings.json").read_text())["method"]
+    method = json.loads((tmp_path / "settings.json").read_text())["methods"][0]
     assert expected.items() <= method.items(), method
 
 
 @pytest.mark.slow
-def test_video_writes_gifs_and_settings(tmp_path):
+def test_video_writes_animated_webps_and_settings(tmp_path):
     result = cli("video", "--out", str(tmp_path), "--mode", "residual")
     assert result.returncode == 0, result.stderr
     settings = json.loads((tmp_path / "settings.json").read_text())
     assert settings["model"] == "tiny/wan" and settings["pipeline"] == "WanPipeline"
-    assert settings["method"]["method"] == "stg" and settings["method"]["mode"] == "residual"
+    assert settings["methods"][0]["method"] == "stg" and settings["methods"][0]["mode"] == "residual"
     from PIL import Image
 
-    for name in ("baseline/prompt00_seed0.gif", "stg/prompt00_seed0.gif", "comparison.gif"):
-        gif = Image.open(tmp_path / name)
-        assert gif.n_frames == 5, name
-    assert Image.open(tmp_path / "comparison.gif").width > Image.open(tmp_path / "stg/prompt00_seed0.gif").width
+    for name in ("baseline/prompt00_seed0.webp", "stg/prompt00_seed0.webp", "comparison.webp"):
+        video = Image.open(tmp_path / name)
+        assert video.n_frames == 5, name
+    assert Image.open(tmp_path / "comparison.webp").width > Image.open(tmp_path / "stg/prompt00_seed0.webp").width
 
 
 def test_video_refuses_an_image_model():
@@ -106,8 +107,8 @@ def test_generate_writes_images_and_settings(tmp_path):
     assert result.returncode == 0, result.stderr
     settings = json.loads((out / "settings.json").read_text())
     assert settings["model"] == "tiny/sd3" and settings["pipeline"] == "StableDiffusion3Pipeline"
-    assert settings["method"] == {"method": "softpag", "heads": "transformer_blocks.1:0,2", "strength": 0.5, "scale": 3.0,
-                                  "target": "identity", "start": 0.0, "stop": 1.0, "scope": "joint", "batch_branches": True}
+    assert settings["methods"] == [{"method": "softpag", "heads": "transformer_blocks.1:0,2", "strength": 0.5, "scale": 3.0,
+                                  "target": "identity", "start": 0.0, "stop": 1.0, "scope": "joint", "batch_branches": True}]
     files = sorted(r["file"] for r in settings["outputs"])
     assert files == ["baseline/prompt00_seed0.png", "baseline/prompt00_seed3.png", "softpag/prompt00_seed0.png", "softpag/prompt00_seed3.png"]
     from PIL import Image
@@ -204,7 +205,7 @@ def test_a_non_empty_out_needs_overwrite(capsys, tmp_path):
     assert status == 1 and len(err) == 1 and "is not empty: pass --overwrite" in err[0]
     assert run(capsys, "generate", "--method", "seg", "--overwrite", *quick)[0] == 0
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "seg", "settings.json"]  # softpag/ went
-    assert json.loads((out / "settings.json").read_text())["method"]["method"] == "seg"
+    assert json.loads((out / "settings.json").read_text())["methods"][0]["method"] == "seg"
 
 
 @pytest.mark.slow
@@ -291,7 +292,7 @@ def test_settings_record_what_ran(capsys, tmp_path):
     assert {"num_frames": 3, "height": 16, "width": 48, "num_inference_steps": 1}.items() <= call.items()
     from PIL import Image
 
-    gif = Image.open(tmp_path / "stg/prompt00_seed0.gif")
+    gif = Image.open(tmp_path / "stg/prompt00_seed0.webp")
     assert gif.n_frames == 3 and gif.size == (48, 16)
 
 
@@ -380,3 +381,24 @@ def test_generate_defaults_to_shapes_t2i(tmp_path):
     settings = json.loads((tmp_path / "settings.json").read_text())
     assert settings["model"] == "mmattn/shapes-t2i" and settings["prompts"] == ["a red circle left of a blue square"]
     assert settings["call"]["height"] == 64 and (tmp_path / "comparison.png").exists()
+
+
+@pytest.mark.slow
+def test_generate_from_settings_reproduces_bit_for_bit(tmp_path, capsys):
+    """`--from settings.json` runs the recorded model, method, prompts, seeds and call again: the same pixels."""
+    first = tmp_path / "first"
+    status, _, err = run(capsys, "generate", "--model", "tiny/sd3", "--steps", "2", "--seed", "3", "--method", "seg",
+                         "--heads", "transformer_blocks.1:*", "--prompt", "a red fox", "--out", str(first))
+    assert status == 0, err
+    status, _, err = run(capsys, "generate", "--from", str(first / "settings.json"), "--out", str(tmp_path / "again"))
+    assert status == 0, err
+    from PIL import Image
+
+    settings = json.loads((first / "settings.json").read_text())
+    assert json.loads((tmp_path / "again" / "settings.json").read_text())["outputs"] == settings["outputs"]
+    for record in settings["outputs"]:
+        a = np.asarray(Image.open(first / record["file"]))
+        b = np.asarray(Image.open(tmp_path / "again" / record["file"]))
+        assert np.array_equal(a, b), record["file"]
+    baseline, seg = (np.asarray(Image.open(first / f"{v}/prompt00_seed3.png")) for v in ("baseline", "seg"))
+    assert not np.array_equal(baseline, seg)
