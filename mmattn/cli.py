@@ -27,7 +27,6 @@ DEFAULT_MODEL = "mmattn/shapes-t2i"  # shipped, trained, offline
 DEFAULT_VIDEO_MODEL = "tiny/wan"
 PENDING = {
     "vqa": "VQA with token pruning and sink steering lands with the VLM issues",
-    "demo": "the Gradio demo lands with the demo issue",
     "bench": "benchmarks are scripts in the source tree: python bench/bench_kernels.py, bench/bench_perturbation.py",
 }
 # The guidance methods and their flags come from the method registry: each flag sets the config field of its name.
@@ -146,6 +145,13 @@ def _parser() -> argparse.ArgumentParser:
                           help="denoising steps (default 20)")
     gen_eval.add_argument("--out", default="bench/results/shapes", help="output folder (default bench/results/shapes)")
     gen_eval.set_defaults(run=_eval_gen, prog=gen_eval.prog)
+
+    demo = sub.add_parser("demo", help="the Gradio demo: baseline beside an intervention, for generation and VQA",
+                          description="Serve the Gradio demo (needs mmattn[demo]); e.g. mmattn demo --port 7860")
+    demo.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    demo.add_argument("--port", type=_int_type(1, 65536, "an int in [1, 65535]"), default=7860,
+                      help="port (default 7860)")
+    demo.set_defaults(run=_demo, prog=demo.prog)
 
     for name, message in PENDING.items():
         pending = sub.add_parser(name, help=f"(not yet available) {message}")
@@ -394,6 +400,17 @@ def _generate(args) -> int:
     kind = "videos" if gen.video else "images"
     comparison = [f.name for f in run.files if f.stem == "comparison"]
     print(f"wrote {outputs} {kind}, settings.json{' and ' + comparison[0] if comparison else ''} to {out}")
+    return 0
+
+
+def _demo(args) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise ImportError("the demo needs gradio: pip install 'mmattn[demo]'") from None
+    from .demos import app
+
+    app.launch(host=args.host, port=args.port)
     return 0
 
 

@@ -3,7 +3,9 @@
 A CLIP vision tower (``CLIPVisionModel``, the same configuration as shapes-vlm's) reads a 48 x 48 image (larger
 ones are resized); the patch features of layer -2 (shapes-vlm's feature layer) in each of the 3 x 3 grid cells
 are averaged and three linear heads predict
-the cell's shape (or "empty"), colour and size. ``describe(images)`` returns the objects found, so a generated
+the cell's shape (or "empty"), colour and size. Training also asks each patch feature on its own what its cell
+holds (the same heads) and which cell it lies in (a fourth head, ``where``), so that every image token shapes-vlm
+reads names its object and its place. ``describe(images)`` returns the objects found, so a generated
 image can be checked against its prompt (``matches(scene_things, found)``). Its trained tower also initialises
 shapes-vlm's vision tower.
 """
@@ -41,15 +43,29 @@ class ShapesClassifier(torch.nn.Module):
         self.shape = torch.nn.Linear(width, len(SHAPE_CLASSES))
         self.colour = torch.nn.Linear(width, len(COLOUR_CLASSES))
         self.size = torch.nn.Linear(width, len(SIZE_CLASSES))
+        self.where = torch.nn.Linear(width, 9)
+
+    def patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 144, width): layer -2's features without [CLS], what shapes-vlm's projector reads (LLaVA's feature
+        layer)."""
+        return self.tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits (B, 9, classes) of shape, colour and size per cell (row-major: cell = row * 3 + column)."""
-        # layer -2's features without [CLS]: what shapes-vlm's projector reads (LLaVA's feature layer)
-        hidden = self.tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]
-        side = IMAGE_SIZE // PATCH
-        grid = hidden.transpose(1, 2).reshape(hidden.shape[0], -1, side, side)
-        cells = F.adaptive_avg_pool2d(grid, 3).flatten(2).transpose(1, 2)  # (B, 9, width)
-        return self.shape(cells), self.colour(cells), self.size(cells)
+        return self.heads(cell_means(self.patch_features(pixel_values)))
+
+    def heads(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.shape(features), self.colour(features), self.size(features)
+
+
+SIDE = IMAGE_SIZE // PATCH  # 12 patches a side, 4 x 4 in each of the 3 x 3 cells
+PATCH_CELL = torch.tensor([(i // SIDE) // (SIDE // 3) * 3 + (i % SIDE) // (SIDE // 3) for i in range(SIDE * SIDE)])
+
+
+def cell_means(patches: torch.Tensor) -> torch.Tensor:
+    """(B, 9, width): the mean patch feature of each cell."""
+    grid = patches.transpose(1, 2).reshape(patches.shape[0], -1, SIDE, SIDE)
+    return F.adaptive_avg_pool2d(grid, 3).flatten(2).transpose(1, 2)
 
 
 def pixels(images) -> torch.Tensor:
@@ -142,12 +158,19 @@ def train(steps: int = 1500, batch_size: int = 32, lr: float = 2e-3, seed: int =
 
     def loss_of_step():
         batch = [scenes.scene(rng.choice(seeds)) for _ in range(batch_size)]
-        logits = model(pixels([scenes.render(s, IMAGE_SIZE) for s in batch]))
-        return sum(F.cross_entropy(logit.flatten(0, 1), target.flatten(), ignore_index=-100)
-                   for logit, target in zip(logits, targets(batch)))
+        patches = model.patch_features(pixels([scenes.render(s, IMAGE_SIZE) for s in batch]))
+        cell_targets = targets(batch)
+        loss = sum(F.cross_entropy(logit.flatten(0, 1), target.flatten(), ignore_index=-100)
+                   for logit, target in zip(model.heads(cell_means(patches)), cell_targets))
+        # each patch on its own: what its cell holds, and which cell it is
+        loss = loss + sum(F.cross_entropy(logit.flatten(0, 1), target[:, PATCH_CELL].flatten(), ignore_index=-100)
+                          for logit, target in zip(model.heads(patches), cell_targets))
+        where = model.where(patches).flatten(0, 1)
+        return loss + F.cross_entropy(where, PATCH_CELL.repeat(len(batch)))
 
     run = fit(model, loss_of_step, steps, lr, minutes, log_every, desc="shapes-classifier")
     card = {"model": "mmattn/shapes-classifier", "command": command, "architecture": "CLIPVisionModel + per-cell linear heads",
+            "objective": "per-cell shape/colour/size, the same per patch, and each patch's cell",
             "data": "shapes-world train split, 48 x 48 renders", "seed": seed, "steps": run["steps"],
             "batch_size": batch_size, "lr": lr, "train_minutes": run["minutes"], "threads": torch.get_num_threads(),
             "parameters": sum(p.numel() for p in model.parameters()), "history": run["history"],

@@ -1,0 +1,1 @@
+"""mmattn.demos: the Gradio app (``mmattn demo``) and the scripted runs."""

@@ -1,0 +1,84 @@
+"""The Gradio demo, tested two ways: through gradio_client against the running app, and in a real headless
+Chromium (Debian's package, driven by Playwright) that sets a method, clicks Generate and sees both images."""
+
+import dataclasses
+import shutil
+import socket
+
+import pytest
+
+gradio = pytest.importorskip("gradio")
+
+from mmattn.demos import app  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    demo = app.launch(port=free_port(), block=False)
+    yield demo
+    demo.close()
+
+
+def defaults(names) -> list:
+    """Every method control's default, in the app's order (empty head selections: the middle block)."""
+    return ["" if f.default is dataclasses.MISSING else f.default for name in names for f in app.controls_of(name)]
+
+
+def test_client_generates_both_images_and_answers(server):
+    from gradio_client import Client
+    from PIL import Image
+
+    client = Client(server.local_url, verbose=False)
+    baseline, intervened, summary = client.predict("mmattn/shapes-t2i", "a red circle left of a blue square", 3, 4,
+                                                   "softpag", *defaults(app.GUIDANCE), api_name="/generate")
+    a, b = Image.open(baseline), Image.open(intervened)
+    assert a.size == b.size == (64, 64) and a.tobytes() != b.tobytes()
+    assert summary.startswith("softpag on transformer_blocks.2:*")
+    plain, pruned, overlay, text = client.predict(None, 7, "how many shapes are there", "fastv",
+                                                  *defaults(app.PRUNING), api_name="/answer")
+    assert plain and pruned and Image.open(overlay).size == (192, 192) and "72 of 144 visual tokens" in text
+
+
+@pytest.mark.parametrize("prompt, seed, steps, message", [
+    ("x" * 201, 0, 4, "prompt must have 1 to 200 characters; got 201"),
+    ("a red circle", -1, 4, "seed=-1 is out of range: expected an int in [0, 2147483647]"),
+    ("a red circle", 0, 99, "Value 99 is greater than maximum value 50"),  # gradio's own slider check
+])
+def test_client_gets_a_clear_message_for_bad_input(server, prompt, seed, steps, message):
+    import re
+
+    from gradio_client import Client
+
+    client = Client(server.local_url, verbose=False)
+    with pytest.raises(Exception, match=re.escape(message)):
+        client.predict("mmattn/shapes-t2i", prompt, seed, steps, "softpag", *defaults(app.GUIDANCE), api_name="/generate")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_browser_sets_a_method_clicks_generate_and_sees_both_images(server, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(server.local_url)
+            method = page.get_by_label("method").first
+            method.click()
+            method.fill("pag")
+            page.get_by_role("option", name="pag", exact=True).click()
+            page.locator("#generate").click()
+            page.locator("#baseline img").wait_for(timeout=120_000)
+            page.locator("#intervened img").wait_for(timeout=120_000)
+            page.get_by_text("pag on transformer_blocks.2:*").wait_for(timeout=60_000)
+            page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (tmp_path / "demo.png").stat().st_size > 0
