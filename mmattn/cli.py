@@ -26,7 +26,6 @@ from .pipelines.head_search import OBJECTIVES
 DEFAULT_MODEL = "mmattn/shapes-t2i"  # shipped, trained, offline
 DEFAULT_VIDEO_MODEL = "tiny/wan"
 PENDING = {
-    "vqa": "VQA with token pruning and sink steering lands with the VLM issues",
     "bench": "benchmarks are scripts in the source tree: python bench/bench_kernels.py, bench/bench_perturbation.py",
 }
 # The guidance methods and their flags come from the method registry: each flag sets the config field of its name.
@@ -38,6 +37,12 @@ COMMON_FLAGS = ("heads", *GUIDANCE_FLAGS)
 METHOD_FLAGS = {name: tuple(f.name for f in methods.settings(name) if f.name not in SELECTION_FIELDS + GUIDANCE_FLAGS)
                 for name in METHODS}
 DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_VQA_MODEL = "mmattn/shapes-vlm"
+VLM_METHODS = tuple(methods.list_methods("vlm"))
+VLM_FLAGS: dict[str, list[str]] = {}  # setting -> the VLM methods that have it
+for _name in VLM_METHODS:
+    for _field in methods.settings(_name):
+        VLM_FLAGS.setdefault(_field.name, []).append(_name)
 # The pipeline call argument each flag sets.
 CALL_FLAGS = {"num_inference_steps": "steps", "height": "height", "width": "width", "num_frames": "num_frames",
               "guidance_scale": "guidance_scale"}
@@ -145,6 +150,25 @@ def _parser() -> argparse.ArgumentParser:
                           help="denoising steps (default 20)")
     gen_eval.add_argument("--out", default="bench/results/shapes", help="output folder (default bench/results/shapes)")
     gen_eval.set_defaults(run=_eval_gen, prog=gen_eval.prog)
+
+    vqa = sub.add_parser("vqa", help="answer a question about images with a VLM, without and with a method",
+                         description="Answer a question about images with a VLM, without and with a pruning or sink "
+                                     "method; e.g. mmattn vqa --question 'what color is the circle' --method fastv "
+                                     "--layer 2 --keep 0.33")
+    vqa.add_argument("--model", default=DEFAULT_VQA_MODEL, help=f"VLM id, local folder or tiny/<name> "
+                     f"(default {DEFAULT_VQA_MODEL})")
+    vqa.add_argument("--image", action="append", type=Path,
+                     help="image file (repeat: several images in one question; default: a shapes-world scene)")
+    vqa.add_argument("--scene-seed", type=_seed, default=7, help="the shapes-world scene without --image (default 7)")
+    vqa.add_argument("--question", default="what color is the circle", help="the question (default: a shapes one)")
+    vqa.add_argument("--method", choices=(*VLM_METHODS, "none"), default="fastv", help="method (default fastv)")
+    for flag, owners in VLM_FLAGS.items():
+        f = next(g for g in methods.settings(owners[0]) if g.name == flag)
+        vqa.add_argument(f"--{flag.replace('_', '-')}", dest=f"vlm_{flag}", type=_literal, metavar="VALUE",
+                         help=f"{'/'.join(owners)}: {f.metadata.get('help') or flag} (a number, none, JSON or text)")
+    vqa.add_argument("--max-new-tokens", type=_int_type(1, 1025, "an int in [1, 1024]"), default=16)
+    _machine_args(vqa)
+    vqa.set_defaults(run=_vqa, prog=vqa.prog)
 
     demo = sub.add_parser("demo", help="the Gradio demo: baseline beside an intervention, for generation and VQA",
                           description="Serve the Gradio demo (needs mmattn[demo]); e.g. mmattn demo --port 7860")
@@ -400,6 +424,55 @@ def _generate(args) -> int:
     kind = "videos" if gen.video else "images"
     comparison = [f.name for f in run.files if f.stem == "comparison"]
     print(f"wrote {outputs} {kind}, settings.json{' and ' + comparison[0] if comparison else ''} to {out}")
+    return 0
+
+
+def _literal(text: str):
+    """A --flag value of a VLM method: an int, a float, none, JSON (lists: PyramidDrop's stages) or the text."""
+    if text.lower() == "none":
+        return None
+    for parse in (int, float, json.loads):
+        try:
+            value = parse(text)
+        except ValueError:
+            continue
+        return tuple(tuple(v) if isinstance(v, list) else v for v in value) if isinstance(value, list) else value
+    return text
+
+
+def _vqa(args) -> int:
+    """The answer without and with the method, and what the method did."""
+    from .pipelines.vqa import VQAPipeline
+
+    given = {flag: getattr(args, f"vlm_{flag}") for flag in VLM_FLAGS if getattr(args, f"vlm_{flag}") is not None}
+    for flag in given:
+        if args.method == "none" or args.method not in VLM_FLAGS[flag]:
+            raise UsageError(f"--{flag.replace('_', '-')} applies to --method {', '.join(VLM_FLAGS[flag])}; "
+                             f"not to --method {args.method}")
+    method = None if args.method == "none" else methods.get(args.method)(**given)  # checked before the model loads
+    if args.image:
+        from PIL import Image
+
+        for path in args.image:
+            if not path.is_file():
+                raise ValueError(f"--image={path}: no such file")
+        images = [Image.open(path).convert("RGB") for path in args.image]
+    else:
+        from .shapes import scenes, vlm
+
+        images = [scenes.render(scenes.scene(args.scene_seed), vlm.IMAGE_SIZE)]
+    device, dtype = _device_and_dtype(args)
+    plain = VQAPipeline.from_pretrained(args.model, dtype=dtype, device=device, max_new_tokens=args.max_new_tokens)
+    print(f"baseline: {plain.answer(images, args.question).answer}")
+    if method is not None:
+        with VQAPipeline(plain.model, plain.processor, [method], args.max_new_tokens) as steered:
+            result = steered.answer(images, args.question)
+        print(f"{method.name}: {result.answer}")
+        if result.stats is not None:
+            kept = int((result.stats.kept_image_positions[0] >= 0).sum())
+            total = int((result.stats.image_positions[0] >= 0).sum())
+            print(f"{method.name} kept {kept} of {total} image tokens; {result.stats.equivalent_tokens:.0f} "
+                  f"equivalent tokens; prefill {result.stats.prefill_seconds * 1000:.0f} ms")
     return 0
 
 

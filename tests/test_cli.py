@@ -96,7 +96,7 @@ def test_video_refuses_an_image_model():
 
 
 def test_pending_subcommand_says_so():
-    result = cli("vqa")
+    result = cli("bench")
     assert result.returncode == 2 and "not available in this version" in result.stderr
 
 
@@ -402,3 +402,31 @@ def test_generate_from_settings_reproduces_bit_for_bit(tmp_path, capsys):
         assert np.array_equal(a, b), record["file"]
     baseline, seg = (np.asarray(Image.open(first / f"{v}/prompt00_seed3.png")) for v in ("baseline", "seg"))
     assert not np.array_equal(baseline, seg)
+
+
+def test_vqa_answers_without_and_with_a_method(capsys, tmp_path):
+    status, out, err = run(capsys, "vqa", "--question", "how many shapes are there", "--method", "fastv", "--layer",
+                           "2", "--keep", "0.33")
+    lines = out.strip().splitlines()
+    assert status == 0, err
+    assert lines[0].startswith("baseline: ") and lines[1].startswith("fastv: ")
+    assert "fastv kept 48 of 144 image tokens" in lines[2]
+    from PIL import Image
+
+    from mmattn.shapes import scenes, vlm
+
+    scenes.render(scenes.scene(7), vlm.IMAGE_SIZE).save(tmp_path / "scene.png")
+    status, out, err = run(capsys, "vqa", "--image", str(tmp_path / "scene.png"), "--method", "pyramiddrop",
+                           "--stages", "[[1, 0.5], [3, 0.25]]")
+    assert status == 0 and "pyramiddrop kept 36 of 144 image tokens" in out, err
+    assert Image.open(tmp_path / "scene.png").size == (48, 48)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "var", "--keep", "3"], "--keep applies to --method divprune, fastv, sparsevlm, visionzip; not to --method var"),
+    (["--method", "fastv", "--keep", "2.5"], "keep=2.5 is out of range"),
+    (["--image", "/nonexistent.png"], "--image=/nonexistent.png: no such file"),
+])
+def test_vqa_bad_flags_are_one_line(capsys, args, message, no_loading):
+    status, _, err = run(capsys, "vqa", *args)
+    assert status in (1, 2) and len(err) == 1 and message in err[0], err
