@@ -305,7 +305,8 @@ def _clear_outputs(out: Path, files: tuple[str, ...], folders: tuple[str, ...] =
         (out / name).unlink(missing_ok=True)
     for folder in (out / name for name in folders):
         if folder.is_dir():
-            for image in [*folder.glob("prompt*_seed*.png"), *folder.glob("prompt*_seed*.webp")]:
+            for image in [*folder.glob("prompt*_seed*.png"), *folder.glob("prompt*_seed*.webp"),
+                          *folder.glob("prompt*_seed*.png.json"), *folder.glob("prompt*_seed*.webp.json")]:
                 image.unlink()
             if not any(folder.iterdir()):
                 folder.rmdir()

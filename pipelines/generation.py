@@ -86,8 +86,12 @@ class GenerationPipeline:
         return ([("baseline", None)] if self.compare or not self.methods else []) + [(m.name, m) for m in self.methods]
 
     def generate(self, prompts: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
-                 out: str | Path | None = None, progress: bool = True) -> GenerationRun:
-        """Every variant for every (prompt, seed) (the pipeline's own when not given); files into ``out``."""
+                 out: str | Path | None = None, progress: bool = True, first_index: int = 0,
+                 summary: bool = True) -> GenerationRun:
+        """Every variant for every (prompt, seed) (the pipeline's own when not given); files into ``out``, each
+        with a sidecar ``<file>.json`` (what reproduces it alone: model, method, prompt, seed, call, device, dtype).
+        Files are named by prompt index from ``first_index`` (a process's share of a longer list); ``summary``:
+        also the comparison picture and settings.json."""
         from tqdm.auto import tqdm
 
         prompts = list(prompts or self.prompts)
@@ -117,24 +121,27 @@ class GenerationPipeline:
                 result = list(output.frames[0]) if self.video else output.images[0]
                 run.images[label].append(result)
                 if out is not None:
-                    path = out / label / f"prompt{p:02d}_seed{seed}.{VIDEO_SUFFIX if self.video else IMAGE_SUFFIX}"
+                    index = first_index + p
+                    path = out / label / f"prompt{index:02d}_seed{seed}.{VIDEO_SUFFIX if self.video else IMAGE_SUFFIX}"
                     path.parent.mkdir(parents=True, exist_ok=True)
                     save(result if self.video else [result], path)
-                    run.files.append(path)
-                    records.append({"variant": label, "prompt_index": p, "seed": seed,
+                    sidecar = {"model": self.model_id, "pipeline": type(self.pipe).__name__, **self._machine(),
+                               "method": None if method is None else method.to_dict(), "prompt": prompts[p],
+                               "prompt_index": index, "seed": seed, "call": self.call}
+                    path.with_name(path.name + ".json").write_text(json.dumps(sidecar, indent=2))
+                    run.files += [path, path.with_name(path.name + ".json")]
+                    records.append({"variant": label, "prompt_index": index, "seed": seed,
                                     "file": str(path.relative_to(out))})
         first = run.images[variants[0][0]][0]
         frame = first[0] if self.video else first
         ran = {"height": frame.height, "width": frame.width} | ({"num_frames": len(first)} if self.video else {})
-        device = next(self.pipe.components[name] for name in ("unet", "transformer") if name in self.pipe.components)
-        parameter = next(device.parameters())
         run.settings = {
             "mmattn_version": mmattn.__version__, "model": self.model_id, "pipeline": type(self.pipe).__name__,
-            "device": str(parameter.device), "dtype": dtype_name(parameter.dtype),
+            **self._machine(),
             "methods": [m.to_dict() for m in self.methods], "compare": self.compare, "prompts": prompts,
             "seeds": seeds, "call": self.call | ran, "outputs": records,
             "seconds": round(time.perf_counter() - started, 3)}
-        if out is not None:
+        if out is not None and summary:
             if len(variants) > 1:
                 labels = [label for label, _ in variants]
                 rows = [[run.images[label][i] for label in labels] for i in range(len(jobs))]
@@ -146,6 +153,12 @@ class GenerationPipeline:
             (out / "settings.json").write_text(json.dumps(run.settings, indent=2))
             run.files.append(out / "settings.json")
         return run
+
+
+    def _machine(self) -> dict:
+        denoiser = next(self.pipe.components[n] for n in ("unet", "transformer") if self.pipe.components.get(n))
+        parameter = next(denoiser.parameters())
+        return {"device": str(parameter.device), "dtype": dtype_name(parameter.dtype)}
 
 
 def save(frames: list, path: Path) -> None:
