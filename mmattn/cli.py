@@ -25,8 +25,19 @@ from .pipelines.head_search import OBJECTIVES
 
 DEFAULT_MODEL = "mmattn/shapes-t2i"  # shipped, trained, offline
 DEFAULT_VIDEO_MODEL = "tiny/wan"
-PENDING = {
-    "bench": "benchmarks are scripts in the source tree: python bench/bench_kernels.py, bench/bench_perturbation.py",
+BENCHMARKS = ("kernels", "perturbation", "pruning", "sinks", "windows")  # bench/bench_<name>.py in the source tree
+# The example each subcommand's --help ends with.
+EXAMPLES = {
+    "generate": 'mmattn generate --model tiny/sd3 --method softpag --heads "transformer_blocks.1:0,2" --strength 0.5',
+    "video": "mmattn video --model tiny/wan --method stg --mode residual --heads blocks.1",
+    "heads": 'mmattn heads search --model tiny/sd3 --objective sharpness --rounds 2 --top-k 2 --out outputs/heads',
+    "heads search": 'mmattn heads search --model tiny/sd3 --objective sharpness --rounds 2 --top-k 2 --out outputs/heads',
+    "eval": "mmattn eval vqa --questions 120 --out outputs/eval",
+    "eval vqa": "mmattn eval vqa --questions 120 --out outputs/eval",
+    "vqa": "mmattn vqa --question 'what color is the circle' --method fastv --layer 2 --keep 0.33",
+    "eval gen": "mmattn eval gen --images 20 --steps 10 --out outputs/eval",
+    "demo": "mmattn demo --port 7860",
+    "bench": "mmattn bench perturbation --out bench/results/perturbation_cpu.json",
 }
 # The guidance methods and their flags come from the method registry: each flag sets the config field of its name.
 METHODS = {name: methods.get(name) for name in methods.list_methods("diffusion")
@@ -109,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate images with an attention intervention; writes images + settings.json")
     _generation_args(gen, DEFAULT_MODEL, "softpag", "outputs/generate", frames=False)
     gen.set_defaults(run=_generate, kind="image", prog=gen.prog)
-    video = sub.add_parser("video", help="generate videos (Wan) with an intervention; writes GIFs + settings.json")
+    video = sub.add_parser("video", help="generate videos (Wan) with an intervention; writes animated WebPs + settings.json")
     _generation_args(video, DEFAULT_VIDEO_MODEL, "stg", "outputs/video", frames=True)
     video.set_defaults(run=_generate, kind="video", prog=video.prog)
 
@@ -177,9 +188,15 @@ def _parser() -> argparse.ArgumentParser:
                       help="port (default 7860)")
     demo.set_defaults(run=_demo, prog=demo.prog)
 
-    for name, message in PENDING.items():
-        pending = sub.add_parser(name, help=f"(not yet available) {message}")
-        pending.set_defaults(run=lambda args, message=message, name=name: _pending(name, message), prog=pending.prog)
+    bench = sub.add_parser("bench", help="run a benchmark script of the source tree (bench/bench_<name>.py)",
+                           description="Run bench/bench_<name>.py of an mmattn source checkout; the arguments after "
+                                       "the name go to the script (see its --help)")
+    bench.add_argument("name", choices=BENCHMARKS)
+    bench.add_argument("arguments", nargs=argparse.REMAINDER, help="the script's own arguments")
+    bench.set_defaults(run=_bench, prog=bench.prog)
+    for prefix, action in [("", parser._subparsers._group_actions[0]), ("heads ", heads_sub), ("eval ", eval_sub)]:
+        for name, subparser in action.choices.items():
+            subparser.epilog = f"example: {EXAMPLES[prefix + name]}"
     return parser
 
 
@@ -256,9 +273,23 @@ def _eval_vqa(args) -> int:
     return 0
 
 
-def _pending(name: str, message: str) -> int:
-    print(f"mmattn {name}: not available in this version: {message}", file=sys.stderr)
-    return 2
+def _bench(args) -> int:
+    """bench/bench_<name>.py of the source tree this mmattn runs from, with the arguments after the name."""
+    import runpy
+
+    script = Path(__file__).resolve().parents[1] / "bench" / f"bench_{args.name}.py"
+    if not script.is_file():
+        raise ValueError(f"{script} is not here: the benchmarks are scripts of an mmattn source checkout "
+                         "(git clone the repository and pip install -e .)")
+    saved = sys.argv
+    sys.argv = [str(script), *args.arguments]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as exit:
+        return exit.code if isinstance(exit.code, int) else 0
+    finally:
+        sys.argv = saved
+    return 0
 
 
 def _device_and_dtype(args) -> tuple[torch.device, torch.dtype]:

@@ -95,9 +95,45 @@ def test_video_refuses_an_image_model():
     assert result.returncode == 1 and "is of kind 'image'; this needs one of: video" in result.stderr
 
 
-def test_pending_subcommand_says_so():
-    result = cli("bench")
-    assert result.returncode == 2 and "not available in this version" in result.stderr
+@pytest.mark.parametrize("command", [["generate"], ["video"], ["heads", "search"], ["eval", "vqa"], ["eval", "gen"],
+                                     ["vqa"], ["demo"], ["bench"]])
+def test_every_subcommand_help_ends_with_an_example(command):
+    result = cli(*command, "--help")
+    assert result.returncode == 0 and f"example: mmattn {command[0]}" in result.stdout
+
+
+def test_bench_runs_a_benchmark_script(tmp_path):
+    out = tmp_path / "perturbation.json"
+    result = cli("bench", "perturbation", "--layers", "3", "--heads", "2", "--head-dim", "8", "--latent", "8",
+                 "--text-tokens", "4", "--repeats", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert set(json.loads(out.read_text())["ratios"]) >= {"softpag_vs_cfg", "pag_middle_forked_vs_cfg"}
+
+
+@pytest.mark.slow
+def test_demo_serves_the_app(tmp_path):
+    """`mmattn demo --port P` serves the Gradio app until stopped."""
+    import socket
+    import time
+    import urllib.request
+
+    pytest.importorskip("gradio")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mmattn.cli", "demo", "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline, page = time.time() + 120, ""
+        while time.time() < deadline and "mmattn demo" not in page:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
+            except OSError:
+                time.sleep(1)
+        assert "mmattn demo" in page
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 @pytest.mark.slow
