@@ -61,7 +61,14 @@ class CLIPScore:
         return torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds, dim=-1)
 
 
-OBJECTIVES: dict[str, Objective] = {"sharpness": sharpness, "colorfulness": colorfulness}
+def adherence(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    """Shapes-world prompt adherence by the shipped shapes-classifier (``mmattn.shapes.classifier.adherence``)."""
+    from mmattn.shapes.classifier import adherence as shapes_adherence
+
+    return shapes_adherence(images, prompts)
+
+
+OBJECTIVES: dict[str, Objective] = {"sharpness": sharpness, "colorfulness": colorfulness, "adherence": adherence}
 
 
 def heads_to_spec(heads: Sequence[tuple[str, int]]) -> str:

@@ -12,6 +12,7 @@ shapes-vlm's vision tower.
 
 from __future__ import annotations
 
+import functools
 import random
 from pathlib import Path
 
@@ -123,6 +124,36 @@ def describe(model: ShapesClassifier, images) -> list[set[tuple[str, str, str, i
                             SIZE_CLASSES[int(size[b, cell].argmax())], cell % 3, cell // 3))
         found.append(things)
     return found
+
+
+def caption_objects(caption: str) -> list[tuple[str, str]]:
+    """The (shape, colour) pairs a shapes-world caption names ("a red circle left of a blue square")."""
+    words = caption.lower().replace(",", " ").split()
+    return [(shape, colour) for colour, shape in zip(words, words[1:]) if colour in scenes.COLOURS and shape in scenes.SHAPES]
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped() -> ShapesClassifier:
+    return load()
+
+
+@torch.no_grad()
+def adherence(images: torch.Tensor, prompts) -> torch.Tensor:
+    """A head-search objective (``mmattn heads search --objective adherence``): per image (B, 3, H, W) in [0, 1],
+    the mean over its caption's objects of the best cell's P(shape) · P(colour) by the shipped classifier, minus
+    the expected number of objects beyond the caption's (a soft version of ``t2i.matches``)."""
+    model = _shipped()
+    x = F.interpolate(images.float(), size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True)
+    x = (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+    shape, colour, _ = (logits.softmax(-1) for logits in model(x))
+    scores = []
+    for b, prompt in enumerate(prompts):
+        wanted = caption_objects(prompt)
+        found = [(shape[b, :, SHAPE_CLASSES.index(sh)] * colour[b, :, COLOUR_CLASSES.index(co)]).max()
+                 for sh, co in wanted]
+        extra = (1 - shape[b, :, 0]).sum() - len(wanted)
+        scores.append((torch.stack(found).mean() if found else torch.tensor(0.0)) - extra.clamp_min(0) / 9)
+    return torch.stack(scores)
 
 
 @torch.no_grad()
