@@ -116,9 +116,16 @@ def _line_plot(path: Path, series: dict, xlabel: str, ylabel: str, title: str, p
 CFG_SCALES = (1.5, 3.0, 5.0)
 
 
+# What `mmattn heads search --objective adherence` found on shapes-t2i (bench/results/shapes/heads/heads.json:
+# 6 validation captions x seeds 0, 1; 2 rounds, top 2; SoftPAG strength 1, scale 1.5).
+SEARCHED_HEADS = "transformer_blocks.0:2; transformer_blocks.1:1,2; transformer_blocks.3:2"
+
+
 def guidance_methods() -> dict:
-    """The guidance methods at one setting each, on shapes-t2i's middle blocks (4 blocks: 0-3)."""
+    """The guidance methods at one setting each, on shapes-t2i's middle blocks (4 blocks: 0-3), and SoftPAG on the
+    heads the adherence search found."""
     return {"PAG": PAG(heads="transformer_blocks.2:*", scale=1.5),
+            "SoftPAG (searched heads)": SoftPAG(heads=SEARCHED_HEADS, scale=1.5),
             "SoftPAG": SoftPAG(heads="transformer_blocks.1:*;transformer_blocks.2:*", strength=0.5, scale=1.5),
             "SEG": SEG(heads="transformer_blocks.2:*", scale=1.5),
             "SLG": SLG(layers="transformer_blocks.2", scale=1.5, start=0.0, stop=1.0)}

@@ -110,3 +110,20 @@ def test_shipped_vlm_loads_by_name_and_answers_held_out_questions():
     assert set(scores["per_type"]) == set(scenes.QUESTION_TYPES)
     assert scores["accuracy"] >= card["test"]["accuracy"] - 0.06, (scores, card["test"])
     assert scores["accuracy"] >= 0.85, scores  # the card: 90.3 % on 600 questions (the issue asks 90 %)
+
+
+def test_adherence_objective_scores_matching_captions_high():
+    """The head-search objective: renders under their own captions score near 1, under another scene's near 0."""
+    import numpy as np
+
+    from mmattn.pipelines.head_search import OBJECTIVES
+    from mmattn.shapes import classifier
+
+    items = [scenes.scene(seed, max_things=2) for seed in scenes.split_seeds("val", 8)]
+    images = torch.stack([torch.from_numpy(np.asarray(scenes.render(s, 64), dtype=np.float32) / 255).permute(2, 0, 1)
+                          for s in items])
+    captions = [scenes.caption(s) for s in items]
+    assert classifier.caption_objects("a red circle left of a blue square") == [("circle", "red"), ("square", "blue")]
+    own = OBJECTIVES["adherence"](images, captions)
+    other = OBJECTIVES["adherence"](images, captions[1:] + captions[:1])
+    assert (own > 0.9).all() and (own > other).all() and other.mean() < 0.5, (own, other)
