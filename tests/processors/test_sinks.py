@@ -161,20 +161,26 @@ def test_zerotuning_validation_and_refusals():
     assert gemma.model.config.text_config._attn_implementation == "sdpa"
 
 
+def visual_ids(model) -> torch.Tensor:
+    """The image (and video) token ids: what the sink methods count as visual tokens."""
+    ids = [model.config.image_token_id, getattr(model.config, "video_token_id", None)]
+    return torch.tensor([i for i in ids if i is not None])
+
+
 class VARReference:
     """Eager attention with VAR written from the official code's rule (seilk/VisAttnSink): sinks from the layer
     input at prefill (phi = max over dims of |x| * rsqrt(mean(x^2) + 1e-6) > tau), image-centric (head, row)s among
     the rows after the image, sinks x p after softmax and the budget spread over the image's non-sink columns."""
 
     def __init__(self, model, config):
-        self.config, self.image_id = config, model.config.image_token_id
+        self.config, self.image_ids = config, visual_ids(model)
         self.sinks, self.image, self.padding, self.prefill = {}, None, None, True
 
     def capture(self, module, args, kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         self.prefill = cache is None or cache.get_seq_length() == 0
         if self.prefill:
-            self.image = kwargs["input_ids"] == self.image_id
+            self.image = torch.isin(kwargs["input_ids"], self.image_ids)
             self.padding = kwargs.get("attention_mask")
 
     def layer_hook(self, index):
@@ -288,12 +294,12 @@ class PAIReference:
     logits z become |z| * alpha + z, then the softmax."""
 
     def __init__(self, model, config):
-        self.config, self.image_id, self.image = config, model.config.image_token_id, None
+        self.config, self.image_ids, self.image = config, visual_ids(model), None
 
     def capture(self, module, args, kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is None or cache.get_seq_length() == 0:
-            self.image = kwargs["input_ids"] == self.image_id
+            self.image = torch.isin(kwargs["input_ids"], self.image_ids)
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         groups = query.shape[1] // key.shape[1]
@@ -493,3 +499,45 @@ def test_vhr_alpha_one_is_the_unmodified_model_and_composes_with_var():
     assert_rows_alone(both, singles)
     with pytest.raises(ValueError, match="has 2 layers"):
         mmattn.apply(model, mmattn.VHR(layers=(0, 5)))
+
+
+def encode_visual(vlm, kind):
+    """A Qwen2-VL batch: "images" (two images in the first sample, one in the second, left-padded) or "video"."""
+    from mmattn.testing.media import random_video
+
+    if kind == "video":
+        chat = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTIONS[1]}]}]
+        prompt = vlm.processor.apply_chat_template(chat, add_generation_prompt=True)
+        return dict(vlm.processor(text=[prompt], videos=[random_video(4, 64, 48, seed=3)], return_tensors="pt"))
+    chats = [[{"role": "user", "content": [{"type": "image"}] * n + [{"type": "text", "text": q}]}]
+             for n, q in zip((2, 1), QUESTIONS)]
+    prompts = [vlm.processor.apply_chat_template(c, add_generation_prompt=True) for c in chats]
+    return dict(vlm.processor(text=prompts, images=[image(5), image(6), image(7)], padding=True, return_tensors="pt"))
+
+
+@pytest.mark.parametrize("kind", ["images", "video"])
+@pytest.mark.parametrize("method", ["var", "pai"])
+def test_sink_methods_on_several_images_and_on_video_equal_the_reference(method, kind):
+    """VAR and PAI count every image of a prompt, and video frames, as its visual tokens (Qwen2-VL)."""
+    vlm = build_tiny("tiny/qwen2-vl")
+    model = vlm.model
+    inputs = encode_visual(vlm, kind)
+    visual = torch.isin(inputs["input_ids"], visual_ids(model))
+    if kind == "video":
+        assert visual.any() and not (inputs["input_ids"] == model.config.image_token_id).any()
+    else:
+        assert (inputs["attention_mask"] == 0).any() and visual[0].sum() > visual[1].sum()
+    config = mmattn.VAR(**VAR_TEST) if method == "var" else mmattn.PAI(alpha=0.8, first_layer=1)
+    baseline = generate(model, inputs)
+    with mmattn.apply(model, config):
+        ours = generate(model, inputs)
+    if method == "var":
+        reference = VARReference(model, config)
+        layers = model.model.language_model.layers
+        hooks = [model.model.register_forward_pre_hook(reference.capture, with_kwargs=True)]
+        hooks += [layer.register_forward_pre_hook(reference.layer_hook(i), with_kwargs=True)
+                  for i, layer in enumerate(layers)]
+    else:
+        reference = PAIReference(model, config)
+        hooks = [model.model.register_forward_pre_hook(reference.capture, with_kwargs=True)]
+    assert_matches(ours, reference_generate(model, inputs, reference, hooks), baseline)
