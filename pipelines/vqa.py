@@ -10,6 +10,7 @@ The methods stay applied for the pipeline's life; ``close()`` (or ``with``) rest
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,16 +19,20 @@ import torch
 
 import mmattn
 from mmattn.hub import load_vlm
-from mmattn.processors import pruning
+from mmattn.processors import pruning, sinks
 
 
 @dataclass
 class VQAResult:
-    """One answer, and what the pruning methods did for the prefill that produced it (None without one)."""
+    """One answer; what the pruning method did for the prefill that produced it (``stats``: tokens kept, equivalent
+    tokens, prefill and decode time; None without pruning); what VAR did in the last forward (``sinks``: sinks per
+    layer, rows redistributed, mass moved; None without it); ``seconds``: the whole generate() of its batch."""
 
     question: str
     answer: str
     stats: pruning.PruningStats | None
+    sinks: sinks.SinkStats | None = None
+    seconds: float = 0.0
 
 
 class VQAPipeline:
@@ -57,10 +62,13 @@ class VQAPipeline:
         rows = [([images] if not isinstance(images, (list, tuple)) else list(images), question)
                 for images, question in rows]
         inputs = self._inputs(rows)
+        started = time.perf_counter()
         out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        seconds = time.perf_counter() - started
         texts = self.processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         stats = pruning.last_stats(self.model) if self.handle is not None else None
-        return [VQAResult(question, text.strip(), stats) for (_, question), text in zip(rows, texts)]
+        sink_stats = sinks.last_sink_stats(self.model) if self.handle is not None else None
+        return [VQAResult(question, text.strip(), stats, sink_stats, seconds) for (_, question), text in zip(rows, texts)]
 
     def answer(self, images, question: str) -> VQAResult:
         """The answer to one question about one image (or a list of images)."""

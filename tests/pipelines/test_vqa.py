@@ -29,3 +29,14 @@ def test_vqa_pipeline_without_methods_has_no_stats():
     result = vqa.answer([image], "What is this?")
     assert result.stats is None and isinstance(result.answer, str)
     assert torch.is_tensor(vqa.model.lm_head.weight)
+
+
+def test_vqa_pipeline_reports_sinks_and_time():
+    from mmattn import VAR
+
+    image = scenes.render(scenes.scene(3), 48)
+    with VQAPipeline.from_pretrained("mmattn/shapes-vlm", methods=[VAR(tau=2.0, first_layer=1)],
+                                     max_new_tokens=2) as vqa:
+        result = vqa.answer(image, "what color is the circle")
+    assert result.stats is None and result.seconds > 0
+    assert result.sinks is not None and [s.layer for s in result.sinks.layers] == [1, 2, 3]
