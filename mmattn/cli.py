@@ -61,7 +61,6 @@ CALL_FLAGS = {"num_inference_steps": "steps", "height": "height", "width": "widt
 PIPELINE_SIZE_MULTIPLE = {"unet": 8, "pixart": 8, "wan": 16}
 # What generate and video write into --out, and so what --overwrite deletes there.
 GENERATED_FILES = ("settings.json", "comparison.png", "comparison.webp")
-GENERATED_FOLDERS = ("baseline", *METHODS, "none")
 SEARCH_FILES = ("checkpoint.json", "heads.json")
 
 
@@ -104,6 +103,47 @@ def _device(text: str) -> str:
         return str(torch.device(text))
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a torch device: expected e.g. cpu, cuda, cuda:1") from None
+
+
+def _kernel(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ints separated by commas, e.g. 9 or 3,9,9") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive ints")
+    return values
+
+
+def _fractions(text: str) -> tuple[float, float]:
+    try:
+        start, stop = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected START,STOP, e.g. 0.2,1") from None
+    return start, stop
+
+
+def _windows(args) -> list:
+    """The window methods --window / --freeswim ask for (checked before the model loads)."""
+    from .windows import FreeSwim, Window2D, Window3D, WindowAttention
+
+    if args.window is None and (args.window_dilation is not None or args.window_steps != (0.0, 1.0)):
+        raise UsageError("--window-dilation and --window-steps need --window")
+    if args.window is not None and args.freeswim:
+        raise UsageError("--window and --freeswim are two window methods: give one")
+    if args.freeswim:
+        return [FreeSwim(steps=args.window_steps)]
+    if args.window is None:
+        return []
+    axes = 3 if args.kind == "video" else 2
+    kernel = args.window * axes if len(args.window) == 1 and axes == 2 else args.window
+    if len(kernel) != axes:
+        raise UsageError(f"--window={','.join(map(str, args.window))}: expected {axes} kernel sizes for "
+                         f"{'video (frames, rows, cols)' if axes == 3 else 'images (rows, cols)'}")
+    dilation = args.window_dilation or (1,)
+    dilation = dilation * axes if len(dilation) == 1 else dilation
+    spec = (Window3D if axes == 3 else Window2D)(kernel_size=kernel, dilation=dilation)
+    return [WindowAttention(spec, steps=args.window_steps)]
 
 
 def _objective(text: str) -> str:
@@ -212,6 +252,16 @@ def _generation_args(parser, default_model: str, default_method: str, default_ou
     _call_args(parser, frames)
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale w")
     _machine_args(parser)
+    kernel = "FRAMES,ROWS,COLS" if frames else "K or ROWS,COLS"
+    parser.add_argument("--window", type=_kernel, metavar=kernel,
+                        help="window attention (NATTEN semantics) on every self-attention layer, with the method: the "
+                             f"kernel in tokens ({'3 axes' if frames else '1 or 2 axes'}), e.g. "
+                             f"{'3,9,9' if frames else '9'}")
+    parser.add_argument("--window-dilation", type=_kernel, metavar="D", help="the window's dilation (default 1)")
+    parser.add_argument("--window-steps", type=_fractions, metavar="START,STOP", default=(0.0, 1.0),
+                        help="fractions [start, stop) of the steps that use the window (default 0,1)")
+    parser.add_argument("--freeswim", action="store_true",
+                        help="FreeSwim with the method: windows of the training-scale grid, entropy scaling")
     parser.add_argument("--no-baseline", action="store_true", help="skip the baseline and the side-by-side comparison")
     parser.add_argument("--from", dest="from_settings", metavar="SETTINGS_JSON",
                         help="run again what a settings.json records (model, methods, prompts, seeds, call, device, "
@@ -438,11 +488,13 @@ def _generate(args) -> int:
         _check_method_flags(args)
         device, dtype = _device_and_dtype(args)
         _method(args, args.heads or "layer")  # every setting checked before the model loads; the default heads need it
+        windows = _windows(args)
         out = _checked_out(args.out, args.overwrite)
         gen = GenerationPipeline.from_pretrained(args.model, dtype=dtype, device=device, kinds=(args.kind,))
         gen.call = _call(args, gen.pipe)
         method = _method(args, args.heads or _default_heads(gen.pipe))
-        gen.methods = [method] if method is not None else []
+        together = ([method] if method is not None else []) + windows
+        gen.methods = [together if len(together) > 1 else together[0]] if together else []
         gen.compare = not args.no_baseline
         gen.prompts, gen.seeds = args.prompt or [default_prompt(args.model)], args.seed or [0]
         if method is not None:
@@ -450,7 +502,9 @@ def _generate(args) -> int:
                 pass
             _warn_if_unguided(args.prog, method, gen.call["num_inference_steps"])
     if args.overwrite:
-        _clear_outputs(out, GENERATED_FILES, GENERATED_FOLDERS)
+        known = set(methods.list_methods("diffusion")) | {"baseline", "none"}
+        folders = tuple(p.name for p in out.iterdir() if p.is_dir() and set(p.name.split("+")) <= known)
+        _clear_outputs(out, GENERATED_FILES, folders)
     run = gen.generate(out=out)
     outputs = len(run.settings["outputs"])
     kind = "videos" if gen.video else "images"

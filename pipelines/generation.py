@@ -76,14 +76,18 @@ class GenerationPipeline:
         if missing:
             raise ValueError(f"{path} is not a settings.json that GenerationPipeline wrote: it lacks {sorted(missing)}")
         dtype = getattr(torch, settings["dtype"])
-        methods = [registry.from_dict(m) for m in settings["methods"]]
+        methods = [[registry.from_dict(x) for x in m] if isinstance(m, list) else registry.from_dict(m)
+                   for m in settings["methods"]]
         return cls.from_pretrained(settings["model"], methods, dtype=dtype, device=settings["device"],
                                    call=settings["call"], prompts=settings["prompts"], seeds=settings["seeds"],
                                    compare=settings.get("compare", True))
 
     def variants(self) -> list[tuple[str, Any]]:
-        """(label, method or None) in run order: the baseline first when comparing, then each method."""
-        return ([("baseline", None)] if self.compare or not self.methods else []) + [(m.name, m) for m in self.methods]
+        """(label, method or None) in run order: the baseline first when comparing, then each method; an entry of
+        ``methods`` that is a list of configs is one variant with all of them applied ("softpag+window")."""
+        return ([("baseline", None)] if self.compare or not self.methods else []) + [
+            ("+".join(m.name for m in method) if isinstance(method, (list, tuple)) else method.name, method)
+            for method in self.methods]
 
     def generate(self, prompts: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
                  out: str | Path | None = None, progress: bool = True, first_index: int = 0,
@@ -102,7 +106,7 @@ class GenerationPipeline:
             if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
                 raise ValueError(f"seed={seed!r}: expected an int with 0 <= seed < 2**64")
         for method in self.methods:  # heads and layers checked against this model before anything runs
-            with mmattn.apply(self.pipe, method):
+            with mmattn.apply(self.pipe, list(method) if isinstance(method, (list, tuple)) else method):
                 pass
         out = None if out is None else Path(out)
         variants = self.variants()
@@ -116,7 +120,7 @@ class GenerationPipeline:
                 if method is None:
                     output = self.pipe(prompts[p], generator=generator, **call)
                 else:
-                    with mmattn.apply(self.pipe, method):
+                    with mmattn.apply(self.pipe, list(method) if isinstance(method, (list, tuple)) else method):
                         output = self.pipe(prompts[p], generator=generator, **call)
                 result = list(output.frames[0]) if self.video else output.images[0]
                 run.images[label].append(result)
@@ -126,7 +130,7 @@ class GenerationPipeline:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     save(result if self.video else [result], path)
                     sidecar = {"model": self.model_id, "pipeline": type(self.pipe).__name__, **self._machine(),
-                               "method": None if method is None else method.to_dict(), "prompt": prompts[p],
+                               "method": None if method is None else _described(method), "prompt": prompts[p],
                                "prompt_index": index, "seed": seed, "call": self.call}
                     path.with_name(path.name + ".json").write_text(json.dumps(sidecar, indent=2))
                     run.files += [path, path.with_name(path.name + ".json")]
@@ -138,7 +142,7 @@ class GenerationPipeline:
         run.settings = {
             "mmattn_version": mmattn.__version__, "model": self.model_id, "pipeline": type(self.pipe).__name__,
             **self._machine(),
-            "methods": [m.to_dict() for m in self.methods], "compare": self.compare, "prompts": prompts,
+            "methods": [_described(m) for m in self.methods], "compare": self.compare, "prompts": prompts,
             "seeds": seeds, "call": self.call | ran, "outputs": records,
             "seconds": round(time.perf_counter() - started, 3)}
         if out is not None and summary:
@@ -159,6 +163,10 @@ class GenerationPipeline:
         denoiser = next(self.pipe.components[n] for n in ("unet", "transformer") if self.pipe.components.get(n))
         parameter = next(denoiser.parameters())
         return {"device": str(parameter.device), "dtype": dtype_name(parameter.dtype)}
+
+
+def _described(method) -> dict | list[dict]:
+    return [m.to_dict() for m in method] if isinstance(method, (list, tuple)) else method.to_dict()
 
 
 def save(frames: list, path: Path) -> None:

@@ -466,3 +466,32 @@ def test_vqa_answers_without_and_with_a_method(capsys, tmp_path):
 def test_vqa_bad_flags_are_one_line(capsys, args, message, no_loading):
     status, _, err = run(capsys, "vqa", *args)
     assert status in (1, 2) and len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.slow
+def test_generate_with_a_window_at_twice_the_resolution_and_from_settings(capsys, tmp_path):
+    first = tmp_path / "first"
+    status, _, err = run(capsys, "generate", "--model", "tiny/sd3", "--height", "64", "--width", "64", "--steps", "2",
+                         "--method", "none", "--window", "3", "--window-steps", "0,1", "--out", str(first))
+    assert status == 0, err
+    settings = json.loads((first / "settings.json").read_text())
+    assert settings["methods"][0]["method"] == "window" and settings["methods"][0]["window"]["kernel_size"] == [3, 3]
+    from PIL import Image
+
+    windowed = np.asarray(Image.open(first / "window/prompt00_seed0.png"))
+    assert windowed.shape == (64, 64, 3) and not np.array_equal(windowed, np.asarray(Image.open(first / "baseline/prompt00_seed0.png")))
+    status, _, err = run(capsys, "generate", "--from", str(first / "settings.json"), "--out", str(tmp_path / "again"))
+    assert status == 0, err
+    assert np.array_equal(windowed, np.asarray(Image.open(tmp_path / "again/window/prompt00_seed0.png")))
+    status, _, err = run(capsys, "video", "--window", "1,3,3", "--freeswim", "--out", str(tmp_path / "v"))
+    assert status == 2 and "give one" in err[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["video", "--window", "3,3"], "--window=3,3: expected 3 kernel sizes for video (frames, rows, cols)"),
+    (["generate", "--window-dilation", "2"], "--window-dilation and --window-steps need --window"),
+    (["generate", "--window", "0"], "'0': expected positive ints"),
+])
+def test_window_flags_are_checked_before_loading(capsys, args, message, no_loading):
+    status, _, err = run(capsys, *args)
+    assert status == 2 and message in err[0], err
