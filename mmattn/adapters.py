@@ -25,7 +25,8 @@ class DiffusionFamily:
     Token layout: the image-token grid comes from the input ``image_ids`` names (Flux's ``img_ids``:
     (row, col) per token) or else from the latent's shape and the denoiser's patch size;
     ``grid_factors`` are the resolutions below it that attention layers see (a UNet's down blocks).
-    ``fork_inputs``: the block arguments that carry the batch, for guidance's fork at the first perturbed block
+    ``second_stage``: (attribute, CFG scale argument) of a second denoiser that runs the later steps (Wan 2.2's
+    ``transformer_2`` with ``guidance_scale_2``). ``fork_inputs``: the block arguments that carry the batch, for guidance's fork at the first perturbed block
     (mmattn.guidance); empty: the family runs the whole perturbed branch (a UNet, whose skip connections cross blocks).
     """
 
@@ -43,9 +44,18 @@ class DiffusionFamily:
     image_ids: str | None = None
     grid_factors: tuple[int, ...] = (1,)
     fork_inputs: tuple[str, ...] = ()
+    second_stage: tuple[str, str] | None = None
 
     def denoiser(self, pipe):
         return getattr(pipe, self.denoiser_attr)
+
+    def denoisers(self, pipe) -> list[tuple[torch.nn.Module, str]]:
+        """[(denoiser, the pipeline argument holding its CFG scale)]: the first, and a second stage's where the
+        pipeline has one (``second_stage``: its attribute and scale argument; Wan 2.2's ``transformer_2``)."""
+        found = [(self.denoiser(pipe), self.cfg_scale)]
+        if self.second_stage is not None and getattr(pipe, self.second_stage[0], None) is not None:
+            found.append((getattr(pipe, self.second_stage[0]), self.second_stage[1]))
+        return found
 
     def blocks(self, denoiser) -> dict[str, torch.nn.Module]:
         """{block name as diffusers prints it: block}, in model order."""
@@ -86,7 +96,8 @@ DIFFUSION_FAMILIES = (
                     fork_inputs=("hidden_states", "encoder_hidden_states", "temb")),
     DiffusionFamily("wan", "WanTransformer3DModel", "transformer", ("WanTransformerBlock",), "attn1",
                     ("hidden_states", "encoder_hidden_states", "timestep", "encoder_hidden_states_image"), cfg_calls="separate",
-                    fork_inputs=("hidden_states", "encoder_hidden_states", "temb")),
+                    fork_inputs=("hidden_states", "encoder_hidden_states", "temb"),
+                    second_stage=("transformer_2", "guidance_scale_2")),
     DiffusionFamily("pixart", "PixArtTransformer2DModel", "transformer", ("BasicTransformerBlock",), "attn1",
                     ("hidden_states", "encoder_hidden_states", "encoder_attention_mask", "timestep", "added_cond_kwargs"),
                     fork_inputs=("hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask",

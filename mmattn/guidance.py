@@ -193,8 +193,9 @@ class GuidedDenoiser:
 
     fork = True  # run the blocks before the first perturbed one on [uncond, cond] only (DiT families)
 
-    def __init__(self, pipe, denoiser: torch.nn.Module, family):
+    def __init__(self, pipe, denoiser: torch.nn.Module, family, cfg_scale: str | None = None):
         self.pipe, self.denoiser, self.family = pipe, denoiser, family
+        self.cfg_scale = cfg_scale or family.cfg_scale  # the pipeline argument with this denoiser's w
         self.info = CallInfo()
         self._forward = denoiser.forward
         self._signature = inspect.signature(self._forward)
@@ -204,14 +205,16 @@ class GuidedDenoiser:
         self.holders = 0  # methods other than branches that read ``info`` (window attention)
         functools.update_wrapper(self, self._forward)
         denoiser.forward = self
-        self._pipe_class = type(pipe)
+        recording = type(pipe) in _RECORDING.values()  # another denoiser's wrapper swapped the class already
+        self._pipe_class = type(pipe).__bases__[0] if recording else type(pipe)
         pipe.__class__ = _recording_class(type(pipe))
 
     @classmethod
-    def attach(cls, pipe, family) -> GuidedDenoiser:
-        denoiser = family.denoiser(pipe)
+    def attach(cls, pipe, family, denoiser=None, cfg_scale: str | None = None) -> GuidedDenoiser:
+        """The wrapper of ``denoiser`` (default: the family's first), created on first use."""
+        denoiser = family.denoiser(pipe) if denoiser is None else denoiser
         current = denoiser.__dict__.get("forward")
-        return current if isinstance(current, cls) else cls(pipe, denoiser, family)
+        return current if isinstance(current, cls) else cls(pipe, denoiser, family, cfg_scale)
 
     def add_branch(self, branch: Branch) -> None:
         if branch.rescale and any(b.rescale for b in self.info.branches):
@@ -222,7 +225,7 @@ class GuidedDenoiser:
         """With no branch and no holder left, put the original forward and pipeline class back."""
         if not self.info.branches and not self.holders and self.denoiser.__dict__.get("forward") is self:
             del self.denoiser.forward
-            if type(self.pipe) is _RECORDING.get(self._pipe_class):
+            if type(self.pipe) is _RECORDING.get(self._pipe_class) and not _guided_of(self.pipe):
                 self.pipe.__class__ = self._pipe_class
 
     def begin_call(self, arguments: dict) -> None:
@@ -235,8 +238,9 @@ class GuidedDenoiser:
         scale = float(arguments.get(self.family.cfg_scale, 1.0) or 1.0)
         negative = not self.family.cfg_needs_negative or any(
             arguments.get(name) is not None for name in ("negative_prompt", "negative_prompt_embeds"))
-        self.call = PipelineCall(None if rows is None else rows * per_prompt, scale, scale > 1 and negative,
-                                 float(arguments.get("guidance_rescale") or 0.0))
+        own = arguments.get(self.cfg_scale)  # a second stage's own w (Wan 2.2's guidance_scale_2), else the first's
+        self.call = PipelineCall(None if rows is None else rows * per_prompt, scale if own is None else float(own),
+                                 scale > 1 and negative, float(arguments.get("guidance_rescale") or 0.0))
 
     def _cfg(self, n: int) -> tuple[bool, float]:
         """(this denoiser call's batch of ``n`` rows carries CFG / its pipeline runs an uncond call, w)."""
@@ -408,24 +412,27 @@ def _recording_class(cls: type) -> type:
 
         @functools.wraps(original)
         def __call__(self, *args, **kwargs):
-            guided = _guided_of(self)
-            if guided is None:
+            wrappers = _guided_of(self)
+            if not wrappers:
                 return original(self, *args, **kwargs)
             bound = signature.bind(self, *args, **kwargs)
             bound.apply_defaults()
-            guided.begin_call(bound.arguments)
+            for guided in wrappers:
+                guided.begin_call(bound.arguments)
             try:
                 return original(self, *args, **kwargs)
             finally:
-                guided.call = None
+                for guided in wrappers:
+                    guided.call = None
 
         _RECORDING[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
                                                        "__qualname__": cls.__qualname__})
     return _RECORDING[cls]
 
 
-def _guided_of(pipe) -> GuidedDenoiser | None:
+def _guided_of(pipe) -> list[GuidedDenoiser]:
+    """The wrappers on the pipeline's denoisers (Wan 2.2: both stages)."""
     from .adapters import diffusion_family
 
-    forward = diffusion_family(pipe).denoiser(pipe).__dict__.get("forward")
-    return forward if isinstance(forward, GuidedDenoiser) else None
+    forwards = [denoiser.__dict__.get("forward") for denoiser, _ in diffusion_family(pipe).denoisers(pipe)]
+    return [forward for forward in forwards if isinstance(forward, GuidedDenoiser)]

@@ -166,22 +166,27 @@ def install_perturbation(pipe, spec: str, branch: Branch, make_op=None, skip_blo
         raise ValueError(f"{field}={spec!r} selects no layer")
     if make_op is not None:
         check_mirrored(family, attention, selection)
+    stages = family.denoisers(pipe)  # Wan 2.2: the same layers of both stages
+    for other, _ in stages[1:]:
+        if make_op is not None:
+            check_mirrored(family, family.attention_layers(other), selection)
     branch.blocks = tuple(selection)
     with installing() as changes:
-        guided = GuidedDenoiser.attach(pipe, family)
-        changes.add(guided.release)
-        guided.add_branch(branch)
-        changes.add(lambda: guided.info.branches.remove(branch))
-        blocks = family.blocks(denoiser)
-        for name, heads in selection.items():
-            if make_op is not None:
-                processor = family_processor(attention[name], family, guided.info, changes)
-                op = make_op(branch, torch.tensor(heads, dtype=torch.long))
-                processor.ops.append(op)
-                changes.add(functools.partial(processor.ops.remove, op))
-            if skip_blocks:
-                hook = blocks[name].register_forward_hook(_skip_block_hook(family, branch), with_kwargs=True)
-                changes.add(hook.remove)
+        for stage, cfg_scale in stages:
+            guided = GuidedDenoiser.attach(pipe, family, stage, cfg_scale)
+            changes.add(guided.release)
+            guided.add_branch(branch)
+            changes.add(functools.partial(guided.info.branches.remove, branch))
+            attention, blocks = family.attention_layers(stage), family.blocks(stage)
+            for name, heads in selection.items():
+                if make_op is not None:
+                    processor = family_processor(attention[name], family, guided.info, changes)
+                    op = make_op(branch, torch.tensor(heads, dtype=torch.long))
+                    processor.ops.append(op)
+                    changes.add(functools.partial(processor.ops.remove, op))
+                if skip_blocks:
+                    hook = blocks[name].register_forward_hook(_skip_block_hook(family, branch), with_kwargs=True)
+                    changes.add(hook.remove)
     return changes.undo
 
 

@@ -362,3 +362,80 @@ def test_the_unet_keeps_the_whole_branch():
     finally:
         hook.remove()
     assert set(seen) == {3}
+
+
+def wan22():
+    """tiny/wan as Wan 2.2: a second transformer (its own weights) for the low-noise steps below boundary 0.8."""
+    from mmattn.testing import build_tiny as build
+
+    pipe = build("tiny/wan")
+    second = build("tiny/wan", seed=1).transformer
+    pipe.register_modules(transformer_2=second)
+    pipe.register_to_config(boundary_ratio=0.8)
+    return pipe
+
+
+def test_wan22_perturbs_both_stages_with_each_stages_cfg_scale():
+    """Both transformers get the branch; the guided ε of a low-noise step (transformer_2) is the formula with
+    guidance_scale_2; u = 0 changes nothing and remove() restores both stages bit for bit."""
+    pipe = wan22()
+    assert not torch.equal(pipe.transformer.blocks[0].attn1.to_q.weight, pipe.transformer_2.blocks[0].attn1.to_q.weight)
+    call = {"num_inference_steps": 4, "guidance_scale": 4.0, "guidance_scale_2": 2.0}
+    kwargs = tiny_spec("tiny/wan").defaults | {"output_type": "pt"} | call
+
+    def run(record=None):
+        eps, step = [], pipe.scheduler.step
+
+        def recording_step(model_output, *args, **kw):
+            eps.append(model_output.clone())
+            return step(model_output, *args, **kw)
+
+        pipe.scheduler.step = recording_step
+        hooks = [] if record is None else [pipe.transformer_2.register_forward_hook(
+            lambda m, a, k, out: record.append((a, k, out)), with_kwargs=True)]
+        try:
+            frames = pipe("a red fox", generator=torch.Generator().manual_seed(0), **kwargs).frames
+        finally:
+            del pipe.scheduler.step
+            for hook in hooks:
+                hook.remove()
+        return frames, eps
+
+    baseline, _ = run()
+    config = SoftPAG(heads="blocks.1:*", strength=0.8, scale=2.0)
+    seen, calls = {}, []
+    with mmattn.apply(pipe, config):
+        inners = {name: getattr(pipe, name).forward._forward for name in ("transformer", "transformer_2")}
+        for name, inner in inners.items():
+            def spy(*a, inner=inner, name=name, **k):
+                out = inner(*a, **k)
+                seen.setdefault(name, []).append(sample(out).shape[0])
+                return out
+
+            getattr(pipe, name).forward._forward = spy
+        _, eps = run(calls)
+        for name, inner in inners.items():
+            getattr(pipe, name).forward._forward = inner
+    high, low = seen["transformer"], seen["transformer_2"]  # cond + perturbed, then uncond, in each step
+    assert high == [2, 1] * (len(high) // 2) and low == [2, 1] * (len(low) // 2) and len(high) + len(low) == 8
+    # the last step (low-noise stage): independent forwards of the untouched transformer_2
+    args, kw, _ = calls[-2]
+    with torch.no_grad():
+        eps_c = sample(pipe.transformer_2(*args, **kw))
+        eps_u = sample(pipe.transformer_2(*calls[-1][0], **calls[-1][1]))
+        with mmattn.apply(pipe, config):
+            branch = pipe.transformer_2.forward.info.branches[0]
+            branch.rows = slice(0, 1)
+            eps_p = sample(pipe.transformer_2.forward._forward(*args, **kw))
+            branch.rows = None
+    want = eps_u + 2.0 * (eps_c - eps_u) + config.scale * (eps_c - eps_p)
+    torch.testing.assert_close(eps[-1], want, atol=1e-4, rtol=1e-4)
+    with mmattn.apply(pipe, SoftPAG(heads="blocks.1:*", strength=0.0, scale=2.0)):
+        same, _ = run()
+    after, _ = run()
+    torch.testing.assert_close(same, baseline, atol=1e-6, rtol=1e-6)  # u = 0: the branch equals cond (batched)
+    assert torch.equal(after, baseline)
+    assert "forward" not in pipe.transformer.__dict__ and "forward" not in pipe.transformer_2.__dict__
+    from diffusers import WanPipeline
+
+    assert type(pipe) is WanPipeline
