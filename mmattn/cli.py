@@ -123,6 +123,36 @@ def _fractions(text: str) -> tuple[float, float]:
     return start, stop
 
 
+def _listed_methods(args) -> list:
+    """The methods of --methods FILE (checked before the model loads); with it, --method and its flags are not
+    read, so giving them is an error."""
+    if args.methods is None:
+        return []
+    given = [flag for flag in COMMON_FLAGS + sum(METHOD_FLAGS.values(), ()) if getattr(args, flag, None) is not None]
+    if given:
+        raise UsageError(f"--methods sets every method setting; drop --{given[0].replace('_', '-')}")
+    if not args.methods.is_file():
+        raise ValueError(f"--methods={args.methods}: no such file")
+    text = args.methods.read_text()
+    if args.methods.suffix in (".yaml", ".yml"):
+        import yaml
+
+        entries = yaml.safe_load(text)
+    else:
+        try:
+            entries = json.loads(text)
+        except ValueError as error:
+            raise ValueError(f"--methods={args.methods}: not JSON ({error})") from None
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"--methods={args.methods}: expected a non-empty list of method settings")
+    listed = [methods.from_dict(entry) for entry in entries]
+    for config in listed:
+        if config.applies_to != "diffusion":
+            raise ValueError(f"--methods: {config.name} applies to VLMs, not to generation")
+    args.method = "none"  # the listed methods replace --method
+    return listed
+
+
 def _windows(args) -> list:
     """The window methods --window / --freeswim ask for (checked before the model loads)."""
     from .windows import FreeSwim, Window2D, Window3D, WindowAttention
@@ -260,6 +290,10 @@ def _generation_args(parser, default_model: str, default_method: str, default_ou
     parser.add_argument("--window-dilation", type=_kernel, metavar="D", help="the window's dilation (default 1)")
     parser.add_argument("--window-steps", type=_fractions, metavar="START,STOP", default=(0.0, 1.0),
                         help="fractions [start, stop) of the steps that use the window (default 0,1)")
+    parser.add_argument("--methods", type=Path, metavar="FILE",
+                        help="a JSON (or YAML) list of method settings as settings.json writes them, e.g. "
+                             '[{"method": "pag", "heads": "transformer_blocks.1:*"}, {"method": "seg", "heads": '
+                             '"transformer_blocks.2:*"}]: all applied together in one variant, instead of --method')
     parser.add_argument("--freeswim", action="store_true",
                         help="FreeSwim with the method: windows of the training-scale grid, entropy scaling")
     parser.add_argument("--no-baseline", action="store_true", help="skip the baseline and the side-by-side comparison")
@@ -485,14 +519,15 @@ def _generate(args) -> int:
         out = _checked_out(args.out, args.overwrite)
         gen = GenerationPipeline.from_settings(args.from_settings)
     else:
+        listed = _listed_methods(args)
         _check_method_flags(args)
         device, dtype = _device_and_dtype(args)
         _method(args, args.heads or "layer")  # every setting checked before the model loads; the default heads need it
-        windows = _windows(args)
+        windows = listed + _windows(args)
         out = _checked_out(args.out, args.overwrite)
         gen = GenerationPipeline.from_pretrained(args.model, dtype=dtype, device=device, kinds=(args.kind,))
         gen.call = _call(args, gen.pipe)
-        method = _method(args, args.heads or _default_heads(gen.pipe))
+        method = None if listed else _method(args, args.heads or _default_heads(gen.pipe))
         together = ([method] if method is not None else []) + windows
         gen.methods = [together if len(together) > 1 else together[0]] if together else []
         gen.compare = not args.no_baseline

@@ -495,3 +495,23 @@ def test_generate_with_a_window_at_twice_the_resolution_and_from_settings(capsys
 def test_window_flags_are_checked_before_loading(capsys, args, message, no_loading):
     status, _, err = run(capsys, *args)
     assert status == 2 and message in err[0], err
+
+
+@pytest.mark.slow
+def test_methods_file_applies_several_methods_in_one_variant(capsys, tmp_path):
+    listed = [{"method": "pag", "heads": "transformer_blocks.1:*", "scale": 2.0},
+              {"method": "seg", "heads": "transformer_blocks.2:*"}]
+    (tmp_path / "methods.json").write_text(json.dumps(listed))
+    out = tmp_path / "out"
+    status, _, err = run(capsys, "generate", "--steps", "2", "--methods", str(tmp_path / "methods.json"), "--out", str(out))
+    assert status == 0, err
+    settings = json.loads((out / "settings.json").read_text())
+    assert [m["method"] for m in settings["methods"][0]] == ["pag", "seg"] and (out / "pag+seg").is_dir()
+    status, _, err = run(capsys, "generate", "--methods", str(tmp_path / "methods.json"), "--scale", "3")
+    assert status == 2 and "--methods sets every method setting; drop --scale" in err[0]
+
+
+def test_eval_gen_writes_the_table(tmp_path):
+    result = cli("eval", "gen", "--images", "2", "--steps", "1", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "| CFG |" in result.stdout and (tmp_path / "gen.md").exists() and (tmp_path / "gen.json").exists()
