@@ -87,7 +87,8 @@ def test_generation_harness_writes_its_table(tmp_path, monkeypatch):
     monkeypatch.setattr(classifier, "load", lambda: classifier.build(seed=0))
     result = evaluate.run_gen(images=3, steps=1, out=tmp_path)
     names = [r["method"] for r in result["rows"]]
-    assert names[:5] == ["CFG", "PAG", "SoftPAG", "SEG", "SLG"] and len(names) == 5 * len(evaluate.CFG_SCALES)
+    assert names[:6] == ["CFG", "PAG", "SoftPAG (searched heads)", "SoftPAG", "SEG", "SLG"]
+    assert len(names) == 6 * len(evaluate.CFG_SCALES)
     assert all(0 <= r["adherence"] <= 1 and r["frechet"] >= 0 for r in result["rows"])
     table = (tmp_path / "gen.md").read_text()
     assert "| SoftPAG |" in table and json.loads((tmp_path / "gen.json").read_text())["rows"]
