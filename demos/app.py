@@ -27,6 +27,7 @@ MAX_PROMPT, MAX_STEPS, MAX_IMAGE_SIDE, MAX_FRAMES = 200, 50, 1024, 17
 GUIDANCE = [name for name in registry.list_methods("diffusion")
             if "scale" in {f.name for f in dataclasses.fields(registry.get(name))}]
 PRUNING = ("fastv", "sparsevlm", "divprune", "visionzip")
+VQA_METHODS = (*PRUNING, "var")  # pruning (the pruned tokens shown) and VAR (its visual sinks shown)
 SELECTION = ("heads", "layers")
 
 
@@ -114,27 +115,32 @@ def generate(model_id: str, prompt: str, seed, steps, method_name: str, values: 
     return str(out / files["baseline"]), str(out / files[method.name]), summary
 
 
-def pruned_overlay(image, kept: torch.Tensor, image_positions: torch.Tensor, side: int):
-    """The image (resized to the model's square input) with the visual tokens that were pruned darkened."""
+def token_overlay(image, image_positions: list[int], marked: set[int], side: int, kind: str):
+    """The image (resized to the model's square input) with the visual tokens at ``marked`` positions darkened
+    (``kind="pruned"``) or outlined in red (``kind="sinks"``)."""
     from PIL import Image, ImageDraw
 
     size = 192
     picture = image.convert("RGB").resize((size, size), Image.NEAREST)
     shade = Image.new("RGBA", (size, size), (0, 0, 0, 0))
     draw = ImageDraw.Draw(shade)
-    kept_set = set(kept.tolist())
     cell = size / side
-    for index, position in enumerate(image_positions.tolist()):
-        if position not in kept_set:
+    for index, position in enumerate(image_positions):
+        if position in marked:
             row, col = divmod(index, side)
-            draw.rectangle([col * cell, row * cell, (col + 1) * cell - 1, (row + 1) * cell - 1], fill=(0, 0, 0, 170))
+            box = [col * cell, row * cell, (col + 1) * cell - 1, (row + 1) * cell - 1]
+            if kind == "pruned":
+                draw.rectangle(box, fill=(0, 0, 0, 170))
+            else:
+                draw.rectangle(box, outline=(255, 0, 0, 255), width=2)
     return Image.alpha_composite(picture.convert("RGBA"), shade).convert("RGB")
 
 
 def answer(image, scene_seed, question: str, method_name: str, values: dict):
-    """(baseline answer, answer with the method, the image with pruned tokens darkened, a summary)."""
+    """(baseline answer, answer with the method, the image with the pruned tokens darkened or VAR's visual sinks
+    outlined, a summary)."""
     import mmattn
-    from mmattn.processors import pruning
+    from mmattn.processors import pruning, sinks
     from mmattn.shapes import scenes, vlm as shapes_vlm
 
     question = check_text("question", question)
@@ -143,8 +149,8 @@ def answer(image, scene_seed, question: str, method_name: str, values: dict):
         image = scenes.render(scene, shapes_vlm.IMAGE_SIZE)
     elif max(image.size) > MAX_IMAGE_SIDE:
         raise ValueError(f"image is {image.width} x {image.height}: expected at most {MAX_IMAGE_SIDE} pixels a side")
-    if method_name not in PRUNING:
-        raise ValueError(f"method={method_name!r}: expected one of {', '.join(PRUNING)}")
+    if method_name not in VQA_METHODS:
+        raise ValueError(f"method={method_name!r}: expected one of {', '.join(VQA_METHODS)}")
     model, processor = vqa_model(VQA_MODELS[0])
     method = method_from(method_name, values)
     chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
@@ -157,12 +163,25 @@ def answer(image, scene_seed, question: str, method_name: str, values: dict):
         return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
     baseline = reply()
+    image_positions = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().squeeze(1).tolist()
+    side = math.isqrt(len(image_positions))
     with mmattn.apply(model, method):
         intervened = reply()
-        stats = pruning.last_stats(model)
-    image_positions, kept = stats.image_positions[0], stats.kept_image_positions[0]
-    side = math.isqrt(len(image_positions))
-    overlay = pruned_overlay(image, kept, image_positions, side)
+        if method_name == "var":
+            with torch.no_grad():
+                model(**inputs)  # the prefill alone: its sink statistics
+            layers = sinks.last_sink_stats(model).layers
+    if method_name == "var":
+        marked = {int(p) for layer in layers if layer.visual_sink_keys is not None
+                  for p in layer.visual_sink_keys[0].nonzero().squeeze(1).tolist()}
+        overlay = token_overlay(image, image_positions, marked, side, "sinks")
+        moved = sum(layer.mass_moved for layer in layers)
+        summary = (f"var: {len(marked & set(image_positions))} visual sink tokens (outlined) · "
+                   f"{sum(layer.rows for layer in layers)} (head, row)s redistributed · mass moved {moved:.2f}")
+        return baseline, intervened, overlay, summary
+    stats = pruning.last_stats(model)
+    kept = stats.kept_image_positions[0]
+    overlay = token_overlay(image, image_positions, set(image_positions) - set(kept.tolist()), side, "pruned")
     summary = (f"{method_name}: {len(kept)} of {len(image_positions)} visual tokens kept · "
                f"{stats.equivalent_tokens:.0f} equivalent tokens · prefill {stats.prefill_seconds * 1000:.0f} ms")
     return baseline, intervened, overlay, summary
@@ -236,15 +255,15 @@ def build():
                 with gr.Column():
                     scene_seed = gr.Number(7, label="scene seed", precision=0)
                     question = gr.Textbox("what color is the circle", label="question", max_length=MAX_PROMPT)
-                    vqa_method = gr.Dropdown(list(PRUNING), value="fastv", label="method")
-            vqa_groups, vqa_entries = method_groups(PRUNING, "fastv")
+                    vqa_method = gr.Dropdown(list(VQA_METHODS), value="fastv", label="method")
+            vqa_groups, vqa_entries = method_groups(VQA_METHODS, "fastv")
             ask = gr.Button("Answer", variant="primary", elem_id="answer")
             with gr.Row():
                 plain = gr.Textbox(label="baseline answer", elem_id="plain-answer")
                 pruned = gr.Textbox(label="answer with the method", elem_id="pruned-answer")
-                overlay = gr.Image(label="visual tokens pruned (dark)", type="pil")
+                overlay = gr.Image(label="visual tokens pruned (dark) or sinks (red)", type="pil")
             vqa_summary = gr.Markdown()
-            vqa_method.change(lambda name: [gr.update(visible=n == name) for n in PRUNING], vqa_method, vqa_groups)
+            vqa_method.change(lambda name: [gr.update(visible=n == name) for n in VQA_METHODS], vqa_method, vqa_groups)
 
             def on_answer(picture, seed_value, text, name, *values):
                 return answer(picture, seed_value, text, name, collect(name, vqa_entries, values))

@@ -79,13 +79,15 @@ def install_zerotuning(model, config: ZeroTuning):
 @dataclass
 class LayerSinkStats:
     """What VAR did in one decoder layer during the last forward: visual and text sinks found (summed over the
-    batch), image-centric (head, row) pairs redistributed and the attention mass they moved (summed)."""
+    batch), image-centric (head, row) pairs redistributed and the attention mass they moved (summed);
+    ``visual_sink_keys`` (B, keys) bool: which of the layer's keys were visual sinks."""
 
     layer: int
     visual_sinks: int = 0
     text_sinks: int = 0
     rows: int = 0
     mass_moved: float = 0.0
+    visual_sink_keys: torch.Tensor | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -267,6 +269,7 @@ class VisualSinkRedistribution:
         if layer is None:
             layer = LayerSinkStats(self.index)
             stats.layers.append(layer)
+        layer.visual_sink_keys = (sink & image).cpu()
         layer.visual_sinks += int((sink & image).sum())
         layer.text_sinks += int((sink & ~image).sum())
         if chosen is not None:

@@ -27,9 +27,11 @@ def server():
     demo.close()
 
 
-def defaults(names) -> list:
-    """Every method control's default, in the app's order (empty head selections: the middle block)."""
-    return ["" if f.default is dataclasses.MISSING else f.default for name in names for f in app.controls_of(name)]
+def defaults(names, **overrides) -> list:
+    """Every method control's value in the app's order: its default (empty head selections: the middle block), or
+    ``overrides["<method>_<field>"]``."""
+    return [overrides.get(f"{name}_{f.name}", "" if f.default is dataclasses.MISSING else f.default)
+            for name in names for f in app.controls_of(name)]
 
 
 def test_client_generates_both_images_and_answers(server):
@@ -43,8 +45,12 @@ def test_client_generates_both_images_and_answers(server):
     assert a.size == b.size == (64, 64) and a.tobytes() != b.tobytes()
     assert summary.startswith("softpag on transformer_blocks.2:*")
     plain, pruned, overlay, text = client.predict(None, 7, "how many shapes are there", "fastv",
-                                                  *defaults(app.PRUNING), api_name="/answer")
+                                                  *defaults(app.VQA_METHODS), api_name="/answer")
     assert plain and pruned and Image.open(overlay).size == (192, 192) and "72 of 144 visual tokens" in text
+    *_, overlay, text = client.predict(None, 7, "what color is the circle", "var",
+                                       *defaults(app.VQA_METHODS, var_tau=1.5, var_first_layer=1), api_name="/answer")
+    assert text.startswith("var: ") and "visual sink tokens (outlined)" in text, text
+    assert int(text.split()[1]) > 0  # this tau finds sinks on shapes-vlm
 
 
 @pytest.mark.parametrize("prompt, seed, steps, message", [
