@@ -87,8 +87,34 @@ def default_heads(pipe) -> str:
     return f"{layers[len(layers) // 2]}:*"
 
 
-def generate(model_id: str, prompt: str, seed, steps, method_name: str, values: dict):
-    """(baseline, intervened, what ran): image paths (animated WebP for video models) and a one-line summary."""
+def window_footprint(grid: tuple[int, int], kernel: int):
+    """The token grid with what two queries see under ``Window2D(kernel)``: the centre token's window in blue, a
+    corner token's (shifted inward, NATTEN's rule) in orange; the queries themselves darker."""
+    from PIL import Image, ImageDraw
+
+    from mmattn.windows import Window2D
+
+    spec, (rows, cols) = Window2D(kernel), grid
+    cell = max(8, 192 // max(rows, cols))
+    picture = Image.new("RGB", (cols * cell, rows * cell), "white")
+    draw = ImageDraw.Draw(picture)
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    for (qr, qc), colour, dark in (((rows // 2, cols // 2), (120, 160, 255), (30, 60, 200)),
+                                   ((0, 0), (255, 190, 110), (220, 110, 0))):
+        seen = spec.visible((torch.tensor(qr), torch.tensor(qc)), (r, c), grid)
+        for i, j in seen.nonzero().tolist():
+            draw.rectangle([j * cell, i * cell, (j + 1) * cell - 1, (i + 1) * cell - 1], fill=colour)
+        draw.rectangle([qc * cell, qr * cell, (qc + 1) * cell - 1, (qr + 1) * cell - 1], fill=dark)
+    for i in range(rows + 1):
+        draw.line([0, i * cell, cols * cell, i * cell], fill=(200, 200, 200))
+    for j in range(cols + 1):
+        draw.line([j * cell, 0, j * cell, rows * cell], fill=(200, 200, 200))
+    return picture
+
+
+def generate(model_id: str, prompt: str, seed, steps, method_name: str, values: dict, window=0):
+    """(baseline, intervened, what ran, window footprint or None): image paths (animated WebP for video models), a
+    one-line summary, and with ``window`` > 0 (image models) the window a query sees."""
     if model_id not in GENERATION_MODELS:
         raise ValueError(f"model={model_id!r}: expected one of {', '.join(GENERATION_MODELS)}")
     prompt = check_text("prompt", prompt)
@@ -100,7 +126,21 @@ def generate(model_id: str, prompt: str, seed, steps, method_name: str, values: 
     selection = "layers" if "layers" in {f.name for f in controls_of(method_name)} else "heads"
     values = {**values, selection: values.get(selection) or default_heads(gen.pipe)}
     method = method_from(method_name, values)
+    window = check_int("window", window or 0, 0, 64)
     gen.methods, gen.compare = [method], True
+    footprint = None
+    if window:
+        from mmattn.windows import Window2D, WindowAttention
+
+        if gen.video:
+            raise ValueError("window: the demo's window attention is for image models; use mmattn video --window")
+        gen.methods = [[method, WindowAttention(Window2D(window))]]
+        factor = gen.pipe.vae_scale_factor * (getattr(gen.pipe.transformer.config, "patch_size", None) or 1)
+        grid = (gen.call["height"] // factor, gen.call["width"] // factor)
+        if window > min(grid):
+            raise ValueError(f"window={window} is out of range for {model_id}: expected an int in [0, {min(grid)}] "
+                             f"(its token grid is {grid[0]} x {grid[1]})")
+        footprint = window_footprint(grid, window)
     call = dict(gen.call, num_inference_steps=steps)
     if gen.video:
         call["num_frames"] = min(call.get("num_frames", 5), MAX_FRAMES)
@@ -111,8 +151,10 @@ def generate(model_id: str, prompt: str, seed, steps, method_name: str, values: 
         gen.methods = []
     files = {Path(record["file"]).parts[0]: record["file"] for record in run.settings["outputs"]}
     out = run.files[0].parents[1]
-    summary = f"{method_name} on {getattr(method, selection)} · {steps} steps · seed {seed} · {run.settings['seconds']} s"
-    return str(out / files["baseline"]), str(out / files[method.name]), summary
+    label = f"{method.name}+window" if window else method.name
+    summary = (f"{method_name} on {getattr(method, selection)}{f' + {window}x{window} window' if window else ''} · "
+               f"{steps} steps · seed {seed} · {run.settings['seconds']} s")
+    return str(out / files["baseline"]), str(out / files[label]), summary, footprint
 
 
 def token_overlay(image, image_positions: list[int], marked: set[int], side: int, kind: str):
@@ -236,18 +278,22 @@ def build():
                 steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="steps")
                 method = gr.Dropdown(GUIDANCE, value="softpag", label="method")
             groups, entries = method_groups(GUIDANCE, "softpag")
+            window = gr.Number(0, label="window attention: kernel in tokens (0: off; image models)", precision=0)
             button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Row():
                 baseline = gr.Image(label="baseline", type="filepath", elem_id="baseline")
                 intervened = gr.Image(label="with the method", type="filepath", elem_id="intervened")
+                footprint = gr.Image(label="window footprint (blue: centre token, orange: a corner token)",
+                                     type="pil")
             summary = gr.Markdown(elem_id="generate-summary")
             method.change(lambda name: [gr.update(visible=n == name) for n in GUIDANCE], method, groups)
 
             def on_generate(model_id, text, seed_value, step_count, name, *values):
-                return generate(model_id, text, seed_value, step_count, name, collect(name, entries, values))
+                *values, kernel = values
+                return generate(model_id, text, seed_value, step_count, name, collect(name, entries, values), kernel)
 
-            button.click(guarded(on_generate), [model, prompt, seed, steps, method, *[c for *_, c in entries]],
-                         [baseline, intervened, summary], api_name="generate")
+            button.click(guarded(on_generate), [model, prompt, seed, steps, method, *[c for *_, c in entries], window],
+                         [baseline, intervened, summary, footprint], api_name="generate")
         with gr.Tab("VQA"):
             with gr.Row():
                 image = gr.Image(label="image (empty: a shapes-world scene from the seed)", type="pil",

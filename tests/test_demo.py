@@ -39,11 +39,15 @@ def test_client_generates_both_images_and_answers(server):
     from PIL import Image
 
     client = Client(server.local_url, verbose=False)
-    baseline, intervened, summary = client.predict("mmattn/shapes-t2i", "a red circle left of a blue square", 3, 4,
-                                                   "softpag", *defaults(app.GUIDANCE), api_name="/generate")
+    baseline, intervened, summary, footprint = client.predict(
+        "mmattn/shapes-t2i", "a red circle left of a blue square", 3, 4, "softpag", *defaults(app.GUIDANCE), 0,
+        api_name="/generate")
     a, b = Image.open(baseline), Image.open(intervened)
-    assert a.size == b.size == (64, 64) and a.tobytes() != b.tobytes()
+    assert a.size == b.size == (64, 64) and a.tobytes() != b.tobytes() and footprint is None
     assert summary.startswith("softpag on transformer_blocks.2:*")
+    *_, summary, footprint = client.predict("mmattn/shapes-t2i", "a red circle", 3, 4, "softpag",
+                                            *defaults(app.GUIDANCE), 3, api_name="/generate")
+    assert "+ 3x3 window" in summary and Image.open(footprint).size == (192, 192)
     plain, pruned, overlay, text = client.predict(None, 7, "how many shapes are there", "fastv",
                                                   *defaults(app.VQA_METHODS), api_name="/answer")
     assert plain and pruned and Image.open(overlay).size == (192, 192) and "72 of 144 visual tokens" in text
@@ -65,7 +69,8 @@ def test_client_gets_a_clear_message_for_bad_input(server, prompt, seed, steps, 
 
     client = Client(server.local_url, verbose=False)
     with pytest.raises(Exception, match=re.escape(message)):
-        client.predict("mmattn/shapes-t2i", prompt, seed, steps, "softpag", *defaults(app.GUIDANCE), api_name="/generate")
+        client.predict("mmattn/shapes-t2i", prompt, seed, steps, "softpag", *defaults(app.GUIDANCE), 0,
+                       api_name="/generate")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
