@@ -48,6 +48,9 @@ def test_client_generates_both_images_and_answers(server):
     *_, summary, footprint = client.predict("mmattn/shapes-t2i", "a red circle", 3, 4, "softpag",
                                             *defaults(app.GUIDANCE), 3, api_name="/generate")
     assert "+ 3x3 window" in summary and Image.open(footprint).size == (192, 192)
+    _, video, summary, _ = client.predict("tiny/wan", "a red fox", 0, 2, "stg", *defaults(app.GUIDANCE), 0,
+                                          api_name="/generate")
+    assert Image.open(video).n_frames == 5 and summary.startswith("stg on blocks.")
     plain, pruned, overlay, text = client.predict(None, 7, "how many shapes are there", "fastv",
                                                   *defaults(app.VQA_METHODS), api_name="/answer")
     assert plain and pruned and Image.open(overlay).size == (192, 192) and "72 of 144 visual tokens" in text
