@@ -496,12 +496,6 @@ def _call(args, pipe) -> dict:
     return call
 
 
-def mmattn_apply(pipe, method):
-    from . import apply
-
-    return apply(pipe, method)
-
-
 def _warn_if_unguided(prog: str, method, steps: int) -> None:
     """Say so when no step i of the run lies in the method's window: start <= i/steps < stop."""
     if not any(method.start <= i / steps < method.stop for i in range(steps)):
@@ -512,6 +506,7 @@ def _warn_if_unguided(prog: str, method, steps: int) -> None:
 def _generate(args) -> int:
     """Images (``generate``) or videos (``video``): baseline and intervention per prompt and seed, through
     ``mmattn.pipelines.generation.GenerationPipeline``; ``--from settings.json`` runs a recorded run again."""
+    from . import apply
     from .hub import default_prompt
     from .pipelines.generation import GenerationPipeline
 
@@ -523,17 +518,17 @@ def _generate(args) -> int:
         _check_method_flags(args)
         device, dtype = _device_and_dtype(args)
         _method(args, args.heads or "layer")  # every setting checked before the model loads; the default heads need it
-        windows = listed + _windows(args)
+        others = listed + _windows(args)  # --methods FILE and the window flags
         out = _checked_out(args.out, args.overwrite)
         gen = GenerationPipeline.from_pretrained(args.model, dtype=dtype, device=device, kinds=(args.kind,))
         gen.call = _call(args, gen.pipe)
         method = None if listed else _method(args, args.heads or _default_heads(gen.pipe))
-        together = ([method] if method is not None else []) + windows
+        together = ([method] if method is not None else []) + others
         gen.methods = [together if len(together) > 1 else together[0]] if together else []
         gen.compare = not args.no_baseline
         gen.prompts, gen.seeds = args.prompt or [default_prompt(args.model)], args.seed or [0]
         if method is not None:
-            with mmattn_apply(gen.pipe, method):  # the heads checked against the model before anything is generated
+            with apply(gen.pipe, method):  # the heads checked against the model before anything is generated
                 pass
             _warn_if_unguided(args.prog, method, gen.call["num_inference_steps"])
     if args.overwrite:
