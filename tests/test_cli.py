@@ -97,9 +97,9 @@ def test_video_refuses_an_image_model():
 
 @pytest.mark.parametrize("command", [["generate"], ["video"], ["heads", "search"], ["eval", "vqa"], ["eval", "gen"],
                                      ["vqa"], ["demo"], ["bench"]])
-def test_every_subcommand_help_ends_with_an_example(command):
-    result = cli(*command, "--help")
-    assert result.returncode == 0 and f"example: mmattn {command[0]}" in result.stdout
+def test_every_subcommand_help_ends_with_an_example(command, capsys):
+    status, out, _ = run(capsys, *command, "--help")
+    assert status == 0 and f"example: mmattn {command[0]}" in out
 
 
 def test_bench_runs_a_benchmark_script(tmp_path):
