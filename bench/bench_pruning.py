@@ -145,13 +145,18 @@ def measure(fn) -> tuple[float, int]:
     return seconds, max(peak[0], rss()) - start_rss
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The mid-size model's flags (``build_model``'s arguments and the prompt's text tokens), shared by bench_sinks."""
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--text-tokens", type=int, default=64)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_arguments(parser)
     parser.add_argument("--keeps", type=int, nargs="+", default=[192, 128, 64],
                         help="image tokens kept (of 576 per image): 33%% / 22%% / 11%% of one image")
     parser.add_argument("--images", type=int, default=1, help="images in the prompt (576 tokens each)")

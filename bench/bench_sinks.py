@@ -32,7 +32,7 @@ import mmattn
 from mmattn._compat import AttentionInterface, AttentionMaskInterface, eager_attention_forward, eager_mask
 from mmattn.processors import sinks
 
-from bench_pruning import build_model, make_inputs, measure
+from bench_pruning import build_model, make_inputs, measure, model_arguments
 
 EAGER_VAR = "bench_eager_var"
 CONFIG = mmattn.VAR(tau=2.5, sink_dims=(0, 1), rho=0.9, image_mass=0.05)
@@ -93,11 +93,7 @@ class _Case:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--text-tokens", type=int, default=64)
+    model_arguments(parser)
     parser.add_argument("--images", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="bench/results/sinks_cpu.json")

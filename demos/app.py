@@ -79,14 +79,6 @@ def vqa_model(model_id: str):
     return hub.load_vlm(model_id)
 
 
-def default_heads(pipe) -> str:
-    from mmattn.adapters import diffusion_family
-
-    family = diffusion_family(pipe)
-    layers = list(family.attention_layers(family.denoiser(pipe)))
-    return f"{layers[len(layers) // 2]}:*"
-
-
 def window_footprint(grid: tuple[int, int], kernel: int):
     """The token grid with what two queries see under ``Window2D(kernel)``: the centre token's window in blue, a
     corner token's (shifted inward, NATTEN's rule) in orange; the queries themselves darker."""
@@ -122,6 +114,8 @@ def generate(model_id: str, prompt: str, seed, steps, method_name: str, values: 
     steps = check_int("steps", steps, 1, MAX_STEPS)
     if method_name not in GUIDANCE:
         raise ValueError(f"method={method_name!r}: expected one of {', '.join(GUIDANCE)}")
+    from mmattn.pipelines.generation import default_heads
+
     gen = generation_pipeline(model_id)
     selection = "layers" if "layers" in {f.name for f in controls_of(method_name)} else "heads"
     values = {**values, selection: values.get(selection) or default_heads(gen.pipe)}

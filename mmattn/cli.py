@@ -50,10 +50,9 @@ METHOD_FLAGS = {name: tuple(f.name for f in methods.settings(name) if f.name not
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_VQA_MODEL = "mmattn/shapes-vlm"
 VLM_METHODS = tuple(methods.list_methods("vlm"))
-VLM_FLAGS: dict[str, list[str]] = {}  # setting -> the VLM methods that have it
-for _name in VLM_METHODS:
-    for _field in methods.settings(_name):
-        VLM_FLAGS.setdefault(_field.name, []).append(_name)
+# setting -> the VLM methods that have it
+VLM_FLAGS = {flag: [name for name in VLM_METHODS if flag in {f.name for f in methods.settings(name)}]
+             for flag in dict.fromkeys(f.name for name in VLM_METHODS for f in methods.settings(name))}
 # The pipeline call argument each flag sets.
 CALL_FLAGS = {"num_inference_steps": "steps", "height": "height", "width": "width", "num_frames": "num_frames",
               "guidance_scale": "guidance_scale"}
@@ -447,13 +446,6 @@ def _method(args, heads: str):
     return METHODS[args.method](**{selection: heads}, **given)
 
 
-def _default_heads(pipe) -> str:
-    from .adapters import diffusion_family
-
-    layers = list(diffusion_family(pipe).attention_layers(diffusion_family(pipe).denoiser(pipe)))
-    return f"{layers[len(layers) // 2]}:*"
-
-
 def _size_multiple(pipe) -> int:
     """What height and width must be multiples of: the VAE's downsampling times the denoiser's patch (Flux packs
     2x2 latents into a token), and any multiple the pipeline checks itself."""
@@ -508,7 +500,7 @@ def _generate(args) -> int:
     ``mmattn.pipelines.generation.GenerationPipeline``; ``--from settings.json`` runs a recorded run again."""
     from . import apply
     from .hub import default_prompt
-    from .pipelines.generation import GenerationPipeline
+    from .pipelines.generation import GenerationPipeline, default_heads
 
     if args.from_settings is not None:
         out = _checked_out(args.out, args.overwrite)
@@ -522,7 +514,7 @@ def _generate(args) -> int:
         out = _checked_out(args.out, args.overwrite)
         gen = GenerationPipeline.from_pretrained(args.model, dtype=dtype, device=device, kinds=(args.kind,))
         gen.call = _call(args, gen.pipe)
-        method = None if listed else _method(args, args.heads or _default_heads(gen.pipe))
+        method = None if listed else _method(args, args.heads or default_heads(gen.pipe))
         together = ([method] if method is not None else []) + others
         gen.methods = [together if len(together) > 1 else together[0]] if together else []
         gen.compare = not args.no_baseline

@@ -40,6 +40,15 @@ class GenerationRun:
     files: list[Path] = field(default_factory=list)
 
 
+def default_heads(pipe) -> str:
+    """Every head of the denoiser's middle block: the head selection used when none is given."""
+    from mmattn.adapters import diffusion_family
+
+    family = diffusion_family(pipe)
+    layers = list(family.attention_layers(family.denoiser(pipe)))
+    return f"{layers[len(layers) // 2]}:*"
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

@@ -225,6 +225,15 @@ class VARReference:
         return (probs @ value).transpose(1, 2).contiguous(), probs
 
 
+def var_reference(model, config):
+    """(VARReference, its hooks: the capture on the core and the sink finder on every decoder layer)."""
+    reference = VARReference(model, config)
+    hooks = [model.model.register_forward_pre_hook(reference.capture, with_kwargs=True)]
+    hooks += [layer.register_forward_pre_hook(reference.layer_hook(i), with_kwargs=True)
+              for i, layer in enumerate(model.model.language_model.layers)]
+    return reference, hooks
+
+
 VAR_TEST = dict(p=0.3, rho=0.9, image_mass=0.05, tau=1.2, sink_dims=(0, 3, 5), first_layer=1)
 
 
@@ -240,10 +249,7 @@ def test_var_equals_the_eager_reference_prefill_and_decode(name):
     with mmattn.apply(model, config):
         ours = generate(model, inputs)
         stats = last_sink_stats(model)
-    reference = VARReference(model, config)
-    layers = model.model.language_model.layers
-    hooks = [model.model.register_forward_pre_hook(reference.capture, with_kwargs=True)]
-    hooks += [layers[i].register_forward_pre_hook(reference.layer_hook(i), with_kwargs=True) for i in range(len(layers))]
+    reference, hooks = var_reference(model, config)
     assert_matches(ours, reference_generate(model, inputs, reference, hooks), baseline)
     assert any(reference.sinks[1][b][inputs["input_ids"][b] == model.config.image_token_id].any() for b in range(2))
     assert stats.layers and stats.layers[0].visual_sinks > 0 and stats.layers[0].rows > 0
@@ -532,11 +538,7 @@ def test_sink_methods_on_several_images_and_on_video_equal_the_reference(method,
     with mmattn.apply(model, config):
         ours = generate(model, inputs)
     if method == "var":
-        reference = VARReference(model, config)
-        layers = model.model.language_model.layers
-        hooks = [model.model.register_forward_pre_hook(reference.capture, with_kwargs=True)]
-        hooks += [layer.register_forward_pre_hook(reference.layer_hook(i), with_kwargs=True)
-                  for i, layer in enumerate(layers)]
+        reference, hooks = var_reference(model, config)
     else:
         reference = PAIReference(model, config)
         hooks = [model.model.register_forward_pre_hook(reference.capture, with_kwargs=True)]
