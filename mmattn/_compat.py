@@ -85,6 +85,12 @@ def stored_keys(cache, layer_idx: int) -> int:
     return 0 if keys is None else keys.shape[-2]
 
 
+def cached_keys(cache, layer_idx: int) -> torch.Tensor:
+    """The keys (B, H, N, D) the cache holds for decoder layer ``layer_idx`` (``cache.layers[i].keys``; 5.23.0,
+    5.24.0)."""
+    return cache.layers[layer_idx].keys
+
+
 def count_extra_tokens(cache, layer_idx: int, extra: int) -> None:
     """Make layer ``layer_idx`` of ``cache`` report ``extra`` more tokens than it stores: transformers reads the
     tokens seen so far (decode positions, generate()'s new ids) from layer 0's ``get_seq_length`` (5.23.0, 5.24.0)."""

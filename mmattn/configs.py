@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import asdict, dataclass, field, fields
+from typing import ClassVar
 
 from .heads import parse_heads
 
@@ -258,17 +259,51 @@ def _check_keep(name: str, keep) -> None:
                          "[0, 1] is a fraction)")
 
 
+POSITIONS = ("original", "compact")
+
+
 @dataclass(frozen=True)
-class _ScoredAtLayer(_Method):
-    """Pruning scored by attention in decoder layer ``layer - 1``, keeping ``keep`` image tokens from ``layer`` on."""
+class _Pruning(_Method):
+    """Common to the pruning configs (keywords): ``positions``, the rotary positions of the tokens kept,
+    "original" (default: as before the drop) or "compact" (re-indexed without gaps: per sample, the position
+    values the kept tokens use map to consecutive ones, from the first; M-RoPE's axes share the mapping; decode
+    steps shift by the gap so left); ``paper_exact=True`` sets every option to the official code's choice
+    (``official``) and refuses one given otherwise."""
 
     applies_to = "vlm"
+    official: ClassVar[dict] = {"positions": "compact"}  # the official code's choice of each option
+
+    positions: str | None = field(default=None, kw_only=True, metadata={
+        "help": "rotary positions after the drop: original (default) or compact (re-indexed without gaps, as the "
+                "official code does)", "choices": POSITIONS})
+    paper_exact: bool = field(default=False, kw_only=True, metadata={
+        "help": "every option as the official code sets it", "choices": None})
+
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
+        if not isinstance(self.paper_exact, bool):
+            raise ConfigTypeError(f"paper_exact={self.paper_exact!r}: expected True or False")
+        if self.positions is not None and self.positions not in POSITIONS:
+            raise ValueError(f"positions={self.positions!r}: expected 'original' or 'compact'")
+        if self.paper_exact:
+            for name, value in self.official.items():
+                if getattr(self, name) not in (None, value):
+                    raise ValueError(f"{name}={getattr(self, name)!r} contradicts paper_exact=True: the official "
+                                     f"{type(self).__name__} code uses {name}={value!r}")
+                object.__setattr__(self, name, value)
+        if self.positions is None:
+            object.__setattr__(self, "positions", "original")
+
+
+@dataclass(frozen=True)
+class _ScoredAtLayer(_Pruning):
+    """Pruning scored by attention in decoder layer ``layer - 1``, keeping ``keep`` image tokens from ``layer`` on."""
 
     layer: int = 2
     keep: float | int = 0.5
 
     def __post_init__(self) -> None:
-        _plain_numbers(self)
+        super().__post_init__()
         _check_layer("layer", self.layer, 1, "the first pruned layer")
         _check_keep("keep", self.keep)
 
@@ -279,12 +314,13 @@ class FastV(_ScoredAtLayer):
 
     At decoder layer ``layer - 1`` the attention of the last query to the image tokens, averaged over
     heads, ranks them; from decoder layer ``layer`` on only the top image tokens and all other tokens
-    remain, at their original positions. ``keep`` is a fraction of the image tokens (a float, rounded)
-    or a count (an int). Only the prefill is pruned; decode steps attend to the kept tokens. The paper's
-    K=2, R=50% is ``FastV(layer=2, keep=0.5)``.
+    remain, at their original positions (as the official code keeps them). ``keep`` is a fraction of the image
+    tokens (a float, rounded) or a count (an int). Only the prefill is pruned; decode steps attend to the kept
+    tokens. The paper's K=2, R=50% is ``FastV(layer=2, keep=0.5)``.
     """
 
     name = "fastv"
+    official: ClassVar[dict] = {"positions": "original"}
 
 
 @dataclass(frozen=True)
@@ -295,7 +331,8 @@ class SparseVLM(_ScoredAtLayer):
     raters are those whose share of attention on image tokens (mean over heads) is at least the mean share
     of the candidates, as SparseVLM picks its vision-relevant text raters. An image token's score is the
     attention the raters give it (mean over heads and raters). The top ``keep`` image tokens remain from
-    ``layer`` on, at their original positions. Deviations from the paper: one stage at a fixed budget
+    ``layer`` on, at their original positions (``positions="compact"``: re-indexed, as the official code does).
+    Deviations from the paper: one stage at a fixed budget
     (no rank-adaptive budget), no recycling of pruned tokens, and raters are chosen from the layer's own
     attention instead of a separate projection of the raw embeddings.
     """
@@ -304,30 +341,30 @@ class SparseVLM(_ScoredAtLayer):
 
 
 @dataclass(frozen=True)
-class DivPrune(_Method):
+class DivPrune(_Pruning):
     """DivPrune (arXiv 2503.02175): keep a diverse subset of the image tokens, chosen before the LLM.
 
     On the projected visual embeddings (the input of decoder layer ``layer``, 0 by default: the
     multimodal projector's output), cosine distance d = 1 - cos. The first token kept is the one whose
     nearest other image token is farthest; each next one is the token farthest (max-min) from those kept,
     until ``keep`` tokens are chosen. Text tokens always remain; kept tokens keep their original
-    positions (the paper re-indexes positions contiguously).
+    positions by default (``positions="compact"`` or ``paper_exact=True``: re-indexed contiguously, as the paper's
+    code builds the shorter sequence).
     """
 
     keep: float | int = 0.5
     layer: int = 0
 
     name = "divprune"
-    applies_to = "vlm"
 
     def __post_init__(self) -> None:
-        _plain_numbers(self)
+        super().__post_init__()
         _check_keep("keep", self.keep)
         _check_layer("layer", self.layer, 0, "the first pruned layer; 0 prunes before the LLM")
 
 
 @dataclass(frozen=True)
-class VisionZip(_Method):
+class VisionZip(_Pruning):
     """Encoder-side visual token pruning in the manner of VisionZip (arXiv 2412.04467) and HiRED (arXiv 2408.10945).
 
     The vision tower's feature layer ranks the image tokens: the [CLS] query's attention where the tower has a
@@ -337,7 +374,9 @@ class VisionZip(_Method):
     spread evenly over the rest, each merged with the pruned tokens most similar to it: ``merge="target_plus_mean"``
     (default, the official formula) gives target + mean(assigned), ``merge="mean"`` the mean of the target and
     the assigned tokens. Deviations: similarity and merging use the projected embeddings (VisionZip: the tower's
-    keys and outputs), and kept tokens keep their original positions (VisionZip re-indexes).
+    keys and outputs); kept tokens keep their original positions by default (VisionZip re-indexes them: 
+    ``positions="compact"`` or ``paper_exact=True``); with HF LLaVA's "default" feature strategy the [CLS] token
+    is not among the LLM's tokens, so its dominant slot (the official code keeps [CLS]) goes to one more patch.
     """
 
     keep: float | int = 0.25
@@ -346,11 +385,11 @@ class VisionZip(_Method):
                           ("target_plus_mean", "mean"))
 
     name = "visionzip"
-    applies_to = "vlm"
+    official: ClassVar[dict] = {"positions": "compact", "merge": "target_plus_mean"}
     layer = 0  # the first pruned decoder layer: before the LLM
 
     def __post_init__(self) -> None:
-        _plain_numbers(self)
+        super().__post_init__()
         _check_keep("keep", self.keep)
         if not isinstance(self.contextual, int) or isinstance(self.contextual, bool) or self.contextual < 0:
             raise ValueError(f"contextual={self.contextual!r} is out of range: expected an int >= 0 (context tokens "
@@ -360,7 +399,7 @@ class VisionZip(_Method):
 
 
 @dataclass(frozen=True)
-class PyramidDrop(_Method):
+class PyramidDrop(_Pruning):
     """PyramidDrop visual token pruning (arXiv 2410.17247) for transformers VLMs: FastV repeated in stages.
 
     ``stages`` lists ``(layer, keep)`` pairs. At each stage layer ``L_i`` the image tokens still kept are
@@ -370,7 +409,9 @@ class PyramidDrop(_Method):
     RoPE) applied to its input, the last instruction token's row of probabilities, mean over heads; a fraction
     keeps ``int(N * keep)`` tokens (floor). ``ranking="previous_attention"`` ranks by the last query's attention
     inside layer ``L_i - 1`` instead (the fused FastV scorer; no extra projection), a fraction rounded.
-    Deviation from the official code: kept tokens keep their original positions (it re-indexes them 0..n-1). Layers are strictly increasing (each >= 1; the upper bound,
+    Deviation from the official code, by default: kept tokens keep their original positions (it re-indexes them
+    0..n-1 and shifts decode positions by the tokens dropped: ``positions="compact"`` or ``paper_exact=True``).
+    Layers are strictly increasing (each >= 1; the upper bound,
     the model's layer count - 1, is checked when applied); keeps of one kind are non-increasing (a budget
     above the tokens still kept keeps them all). ``FastV(layer=K, keep=r)`` is ``PyramidDrop([(K, r)])``.
     """
@@ -380,9 +421,10 @@ class PyramidDrop(_Method):
                             ("layer_input", "previous_attention"))
 
     name = "pyramiddrop"
-    applies_to = "vlm"
+    official: ClassVar[dict] = {"positions": "compact", "ranking": "layer_input"}
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         stages = self.stages
         if isinstance(stages, (str, bytes)) or not isinstance(stages, (list, tuple)) or len(stages) == 0:
             raise ValueError(f"stages={stages!r}: expected a non-empty list of (layer, keep) pairs")
@@ -408,7 +450,8 @@ class PyramidDrop(_Method):
             raise ValueError(f"ranking={self.ranking!r}: expected 'layer_input' or 'previous_attention'")
 
     def to_dict(self) -> dict:
-        return {"method": self.name, "stages": [list(stage) for stage in self.stages], "ranking": self.ranking}
+        return {"method": self.name, "stages": [list(stage) for stage in self.stages], "ranking": self.ranking,
+                "positions": self.positions, "paper_exact": self.paper_exact}
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,7 @@ from mmattn._compat import (
     output_cache,
     query_key,
     sdpa_attention_forward,
+    cached_keys,
     sdpa_mask,
     stored_keys,
 )
@@ -216,8 +217,24 @@ class _PruneState:
         self.n_images: torch.Tensor | None = None  # (B,) image tokens of each sample in the prefill
         self.fillers: list[torch.Tensor | None] = [None] * len(stages)  # per stage: (B, N) bool, see choose()
         self.stage_stats: list[StageStats] = []
+        # Chunks: a prefill with image tokens after cached tokens (a later turn of a chat) is pruned too. The current
+        # chunk's tokens are at original positions offset .. offset + prefill_len; kept_stages and fillers count
+        # from offset. ``held[i]`` (B, M): the original positions the caches of stage i's layers hold from earlier
+        # chunks (and the tokens decoded between); ``held_fillers[i]`` (B, offset): which of those are fillers.
+        self.offset = 0
+        self.held: list[torch.Tensor | None] = [None] * len(stages)
+        self.held_fillers: list[torch.Tensor | None] = [None] * len(stages)
+        self.layer0_extra = 0  # tokens layer 0's cache stands for beyond those it stores (a layer-0 stage)
         self.prefill_len = 0
-        self.end = 0  # decode: original positions of the current forward end here (exclusive)
+        self.end = 0  # original positions of the current forward end here (exclusive)
+        self.decoding = False  # the current forward has cached tokens and no image tokens
+        # positions="compact": per stage, (B,) how far the kept tokens' rotary positions moved down (decode steps
+        # move by it); the rotary embedding's calls of the current forward; their compact (cos, sin) per stage.
+        self.compact = config.positions == "compact"
+        self.shift: list[torch.Tensor | None] = [None] * len(stages)
+        self.shift_before: list[torch.Tensor | None] = [None] * len(stages)  # ... as the earlier chunks left it
+        self.rotary_calls: list[tuple[torch.Tensor, torch.nn.Module, dict]] = []
+        self.embeddings_cache: dict = {}
         self.decode_padding: torch.Tensor | None = None  # decode: 2D attention mask over original positions
         self.interval: _Interval | None = None  # the current forward's time
         self.timed: PruningStats | None = None  # the stats of the last prefill if it pruned: its decode steps add up
@@ -229,45 +246,76 @@ class _PruneState:
     def begin(self, module, args, kwargs):
         """Pre-hook on the VLM core: a prefill with image tokens prunes; a decode step reuses its choice."""
         self.interval = _Interval(next(module.parameters()).device)
+        self.rotary_calls, self.embeddings_cache = [], {}
         input_ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
         cache = cache_argument(kwargs)
         visual = None if input_ids is None else torch.isin(input_ids, self.visual_token_ids.to(input_ids.device))
         has_images = visual is not None and bool(visual.any())
-        if cache is not None and cache_length(cache) > 0:
-            if has_images:
-                raise ValueError(f"{self.config.name} prunes the prefill only: image tokens after cached tokens are "
-                                 "not supported")
+        # Layer 0's cache counts every token (a layer-0 stage makes it say so: see finish()).
+        past = cache_length(cache) if cache is not None else 0
+        length = input_ids.shape[1] if input_ids is not None else kwargs["inputs_embeds"].shape[1]
+        mask = _padding_mask(kwargs.get(ATTENTION_MASK))
+        self.end = past + length
+        self.decoding = past > 0 and not has_images
+        if self.decoding:  # a decode step (or a chunk of text): the earlier choices hold
             self.prefill, self.next_stage = False, None
-            mask = kwargs.get(ATTENTION_MASK)
-            self.decode_padding = _padding_mask(mask)
-            length = input_ids.shape[1] if input_ids is not None else kwargs["inputs_embeds"].shape[1]
-            # Layer 0's cache counts every token (a layer-0 stage makes it say so: see finish()).
-            self.end = cache_length(cache) + length
+            self.decode_padding = mask
             return None
         if input_ids is None:
             raise ValueError(f"{self.config.name} finds image tokens in input_ids; this forward got inputs_embeds only")
-        self.prefill, self.end = has_images, 0
+        if past == 0:
+            self.held = [None] * len(self.stages)
+            self.held_fillers = [None] * len(self.stages)
+            self.shift = [None] * len(self.stages)
+            self.layer0_extra = 0
+        else:  # a later chunk with images: what the earlier ones left in the caches stays
+            self.hold(past, input_ids.shape[0], input_ids.device)
+        self.shift_before = list(self.shift)
+        if mask is not None and mask.shape[1] == length and past:  # a mask of the chunk alone
+            mask = torch.cat([mask.new_ones(mask.shape[0], past), mask], dim=1)
+        self.decode_padding = mask  # over every original position so far
+        self.prefill, self.offset = has_images, past
         self.next_stage = 0 if has_images else None
         self.kept_stages = [None] * len(self.stages)
         self.gather = [None] * len(self.stages)
         self.fillers = [None] * len(self.stages)
         self.stage_stats = []
         self.image_mask = visual
-        self.padding_mask = _padding_mask(kwargs.get(ATTENTION_MASK))
-        self.prefill_len = input_ids.shape[1]
+        self.padding_mask = None if mask is None else mask[:, past:]
+        self.prefill_len = length
         return None
+
+    def hold(self, past: int, batch: int, device) -> None:
+        """Before a later chunk at original position ``past``: each stage's layers hold what they held, the last
+        pruned chunk's kept tokens and every token after it (every token, where nothing was pruned yet)."""
+        for i in range(len(self.stages)):
+            if self.held[i] is None:
+                held = torch.zeros(batch, 0, dtype=torch.long, device=device)
+                hidden, covered = torch.zeros(batch, 0, dtype=torch.bool, device=device), 0
+            else:
+                held, hidden, covered = self.held[i], self.held_fillers[i], self.offset
+            if self.kept_stages[i] is not None:
+                held = torch.cat([held, self.offset + self.kept_stages[i].to(device).expand(batch, -1)], dim=1)
+                fillers = self.fillers[i]
+                hidden = torch.cat([hidden, fillers.to(device) if fillers is not None else
+                                    torch.zeros(batch, self.prefill_len, dtype=torch.bool, device=device)], dim=1)
+                covered = self.offset + self.prefill_len
+            after = torch.arange(covered, past, device=device).expand(batch, -1)
+            self.held[i] = torch.cat([held, after], dim=1)
+            self.held_fillers[i] = F.pad(hidden, (0, past - hidden.shape[1]))
 
     def finish(self, module, args, kwargs, output):
         """Forward hook on the VLM core: record the time; after a prefill that pruned layer 0, make layer 0's cache
         report every token it stands for (transformers takes positions and generate()'s new tokens from it)."""
         interval = self.interval.stop()
-        if self.end == 0:  # a prefill: its decode steps count toward its own stats, if it pruned
+        if not self.decoding:  # a prefill (or a later chunk with images): its decode steps count toward its stats
             self.timed = _STATS[self.model()] if self.prefill else None
             if self.timed is not None:
                 self.timed.prefill = interval
                 cache = output_cache(output)
                 if self.stages[0][0] == 0 and cache is not None:
-                    count_extra_tokens(cache, 0, self.prefill_len - self.kept_stages[0].shape[1])
+                    self.layer0_extra += self.prefill_len - self.kept_stages[0].shape[1]
+                    count_extra_tokens(cache, 0, self.layer0_extra)
         elif self.timed is not None:
             self.timed.decodes.append(interval)
 
@@ -297,20 +345,22 @@ class _PruneState:
         allows (sliding window, prefix-LM or bidirectional image blocks included); with no mask, every real
         token up to it."""
         batch, _, n, _ = query.shape
+        prefix = key.shape[2] - n  # keys the layer holds from earlier chunks (a later chunk of a chat)
         positions, image_mask, real = self._current(stage, batch, n, query.device)
         last = n - 1 - real.flip(1).int().argmax(dim=1)
-        scores = torch.zeros(batch, n, dtype=torch.float32, device=query.device)
+        scores = torch.zeros(batch, prefix + n, dtype=torch.float32, device=query.device)
         for b in range(batch):
             if self.stages[stage][2] == "last_query":
                 rows = last[b:b + 1]
             else:  # text raters: real text tokens after the first image token
                 after_image = torch.arange(n, device=query.device) > image_mask[b].int().argmax()
                 rows = (real[b] & ~image_mask[b] & after_image).nonzero().squeeze(1)
+            real_keys = F.pad(real[b], (prefix, 0), value=True)
             if attention_mask is not None:
                 visible = text_attention.visible(attention_mask[b if attention_mask.shape[0] > 1 else 0, 0, rows])
-                visible = visible & real[b]
+                visible = visible & real_keys
             else:
-                visible = real[b] & (torch.arange(n, device=query.device) <= rows[:, None])
+                visible = real_keys & (torch.arange(prefix + n, device=query.device) <= prefix + rows[:, None])
             q, k, v = query[b:b + 1, :, rows], key[b:b + 1], value[b:b + 1]
             if self.stages[stage][2] == "last_query":
                 keys = visible[0].nonzero().squeeze(1)
@@ -318,8 +368,8 @@ class _PruneState:
                 _, lse = kernels.attention(q, k, v, scale=scale, return_lse=True)
                 scores[b, keys] = kernels.row_probs(q, k, lse, scale=scale)[0, :, 0].mean(dim=0)
             elif len(rows):
-                scores[b] = _rater_scores(q, k, v, scale, visible, image_mask[b])
-        self.choose(stage, positions, image_mask, scores)
+                scores[b] = _rater_scores(q, k, v, scale, visible, F.pad(image_mask[b], (prefix, 0)))
+        self.choose(stage, positions, image_mask, scores[:, prefix:])
 
     def select_by_layer_input(self, stage: int, layer, hidden: torch.Tensor, kwargs: dict) -> None:
         """PyramidDrop's official ranking, in layer K's pre-hook: layer K's own ``input_layernorm``, ``q_proj`` and
@@ -327,23 +377,40 @@ class _PruneState:
         see (the layer's own mask), mean over heads, ranks the image tokens still kept."""
         batch, n, _ = hidden.shape
         positions, image_mask, real = self._current(stage, batch, n, hidden.device)
-        cos, sin = kwargs[POSITION_EMBEDDINGS]
-        query, key = query_key(layer.self_attn, layer.input_layernorm(hidden),
-                               (_take(cos, positions, 1), _take(sin, positions, 1)))
-        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        query, key = query_key(layer.self_attn, layer.input_layernorm(hidden), self.embeddings(stage - 1, kwargs))
         mask = kwargs.get(ATTENTION_MASK)
         last = n - 1 - real.flip(1).int().argmax(dim=1)
+        if self.offset:  # a later chunk: the keys the layer holds from the earlier ones come first
+            held = cached_keys(cache_argument(kwargs), layer.self_attn.layer_idx)
+            key = torch.cat([held.to(key.dtype), key], dim=2)
+            held_visible = self.held_visible(stage, held.shape[2], self.offset + positions.gather(1, last[:, None]),
+                                             getattr(layer.self_attn, "sliding_window", None))
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
         scores = torch.zeros(batch, n, dtype=torch.float32, device=hidden.device)
         for b in range(batch):
-            if mask is not None:
+            if self.offset:
+                visible = torch.cat([held_visible[b], real[b] & (torch.arange(n, device=hidden.device) <= last[b])])
+            elif mask is not None:
                 row = mask[b if mask.shape[0] > 1 else 0, 0].index_select(0, positions[b, last[b]].view(1))
                 visible = text_attention.visible(row[:, positions[b]])[0] & real[b]
             else:
                 visible = real[b] & (torch.arange(n, device=hidden.device) <= last[b])
             logits = torch.einsum("hd,hnd->hn", query[b, :, last[b]], key[b]).float() * layer.self_attn.scaling
             logits = logits.masked_fill(~visible, float("-inf"))
-            scores[b] = torch.softmax(logits, dim=-1).mean(dim=0)
+            scores[b] = torch.softmax(logits, dim=-1)[:, -n:].mean(dim=0)
         self.choose(stage, positions, image_mask, scores)
+
+    def held_visible(self, stage: int, stored: int, query_positions: torch.Tensor, sliding_window: int | None
+                     ) -> torch.Tensor:
+        """(B, stored) which of the last ``stored`` tokens that stage ``stage``'s layers hold from earlier chunks
+        the queries at original ``query_positions`` (B, 1) see: no padding, no filler, within a sliding window."""
+        held = self.held[stage][:, self.held[stage].shape[1] - stored:].to(query_positions.device)
+        visible = ~self.held_fillers[stage].to(held.device).gather(1, held)
+        if self.decode_padding is not None:
+            visible = visible & self.decode_padding.to(held.device).bool().gather(1, held)
+        if sliding_window is not None:
+            visible = visible & (held > query_positions - sliding_window)
+        return visible
 
     def select_diverse(self, stage: int, hidden: torch.Tensor) -> None:
         """DivPrune, in layer K's pre-hook: greedy max-min cosine diversity of the image tokens' hidden states."""
@@ -471,8 +538,8 @@ class _PruneState:
         self.fillers[stage] = fillers if fillers is not None else (self.fillers[stage - 1] if stage else None)
         self.kept_stages[stage] = kept
         self.gather[stage] = kept if stage == 0 else torch.searchsorted(positions.contiguous(), kept)
-        chosen = _pad_rows(kept_images)
-        self.stage_stats.append(StageStats(self.stages[stage][0], _pad_rows(image_positions),
+        chosen = _pad_rows([self.offset + p for p in kept_images])  # stats count from the first chunk
+        self.stage_stats.append(StageStats(self.stages[stage][0], _pad_rows([self.offset + p for p in image_positions]),
                                            _pad_rows(image_scores, float("nan")), chosen))
 
         tokens, length = [], self.prefill_len
@@ -510,31 +577,77 @@ class _PruneState:
             raise ValueError("setting kept is for a one-stage (FastV) installation")
         self.kept_stages[0] = self.gather[0] = value
 
-    def decode_mask(self, kept: torch.Tensor, keys: int, queries: int, sliding_window: int | None,
-                    fillers: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, 1, queries, keys) bool mask of a decode step in a pruned layer whose cache returns ``keys`` keys.
+    def record_rotary(self, module, args, kwargs, output) -> None:
+        """Forward hook on the text model's rotary embedding (positions="compact"): remember the call."""
+        self.rotary_calls.append((output[0], module, inspect.signature(module.forward).bind(*args, **kwargs)))
 
-        The layer's keys are the last ``keys`` of: the prefill tokens ``kept`` (B, N_i) by the layer's stage, then
-        every token decoded since.
-        A key at original position k is visible to the query at original position q when k <= q, k is no
-        padding (nor one of the stage's ``fillers``) and, in a sliding-window layer, k > q - sliding_window (as
-        transformers' masks).
+    def embeddings(self, stage: int, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (cos, sin) that the layers of ``stage`` use (-1: the layers before the first stage), from the
+        model's own ``kwargs[POSITION_EMBEDDINGS]``: at the kept tokens' original positions, or (positions="compact")
+        recomputed by the rotary embedding at compact positions (see :func:`compact_positions`); decode steps move
+        down by the stage's shift."""
+        cos, sin = kwargs[POSITION_EMBEDDINGS]
+        kept = self.kept_stages[stage] if stage >= 0 else None
+        if not self.compact or kept is None:
+            return (cos, sin) if kept is None or not self.prefill else (_take(cos, kept, 1), _take(sin, kept, 1))
+        if (stage, id(cos)) in self.embeddings_cache:
+            return self.embeddings_cache[stage, id(cos)]
+        call = next(((module, bound) for out, module, bound in self.rotary_calls if out is cos), None)
+        if call is None:
+            raise RuntimeError(f"{self.config.name}: positions='compact' found no call of the text model's rotary "
+                               "embedding that made this layer's position embeddings")
+        module, bound = call
+        ids = bound.arguments["position_ids"]
+        if self.prefill:
+            batch = kept.shape[0]
+            ids = ids.expand(*ids.shape[:-2], batch, ids.shape[-1])
+            ids = ids.gather(-1, kept.to(ids.device).expand(*ids.shape[:-2], batch, -1))
+            real = torch.ones_like(kept, dtype=torch.bool) if self.padding_mask is None \
+                else self.padding_mask.to(kept.device).bool().gather(1, kept)
+            if self.fillers[stage] is not None:
+                real = real & ~self.fillers[stage].to(kept.device).gather(1, kept)
+            ids, self.shift[stage] = compact_positions(ids, real, self.shift_before[stage])
+        else:
+            ids = ids - self.shift[stage].to(ids.device).view(-1, 1)
+        bound = inspect.BoundArguments(bound.signature, bound.arguments.copy())
+        bound.arguments["position_ids"] = ids
+        self.embeddings_cache[stage, id(cos)] = module.forward(*bound.args, **bound.kwargs)
+        return self.embeddings_cache[stage, id(cos)]
+
+    def cached_mask(self, stage: int, query_positions: torch.Tensor, keys: int, sliding_window: int | None,
+                    mask: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 1, Nq, keys) bool mask of a forward with cached tokens (a decode step, or a later pruned chunk) in a
+        layer of stage ``stage`` whose cache returns ``keys`` keys.
+
+        The layer's keys are the last ``keys`` of: the tokens it held from earlier chunks (``held``), those the
+        last pruned chunk kept and every token since. Queries are at ``query_positions`` (B or 1, Nq), original
+        positions. A key is visible when transformers' own ``mask`` allows it where that mask spans every original
+        position (its query ``rows`` (B, Nq) in the current forward), else when it is at or before the query, no
+        padding and, in a sliding-window layer, within the window by original position (as transformers' masks);
+        never a filler, but every query sees itself.
         """
-        device = kept.device
-        new = torch.arange(self.prefill_len, self.end, device=device).expand(kept.shape[0], -1)
-        key_positions = torch.cat([kept, new], dim=1)[:, -keys:]  # (B, keys)
-        query_positions = torch.arange(self.end - queries, self.end, device=device)
-        predicates = [text_attention.causal]
-        if sliding_window is not None:
-            predicates.append(text_attention.sliding_window(sliding_window))
-        padding = self.decode_padding
-        if fillers is not None:
-            real = torch.ones(kept.shape[0], self.end, dtype=torch.bool, device=device)
-            real[:, :self.prefill_len] = ~fillers.to(device)
-            padding = real if padding is None else padding.to(device).bool() & real
-        if padding is not None:
-            predicates.append(text_attention.not_padding(padding.to(device)))
-        return text_attention.position_mask(query_positions, key_positions, *predicates)
+        batch, device = self.kept_stages[stage].shape[0], self.kept_stages[stage].device
+        kept = self.offset + self.kept_stages[stage]
+        held = self.held[stage].to(device) if self.held[stage] is not None else kept[:, :0]
+        new = torch.arange(self.offset + self.prefill_len, self.end, device=device).expand(batch, -1)
+        key_positions = torch.cat([held, kept, new], dim=1)[:, -keys:]  # (B, keys)
+        fillers = torch.zeros(batch, self.end, dtype=torch.bool, device=device)
+        if self.held_fillers[stage] is not None:
+            fillers[:, :self.offset] = self.held_fillers[stage].to(device)
+        if self.fillers[stage] is not None:
+            fillers[:, self.offset:self.offset + self.prefill_len] = self.fillers[stage].to(device)
+        if mask is not None and rows is not None and mask.shape[-1] == self.end:
+            allowed = text_attention.visible(_take(_take(mask, rows, 2), key_positions, 3))
+        else:
+            predicates = [text_attention.causal]
+            if sliding_window is not None:
+                predicates.append(text_attention.sliding_window(sliding_window))
+            if self.decode_padding is not None:
+                predicates.append(text_attention.not_padding(self.decode_padding.to(device)))
+            allowed = text_attention.position_mask(query_positions, key_positions, *predicates)
+        query = query_positions.expand(batch, -1)[:, None, :, None]
+        hidden = fillers.gather(1, key_positions)[:, None, None, :]
+        return (allowed & ~hidden) | (key_positions[:, None, None, :] == query)
 
     def filler_mask(self, mask: torch.Tensor | None, kept: torch.Tensor, fillers: torch.Tensor,
                     sliding_window: int | None) -> torch.Tensor:
@@ -574,12 +687,16 @@ class _PruneState:
             if self.prefill:
                 if first:  # the decoder layers take hidden_states positionally (over the previous stage's tokens)
                     args = (_take(args[0], self.gather[stage], 1), *args[1:])
-                cos, sin = kwargs[POSITION_EMBEDDINGS]
-                kwargs[POSITION_EMBEDDINGS] = (_take(cos, kept, 1), _take(sin, kept, 1))
+                if not self.compact:
+                    kwargs[POSITION_EMBEDDINGS] = self.embeddings(stage, kwargs)
                 if kwargs.get(POSITION_IDS) is not None:
                     kwargs[POSITION_IDS] = _take(kwargs[POSITION_IDS], kept, 1)
                 fillers = self.fillers[stage]
-                if fillers is not None:
+                if self.offset:  # a later chunk: the layer also sees what it holds from the earlier ones
+                    stored = stored_keys(cache_argument(kwargs), attention.layer_idx)
+                    kwargs[ATTENTION_MASK] = self.cached_mask(stage, self.offset + kept, stored + kept.shape[1],
+                                                              sliding_window, mask, kept)
+                elif fillers is not None:
                     kwargs[ATTENTION_MASK] = self.filler_mask(mask, kept, fillers, sliding_window)
                 elif mask is not None:
                     kwargs[ATTENTION_MASK] = _take(_take(mask, kept, 2), kept, 3)
@@ -589,11 +706,32 @@ class _PruneState:
                 # sliding layer: the last window - 1 of them). Rebuild the mask over the keys it will return.
                 queries = args[0].shape[1] if args else kwargs["hidden_states"].shape[1]
                 stored = stored_keys(cache_argument(kwargs), attention.layer_idx)
-                kwargs[ATTENTION_MASK] = self.decode_mask(kept, stored + queries, queries, sliding_window,
-                                                          self.fillers[stage])
+                query_positions = torch.arange(self.end - queries, self.end, device=kept.device)[None]
+                kwargs[ATTENTION_MASK] = self.cached_mask(stage, query_positions, stored + queries, sliding_window)
+            if self.compact:
+                kwargs[POSITION_EMBEDDINGS] = self.embeddings(stage, kwargs)
             return args, kwargs
 
         return hook
+
+
+def compact_positions(ids: torch.Tensor, real: torch.Tensor, before: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compact rotary positions of kept tokens and how far they moved: ``ids`` (..., B, n) their original position
+    ids (M-RoPE's axes first), ``real`` (B, n) which are neither padding nor fillers. Per sample, the values the
+    real tokens use (over every axis) map to consecutive values from the first one, less ``before`` (B,) (an
+    earlier chunk's shift); returns (the ids so mapped, (B,) the shift a later token's position takes)."""
+    out = ids.clone()
+    shift = torch.zeros(ids.shape[-2], dtype=ids.dtype, device=ids.device) if before is None else before.clone()
+    for b in range(ids.shape[-2]):
+        row = ids[..., b, :]
+        used = row[..., real[b]].unique()
+        if len(used) == 0:
+            continue
+        start = used[0] - shift[b]
+        out[..., b, :] = start + torch.searchsorted(used, row.contiguous()).clamp_max(len(used) - 1)
+        shift[b] = used[-1] - (start + len(used) - 1)
+    return out, shift
 
 
 def _pad_rows(rows: list[torch.Tensor], value: float = -1) -> torch.Tensor:
@@ -773,6 +911,11 @@ def _install(model, config, stages: list[tuple[int, float | int, str]], method: 
                 changes.add(text_attention.add_op(module, _Scorer(state, stage)))
                 _SCORING_LAYERS[module] = state
                 changes.add(functools.partial(_SCORING_LAYERS.pop, module))
+        if config.positions == "compact":
+            rotary = getattr(getattr(core, family.text_model), "rotary_emb", None)
+            if rotary is None:
+                raise ValueError(f"{method}: positions='compact' needs the text model's rotary_emb; {name} has none")
+            changes.add(rotary.register_forward_hook(state.record_rotary, with_kwargs=True).remove)
         changes.add(_guard_generate(model, method))
         changes.add(core.register_forward_pre_hook(state.begin, with_kwargs=True).remove)
         changes.add(core.register_forward_hook(state.finish, with_kwargs=True).remove)

@@ -6,6 +6,7 @@ with its own mask and cache kind), PaliGemma (prefix-LM) and SmolVLM / Idefics3 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -15,7 +16,7 @@ from PIL import Image
 from transformers import AttentionInterface
 
 import mmattn
-from mmattn import DivPrune, FastV, PyramidDrop, SparseVLM, VisionZip
+from mmattn import DivPrune, FastV, PyramidDrop, SparseVLM, VisionZip, methods
 from mmattn.processors import pruning
 from mmattn.testing import TinyVLM, build_tiny
 from mmattn.testing.media import random_video
@@ -48,10 +49,10 @@ def scoring_layer(model) -> int:
 
 # Each method as the shared tests apply it: the attention scorers prune the last layer, DivPrune before the LLM.
 METHODS = {
-    "fastv": lambda model, keep: FastV(layer=scoring_layer(model), keep=keep),
-    "sparsevlm": lambda model, keep: SparseVLM(layer=scoring_layer(model), keep=keep),
-    "divprune": lambda model, keep: DivPrune(keep=keep),
-    "visionzip": lambda model, keep: VisionZip(keep=keep),
+    "fastv": lambda model, keep, **kw: FastV(layer=scoring_layer(model), keep=keep, **kw),
+    "sparsevlm": lambda model, keep, **kw: SparseVLM(layer=scoring_layer(model), keep=keep, **kw),
+    "divprune": lambda model, keep, **kw: DivPrune(keep=keep, **kw),
+    "visionzip": lambda model, keep, **kw: VisionZip(keep=keep, **kw),
 }
 
 
@@ -290,9 +291,10 @@ def reference_choice(model, inputs, config, budget: int) -> tuple[torch.Tensor |
 
 
 def test_config_validation():
-    assert FastV(layer=2, keep=0.25).to_dict() == {"method": "fastv", "layer": 2, "keep": 0.25}
-    assert SparseVLM(layer=3, keep=64).to_dict() == {"method": "sparsevlm", "layer": 3, "keep": 64}
-    assert DivPrune(keep=0.1).to_dict() == {"method": "divprune", "keep": 0.1, "layer": 0}
+    default = {"positions": "original", "paper_exact": False}
+    assert FastV(layer=2, keep=0.25).to_dict() == {"method": "fastv", "layer": 2, "keep": 0.25, **default}
+    assert SparseVLM(layer=3, keep=64).to_dict() == {"method": "sparsevlm", "layer": 3, "keep": 64, **default}
+    assert DivPrune(keep=0.1).to_dict() == {"method": "divprune", "keep": 0.1, "layer": 0, **default}
     for config in (FastV, SparseVLM, DivPrune):
         lowest = 0 if config is DivPrune else 1
         with pytest.raises(ValueError, match=f"layer={lowest - 1} is out of range: expected an int >= {lowest}"):
@@ -302,10 +304,31 @@ def test_config_validation():
                 config(**bad)
 
 
-def test_keep_all_equals_unmodified(vlm, method):
+def test_positions_and_paper_exact():
+    """paper_exact=True sets each option as the official code does and refuses one given otherwise."""
+    assert PyramidDrop(paper_exact=True).positions == "compact"
+    assert VisionZip(paper_exact=True).positions == DivPrune(paper_exact=True).positions == "compact"
+    assert SparseVLM(paper_exact=True).positions == "compact"
+    assert FastV(paper_exact=True).positions == FastV().positions == "original"  # FastV's code keeps them
+    assert methods.from_dict(PyramidDrop(paper_exact=True).to_dict()) == PyramidDrop(paper_exact=True)
+    with pytest.raises(ValueError, match="ranking='previous_attention' contradicts paper_exact=True: the official "
+                                         "PyramidDrop code uses ranking='layer_input'"):
+        PyramidDrop(ranking="previous_attention", paper_exact=True)
+    with pytest.raises(ValueError, match="positions='original' contradicts paper_exact=True"):
+        DivPrune(positions="original", paper_exact=True)
+    with pytest.raises(ValueError, match="merge='mean' contradicts"):
+        VisionZip(merge="mean", paper_exact=True)
+    with pytest.raises(ValueError, match="positions='shifted': expected 'original' or 'compact'"):
+        FastV(positions="shifted")
+    with pytest.raises(TypeError, match="paper_exact=1: expected True or False"):
+        FastV(paper_exact=1)
+
+
+@pytest.mark.parametrize("positions", ["original", "compact"])
+def test_keep_all_equals_unmodified(vlm, method, positions):
     inputs = encode(vlm, [SHORT], [make_image(1)])
     reference = logits(vlm.model, inputs)
-    with mmattn.apply(vlm.model, method(vlm.model, 1.0)):
+    with mmattn.apply(vlm.model, method(vlm.model, 1.0, positions=positions)):
         full = logits(vlm.model, inputs)
         stats = pruning.last_stats(vlm.model)
     torch.testing.assert_close(full, reference, atol=1e-5, rtol=1e-5)
@@ -337,11 +360,12 @@ def test_choice_matches_reference(vlm, method):
     assert not torch.allclose(pruned[0], logits(vlm.model, inputs)[0, kept])
 
 
-def test_padded_batch_equals_single_samples(vlm, method):
+@pytest.mark.parametrize("positions", ["original", "compact"])
+def test_padded_batch_equals_single_samples(vlm, method, positions):
     images = [make_image(1), make_image(2)]
     batch = encode(vlm, [SHORT, LONG], images)
     assert not batch["attention_mask"][0].all()  # left padding
-    with mmattn.apply(vlm.model, method(vlm.model, 0.25)):
+    with mmattn.apply(vlm.model, method(vlm.model, 0.25, positions=positions)):
         batch_logits = logits(vlm.model, batch)[:, -1]
         batch_out = generate(vlm.model, batch, return_dict_in_generate=True, output_logits=True)
         for i, (conversation, image) in enumerate(zip([SHORT, LONG], images)):
@@ -351,12 +375,14 @@ def test_padded_batch_equals_single_samples(vlm, method):
             assert_row_generates_alone(vlm.model, batch, batch_out, i, single, single_out)
 
 
-def test_cached_generate_equals_uncached_loop(vlm, method, monkeypatch):
-    """Decode steps over the pruned cache equal full forwards without cache that keep the same image tokens."""
+@pytest.mark.parametrize("positions", ["original", "compact"])
+def test_cached_generate_equals_uncached_loop(vlm, method, monkeypatch, positions):
+    """Decode steps over the pruned cache equal full forwards without cache that keep the same image tokens (with
+    compact positions, decode positions move down by the tokens dropped)."""
     model = vlm.model
     inputs = encode(vlm, [LONG], [make_image(3)])
     prompt_len = inputs["input_ids"].shape[1]
-    config = method(model, 0.25)
+    config = method(model, 0.25, positions=positions)
     layer = config.layer
     with mmattn.apply(model, config):
         out = generate(model, inputs, return_dict_in_generate=True, output_logits=True)
@@ -430,8 +456,9 @@ UNEQUAL = {  # (images of sample 0, images of sample 1): their image-token count
 
 @pytest.mark.parametrize("images", list(UNEQUAL))
 @pytest.mark.parametrize("name", ["tiny/qwen2-vl", "tiny/llava-onevision", "tiny/qwen2.5-vl"])
+@pytest.mark.parametrize("positions", ["original", "compact"])
 @pytest.mark.parametrize("method_name", list(METHODS) + ["pyramiddrop"])
-def test_unequal_image_counts_equal_single_samples(name, method_name, images):
+def test_unequal_image_counts_equal_single_samples(name, method_name, images, positions):
     """Samples with different numbers of image tokens each keep their own share (the shorter padded inside with
     hidden fillers): logits and generate() with the cache equal each sample run alone."""
     if method_name == "visionzip" and name == "tiny/llava-onevision":
@@ -443,8 +470,8 @@ def test_unequal_image_counts_equal_single_samples(name, method_name, images):
     vlm = _UNEQUAL_VLMS[key]
     model = vlm.model
     layers = model.config.text_config.num_hidden_layers
-    config = (PyramidDrop(stages=((1, 0.5), (layers - 1, 0.25))) if method_name == "pyramiddrop"
-              else METHODS[method_name](model, 0.25))
+    config = (PyramidDrop(stages=((1, 0.5), (layers - 1, 0.25)), positions=positions) if method_name == "pyramiddrop"
+              else METHODS[method_name](model, 0.25, positions=positions))
     questions, rows = [SHORT, LONG], UNEQUAL[images]
     batch = encode_multi(vlm, questions, list(rows))
     counts = visual_mask(model, batch["input_ids"]).sum(1)
@@ -555,7 +582,7 @@ def test_pyramid_config_validation():
     config = PyramidDrop(stages=[(1, 0.5), (3, 0.25), [5, 2]])
     assert config.stages == ((1, 0.5), (3, 0.25), (5, 2))
     assert config.to_dict() == {"method": "pyramiddrop", "stages": [[1, 0.5], [3, 0.25], [5, 2]],
-                                "ranking": "layer_input"}
+                                "ranking": "layer_input", "positions": "original", "paper_exact": False}
     assert PyramidDrop(stages=[(2, 8), (3, 0.1)]).stages == ((2, 8), (3, 0.1))  # mixed kinds: no order to check
     bad = [
         ([], r"stages=\[\]: expected a non-empty list"),
@@ -674,12 +701,13 @@ def test_pyramid_padded_batch_equals_single_samples(deep):
             assert_row_generates_alone(model, batch, batch_out, i, single, single_out)
 
 
-def test_pyramid_cached_generate_equals_uncached_loop(deep, monkeypatch):
+@pytest.mark.parametrize("positions", ["original", "compact"])
+def test_pyramid_cached_generate_equals_uncached_loop(deep, monkeypatch, positions):
     """Decode steps over each stage's pruned cache equal full forwards without cache pinned to the same choices."""
     model = deep.model
     inputs = encode(deep, [LONG], [make_image(3)])
     prompt_len = inputs["input_ids"].shape[1]
-    config = pyramid(model)
+    config = dataclasses.replace(pyramid(model), positions=positions)
     with mmattn.apply(model, config):
         out = generate(model, inputs, return_dict_in_generate=True, output_logits=True)
         stats = pruning.last_stats(model)
@@ -736,7 +764,8 @@ def test_pyramid_count_keeps_and_clamping():
 # the cache and remove() on every family it supports; these cover its context tokens and its refusals.
 def test_visionzip_config_validation():
     assert VisionZip(keep=64, contextual=10).to_dict() == {"method": "visionzip", "keep": 64, "contextual": 10,
-                                                           "merge": "target_plus_mean"}
+                                                           "merge": "target_plus_mean", "positions": "original",
+                                                           "paper_exact": False}
     for bad, message in ((dict(keep=2.0), r"^keep=2.0 is out of range"), (dict(contextual=-1), "^contextual=-1"),
                          (dict(contextual=1.5), "^contextual=1.5"), (dict(contextual=True), "^contextual=True")):
         with pytest.raises(ValueError, match=message):
@@ -896,3 +925,115 @@ def test_pyramid_official_ranking_equals_the_official_rule(deep):
         chosen = stage.image_positions[0][scores[image].topk(budget).indices].sort().values
         assert torch.equal(stage.kept_image_positions[0], chosen)
         survivors = torch.cat([survivors[~image], chosen]).sort().values
+
+
+@torch.no_grad()
+def pruned_forward(model, inputs, compact: bool, choose) -> torch.Tensor:
+    """Last-token logits of a LLaVA forward written out layer by layer (batch of one, no padding), as the
+    official pruning code runs it: ``choose(i, layer, x, position_embeddings, survivors)`` may return the original
+    positions that survive from layer i on (or None); the dropped tokens leave the sequence, and the survivors'
+    RoPE positions are re-indexed 0..n-1 (``compact``) or stay their original ones."""
+    text = model.model.language_model
+    x = decoder_input(model, inputs, 0)
+    survivors = torch.arange(x.shape[1])
+
+    def rope(x, survivors):
+        return text.rotary_emb(x, (torch.arange(len(survivors)) if compact else survivors)[None])
+
+    for i, layer in enumerate(text.layers):
+        position_embeddings = rope(x, survivors)
+        kept = choose(i, layer, x, position_embeddings, survivors)
+        if kept is not None:
+            x, survivors = x[:, torch.isin(survivors, kept)], kept
+            position_embeddings = rope(x, survivors)
+        n = x.shape[1]
+        mask = torch.full((n, n), -float("inf")).triu(1)[None, None]
+        x = layer(x, attention_mask=mask, position_embeddings=position_embeddings)
+        x = x[0] if isinstance(x, tuple) else x
+    return model.lm_head(text.norm(x))[0, -1]
+
+
+@pytest.mark.parametrize("positions", ["compact", "original"])
+def test_pyramid_equals_the_official_forward(deep, positions):
+    """PyramidDrop's official code (modeling_llama_pdrop.py) written out: at each stage layer L its own norm and
+    q/k projections at the current positions rank the surviving image tokens, int(N * keep) remain, positions are
+    re-indexed (compact; "original" keeps them). Kept sets at both stages and the logits agree."""
+    model = deep.model
+    if type(model).__name__ != "LlavaForConditionalGeneration":
+        pytest.skip("the official code is LLaVA's (Llama)")
+    inputs = encode(deep, [LONG], [make_image(5)])
+    n_layers = model.config.text_config.num_hidden_layers
+    config = PyramidDrop(stages=[(1, 0.5), (n_layers - 1, 0.2)], positions=positions)
+    image = visual_mask(model, inputs["input_ids"])[0]
+    official_kept = []
+
+    def choose(i, layer, x, position_embeddings, survivors):
+        keep = dict(config.stages).get(i)
+        if keep is None:
+            return None
+        scores = official_pdrop_scores(layer, x, position_embeddings, torch.arange(len(survivors)),
+                                       model.config.text_config)
+        candidates = image[survivors]
+        chosen = survivors[candidates][scores[candidates].topk(int(int(image.sum()) * keep)).indices].sort().values
+        official_kept.append(chosen)
+        return torch.cat([survivors[~candidates], chosen]).sort().values
+
+    expected = pruned_forward(model, inputs, positions == "compact", choose)
+    with mmattn.apply(model, config):
+        got = logits(model, inputs)[0, -1]
+    stages = pruning.last_stats(model).stages
+    for stage, kept in zip(stages, official_kept, strict=True):
+        assert torch.equal(stage.kept_image_positions[0], kept)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    if positions == "compact":  # the re-indexing matters here: the same kept tokens at original positions differ
+        kept = iter(official_kept)
+
+        def replay(i, layer, x, position_embeddings, survivors):
+            if i not in dict(config.stages):
+                return None
+            return torch.cat([survivors[~image[survivors]], next(kept)]).sort().values
+
+        assert not torch.allclose(got, pruned_forward(model, inputs, False, replay), atol=1e-4)
+
+
+@pytest.mark.parametrize("positions", ["compact", "original"])
+@pytest.mark.parametrize("method_name", list(METHODS))
+def test_logits_equal_a_reference_forward(method_name, positions):
+    """Each method's kept set (chosen by the independent references above) run through the written-out forward:
+    the logits agree, with compact positions (the official code of SparseVLM, DivPrune, VisionZip) and original
+    ones (FastV's)."""
+    vlm = _reference_vlm()
+    model = vlm.model
+    inputs = encode(vlm, [LONG], [make_image(6)])
+    config = METHODS[method_name](model, 0.25, positions=positions)
+    budget = round(0.25 * int(visual_mask(model, inputs["input_ids"]).sum()))
+    _, kept_images = reference_choice(model, inputs, config, budget)
+    image = visual_mask(model, inputs["input_ids"])[0]
+
+    def choose(i, layer, x, position_embeddings, survivors):
+        return torch.cat([survivors[~image], kept_images[0]]).sort().values if i == config.layer else None
+
+    expected = pruned_forward(model, inputs, positions == "compact", choose)
+    with mmattn.apply(model, config):
+        got = logits(model, inputs)[0, -1]
+    assert torch.equal(pruning.last_stats(model).kept_image_positions[0], kept_images[0])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def _reference_vlm() -> TinyVLM:
+    if "llava" not in _UNEQUAL_VLMS:
+        _UNEQUAL_VLMS["llava"] = build_tiny("tiny/llava")
+    return _UNEQUAL_VLMS["llava"]
+
+
+def test_compact_positions_rule():
+    """Per sample, the values the real tokens use (over every M-RoPE axis) become consecutive from the first; the
+    shift is what a later token moves down by; an earlier chunk's shift carries on."""
+    ids = torch.tensor([[0, 1, 4, 5, 9], [2, 3, 4, 7, 8]])
+    real = torch.tensor([[True, True, True, True, True], [False, True, True, True, True]])
+    out, shift = pruning.compact_positions(ids, real)
+    assert out.tolist() == [[0, 1, 2, 3, 4], [3, 3, 4, 5, 6]] and shift.tolist() == [5, 2]  # padding maps anywhere
+    mrope = torch.tensor([[[0, 1, 1, 1, 5]], [[0, 1, 1, 3, 5]], [[0, 1, 3, 3, 5]]])  # (t, h, w) axes, one sample
+    out, shift = pruning.compact_positions(mrope, torch.ones(1, 5, dtype=torch.bool), before=torch.tensor([10]))
+    assert out[:, 0].tolist() == [[-10, -9, -9, -9, -7], [-10, -9, -9, -8, -7], [-10, -9, -8, -8, -7]]
+    assert shift.tolist() == [12]
