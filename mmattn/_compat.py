@@ -85,7 +85,7 @@ def stored_keys(cache, layer_idx: int) -> int:
     return 0 if keys is None else keys.shape[-2]
 
 
-def cached_keys(cache, layer_idx: int) -> torch.Tensor:
+def cached_keys(cache, layer_idx: int):
     """The keys (B, H, N, D) the cache holds for decoder layer ``layer_idx`` (``cache.layers[i].keys``; 5.23.0,
     5.24.0)."""
     return cache.layers[layer_idx].keys
