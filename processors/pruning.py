@@ -34,7 +34,13 @@ over heads) and drops all but the top ones from layer K on. Nothing runs eager a
 Image tokens are the ``image_token_id`` positions, and the ``video_token_id`` ones (video frames of LLaVA-OneVision
 and Qwen2-VL / Qwen2.5-VL; VisionZip scores images only), wherever they lie: LLaVA-OneVision's row-newline
 features and SmolVLM / Idefics3's split tile spans included; everything else is always kept.
-A forward prunes when its ``input_ids`` hold image tokens and the cache is empty (the prefill).
+A forward prunes when its ``input_ids`` hold image tokens: the prefill, or a later prefill chunk after cached
+tokens (the next turn of a chat with a new image), whose image tokens are ranked and dropped the same way while each
+pruned layer keeps what it cached before (its masks span those held tokens and the chunk's kept ones).
+
+``positions="compact"`` re-indexes the rotary positions of the kept tokens without gaps, as most official codes do:
+a forward hook records the text model's ``rotary_emb`` calls, and the pruned layers get (cos, sin) recomputed at
+:func:`compact_positions` (decode steps: their positions less the stage's shift). Masks keep original positions.
 """
 
 from __future__ import annotations

@@ -1037,3 +1037,88 @@ def test_compact_positions_rule():
     out, shift = pruning.compact_positions(mrope, torch.ones(1, 5, dtype=torch.bool), before=torch.tensor([10]))
     assert out[:, 0].tolist() == [[-10, -9, -9, -9, -7], [-10, -9, -9, -8, -7], [-10, -9, -8, -8, -7]]
     assert shift.tolist() == [12]
+
+
+def chat_turn(vlm: TinyVLM, question: str, image, first: bool) -> dict:
+    """One user turn with one image, through the generation prompt (a later turn without the BOS token)."""
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = vlm.processor.apply_chat_template(chat, add_generation_prompt=True)
+    return dict(vlm.processor(text=[text], images=[image], return_tensors="pt",
+                              **({} if first else {"add_special_tokens": False})))
+
+
+@torch.no_grad()
+def two_turn_chat(model, vlm: TinyVLM) -> tuple[dict, object, list, list]:
+    """A chat with an image in each turn through generate() with the cache: (the whole conversation's inputs for
+    a forward without cache, the second generate()'s output, each turn's stats of the pruning applied)."""
+    first, second = chat_turn(vlm, SHORT, make_image(1), True), chat_turn(vlm, LONG, make_image(2), False)
+    out = generate(model, first, return_dict_in_generate=True)
+    stats = [pruning.last_stats(model)]
+    ids = torch.cat([out.sequences, second["input_ids"]], dim=1)
+    media = {k: v for k, v in second.items() if k not in ("input_ids", "attention_mask")}
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=out.past_key_values,
+                         max_new_tokens=MAX_NEW_TOKENS, do_sample=False, return_dict_in_generate=True,
+                         output_logits=True, **media)
+    stats.append(pruning.last_stats(model))
+    whole = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    for key, value in media.items():  # both images (LLaVA-OneVision's batch_num_images too, as the baseline takes it)
+        whole[key] = torch.cat([first[key], value])
+    return whole, out, stats
+
+
+@pytest.mark.filterwarnings("ignore:.*past_key_values")
+@pytest.mark.parametrize("positions", ["original", "compact"])
+@pytest.mark.parametrize("method_name", list(METHODS) + ["pyramiddrop"])
+@pytest.mark.parametrize("name", ["tiny/llava", "tiny/llava-onevision"])
+def test_two_turn_chat_equals_uncached_loop(name, method_name, positions, monkeypatch):
+    """The second turn's image is pruned in its own prefill chunk, after the cached first turn: each decode step
+    equals a forward without cache over the whole conversation that keeps the same image tokens of both turns."""
+    if method_name == "visionzip" and name == "tiny/llava-onevision":
+        pytest.skip("VisionZip does not support LLaVA-OneVision (tested to refuse it)")
+    key = name + (":deep" if method_name == "pyramiddrop" else "")
+    if key not in _UNEQUAL_VLMS:
+        _UNEQUAL_VLMS[key] = build_deep(key) if method_name == "pyramiddrop" else build_tiny(name)
+    vlm = _UNEQUAL_VLMS[key]
+    model = vlm.model
+    layers = model.config.text_config.num_hidden_layers
+    config = (PyramidDrop(stages=((1, 0.5), (layers - 1, 0.25)), positions=positions) if method_name == "pyramiddrop"
+              else METHODS[method_name](model, 0.25, positions=positions))
+    with mmattn.apply(model, config):
+        whole, out, (first, second) = two_turn_chat(model, vlm)
+        offset = first.image_positions.shape[1]
+        assert int(second.image_positions.min()) > int(first.image_positions.max())  # counted from turn 1
+        assert second.kept_image_positions.shape[1] == first.kept_image_positions.shape[1]  # its own budget
+        # Without a cache the whole conversation is one prefill; pin each stage to both turns' choices.
+        choices = [torch.cat([a.kept_image_positions, b.kept_image_positions], dim=1)
+                   for a, b in zip(first.stages, second.stages)]
+        calls = iter(range(10 ** 6))
+        monkeypatch.setattr(pruning, "top_image_tokens",
+                            lambda scores, positions, budget: choices[next(calls) % len(choices)])
+        assert_uncached_loop_matches(model, whole, out)
+    assert offset
+
+
+@pytest.mark.filterwarnings("ignore:.*past_key_values")
+def test_two_turn_chat_keep_all_equals_unmodified():
+    """Qwen2-VL: transformers' own chunked prefill gives M-RoPE positions a whole-conversation forward does not (so
+    no uncached loop to match); keeping every token in both turns equals the unmodified two-turn chat."""
+    vlm = build_tiny("tiny/qwen2-vl")
+    model = vlm.model
+    first, second = chat_turn(vlm, SHORT, make_image(1), True), chat_turn(vlm, LONG, make_image(2), False)
+
+    def chat():
+        with torch.no_grad():
+            out = generate(model, first, return_dict_in_generate=True)
+            ids = torch.cat([out.sequences, second["input_ids"]], dim=1)
+            media = {k: v for k, v in second.items() if k not in ("input_ids", "attention_mask")}
+            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                  past_key_values=out.past_key_values, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
+                                  return_dict_in_generate=True, output_logits=True, **media)
+
+    reference = chat()
+    for config in (FastV(layer=1, keep=1.0, positions="compact"), PyramidDrop(stages=((1, 1.0),), paper_exact=True)):
+        with mmattn.apply(model, config):
+            out = chat()
+        assert torch.equal(out.sequences, reference.sequences)
+        for got, expected in zip(out.logits, reference.logits):
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
