@@ -85,6 +85,18 @@ def stored_keys(cache, layer_idx: int) -> int:
     return 0 if keys is None else keys.shape[-2]
 
 
+def anyres_tile_counts(config, image_sizes, batch_num_images) -> list[int]:
+    """Tiles LLaVA-OneVision's tower sees per image (base tile included), as its ``get_image_features`` counts them:
+    one for an image of a multi-image sample (5.23.0, 5.24.0)."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    tiled = [True] * len(image_sizes) if batch_num_images is None else \
+        [n == 1 for n in batch_num_images for _ in range(n)]
+    return [image_size_to_num_patches(image_size=size, grid_pinpoints=config.image_grid_pinpoints,
+                                      patch_size=config.vision_config.image_size) if tile else 1
+            for size, tile in zip(image_sizes, tiled)]
+
+
 def cached_keys(cache, layer_idx: int):
     """The keys (B, H, N, D) the cache holds for decoder layer ``layer_idx`` (``cache.layers[i].keys``; 5.23.0,
     5.24.0)."""

@@ -126,8 +126,10 @@ class VLMFamily:
     (LLaVA), else the last. ``vision_scores`` is "cls" (the [CLS] query's probabilities) or "received" (attention
     each patch receives); ``to_tokens`` names how patch scores map onto LLM image tokens as the projector maps
     features: "drop_cls", "flat", "avg_pool" (Gemma 3), "pixel_shuffle" (SmolVLM / Idefics3), "merge" (Qwen2-VL's
-    2x2 groups), "merge_unwindowed" (Qwen2.5-VL: the same, out of the tower's window order). No ``vision_scores``:
-    encoder-side scoring is not supported.
+    2x2 groups), "merge_unwindowed" (Qwen2.5-VL: the same, out of the tower's window order), "anyres" (LLaVA-OneVision:
+    base tile, unpadded tile grid, row newlines); ``video_to_tokens`` the same for video tokens ("pooled_frames":
+    LLaVA-OneVision's pooled frames); None: video tokens are not scored there. No ``vision_scores``: encoder-side
+    scoring is not supported.
     """
 
     name: str
@@ -138,6 +140,7 @@ class VLMFamily:
     feature_layer_from_config: bool = False
     vision_scores: str | None = None
     to_tokens: str | None = None
+    video_to_tokens: str | None = None
 
     def text_layers(self, model) -> torch.nn.ModuleList:
         return getattr(model.model, self.text_model).layers
@@ -152,11 +155,13 @@ class VLMFamily:
 VLM_FAMILIES = (
     VLMFamily("LlavaForConditionalGeneration", vision_layers="vision_tower.encoder.layers",
               feature_layer_from_config=True, vision_scores="cls", to_tokens="drop_cls"),
-    VLMFamily("LlavaOnevisionForConditionalGeneration", video=True),
+    VLMFamily("LlavaOnevisionForConditionalGeneration", video=True, vision_layers="vision_tower.encoder.layers",
+              feature_layer_from_config=True, vision_scores="received", to_tokens="anyres",
+              video_to_tokens="pooled_frames"),
     VLMFamily("Qwen2VLForConditionalGeneration", video=True, vision_layers="visual.blocks", vision_attention="attn",
-              vision_scores="received", to_tokens="merge"),
+              vision_scores="received", to_tokens="merge", video_to_tokens="merge"),
     VLMFamily("Qwen2_5_VLForConditionalGeneration", video=True, vision_layers="visual.blocks", vision_attention="attn",
-              vision_scores="received", to_tokens="merge_unwindowed"),
+              vision_scores="received", to_tokens="merge_unwindowed", video_to_tokens="merge_unwindowed"),
     VLMFamily("Gemma3ForConditionalGeneration", vision_layers="vision_tower.encoder.layers", vision_scores="received",
               to_tokens="avg_pool"),
     VLMFamily("PaliGemmaForConditionalGeneration", vision_layers="vision_tower.encoder.layers",

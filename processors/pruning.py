@@ -63,6 +63,7 @@ from mmattn._compat import (
     AttentionMaskInterface,
     cache_argument,
     cache_length,
+    anyres_tile_counts,
     count_extra_tokens,
     get_vision_window_index,
     output_cache,
@@ -244,10 +245,16 @@ class _PruneState:
         self.decode_padding: torch.Tensor | None = None  # decode: 2D attention mask over original positions
         self.interval: _Interval | None = None  # the current forward's time
         self.timed: PruningStats | None = None  # the stats of the last prefill if it pruned: its decode steps add up
-        self.collecting = False  # VisionZip: inside get_image_features, whose scoring layer records patch scores
-        self.vision_scores: list[torch.Tensor] = []  # ... one (B_i, N_i) tensor per attention call
-        self.vision_call: dict = {}  # ... with get_image_features' arguments
-        self.to_features = None  # ... which, with the arguments, map to one flat score per LLM image token
+        # VisionZip, per kind of visual token ("image", "video"): ``collecting`` names the kind whose
+        # get_image_features / get_video_features runs (its scoring layer records patch scores), ``vision_scores``
+        # one (B_i, N_i) tensor per attention call, ``vision_call`` the features call's arguments, ``to_features``
+        # the function mapping both to one flat score per LLM token of that kind, ``kind_masks`` (B, N) the tokens.
+        self.collecting: str | None = None
+        self.vision_scores: dict[str, list[torch.Tensor]] = {}
+        self.vision_call: dict[str, dict] = {}
+        self.to_features: dict = {}
+        self.kind_ids = dict(zip(("image", "video"), visual_token_ids))
+        self.kind_masks: dict[str, torch.Tensor] = {}
 
     def begin(self, module, args, kwargs):
         """Pre-hook on the VLM core: a prefill with image tokens prunes; a decode step reuses its choice."""
@@ -287,6 +294,7 @@ class _PruneState:
         self.fillers = [None] * len(self.stages)
         self.stage_stats = []
         self.image_mask = visual
+        self.kind_masks = {kind: input_ids == token for kind, token in self.kind_ids.items()}
         self.padding_mask = None if mask is None else mask[:, past:]
         self.prefill_len = length
         return None
@@ -436,15 +444,20 @@ class _PruneState:
         """VisionZip, in layer 0's pre-hook: rank the image tokens by the vision tower's patch scores; keep the
         dominant ones and, with ``contextual`` > 0, that many context tokens, each merged with the pruned tokens
         nearest to it (cosine of the projected embeddings) as ``config.merge`` says. Returns the hidden states."""
-        self.collecting = False
+        self.collecting = None
         batch, n, _ = hidden.shape
         positions, image_mask, _ = self._current(stage, batch, n, hidden.device)
-        flat = self.to_features(self.vision_scores, self.vision_call).to(hidden.device, torch.float32)
-        if flat.numel() != int(image_mask.sum()):
-            raise ValueError(f"VisionZip scored {flat.numel()} image features; the prompts hold "
-                             f"{int(image_mask.sum())} image tokens")
         scores = torch.zeros(batch, n, dtype=torch.float32, device=hidden.device)
-        scores[image_mask] = flat
+        for kind, mask in self.kind_masks.items():
+            mask = mask.to(hidden.device)
+            if not mask.any():
+                continue
+            flat = self.to_features[kind](self.vision_scores[kind], self.vision_call[kind]).to(hidden.device,
+                                                                                                torch.float32)
+            if flat.numel() != int(mask.sum()):
+                raise ValueError(f"VisionZip scored {flat.numel()} {kind} features; the prompts hold "
+                                 f"{int(mask.sum())} {kind} tokens")
+            scores[mask] = flat
         if self.config.contextual == 0:
             self.choose(stage, positions, image_mask, scores)
             return hidden
@@ -454,7 +467,7 @@ class _PruneState:
             contextual = min(self.config.contextual, budget)
             image = image_mask[b].nonzero().squeeze(1)
             dominant = scores[b, image].topk(budget - contextual).indices
-            rest = torch.ones(len(image), dtype=torch.bool, device=hidden.device)
+            rest = scores[b, image] > -float("inf")  # tokens scored -inf (row newlines) are dropped, never merged
             rest[dominant] = False
             rest = rest.nonzero().squeeze(1)
             if contextual == 0:
@@ -476,24 +489,25 @@ class _PruneState:
         self.choose(stage, positions, image_mask, scores, chosen=chosen)
         return hidden
 
-    def wrap_image_features(self, core):
-        """Collect patch scores during ``core.get_image_features`` (called by the core's forward, or by generate()
-        before the prefill), from a fresh list each call; returns undo."""
-        original = core.get_image_features
-
+    def wrap_features(self, core, kind: str):
+        """Collect patch scores during ``core.get_image_features`` (``kind`` "image") or ``get_video_features``
+        ("video"), called by the core's forward or by generate() before the prefill, from a fresh list each call;
+        returns undo."""
+        attribute = f"get_{kind}_features"
+        original = getattr(core, attribute)
         signature = inspect.signature(original)
 
         @functools.wraps(original)  # generate() reads its signature
-        def get_image_features(*args, **kwargs):
-            self.vision_scores, self.collecting = [], True
-            self.vision_call = signature.bind(*args, **kwargs).arguments
+        def get_features(*args, **kwargs):
+            self.vision_scores[kind], self.collecting = [], kind
+            self.vision_call[kind] = signature.bind(*args, **kwargs).arguments
             try:
                 return original(*args, **kwargs)
             finally:
-                self.collecting = False
+                self.collecting = None
 
-        core.get_image_features = get_image_features
-        return lambda: delattr(core, "get_image_features")
+        setattr(core, attribute, get_features)
+        return lambda: delattr(core, attribute)
 
     def budget(self, stage: int, n_current: int, sample: int) -> int:
         """Image tokens stage ``stage`` keeps in ``sample`` (``n_current`` still in the running): an int keep as it
@@ -889,13 +903,13 @@ def _install(model, config, stages: list[tuple[int, float | int, str]], method: 
     text_attention.check(model, method)
     vision = stages[0][2] == "vision"
     if vision:
-        vision_module, mode, to_features = _vision_scoring(model, vlm_family(model, method, encoder_side=True))
+        vision_module, mode, to_features = _vision_scoring(model, family)
         if model.config.vision_config._attn_implementation != "sdpa":
             raise ValueError(f"{method} runs on the vision tower's 'sdpa' attention; {name} uses "
                              f"{model.config.vision_config._attn_implementation!r}")
 
     visual_ids = [model.config.image_token_id]
-    if not vision and family.video:  # LLaVA-OneVision, Qwen2-VL
+    if family.video and (not vision or "video" in to_features):  # LLaVA-OneVision, Qwen2-VL
         visual_ids.append(model.config.video_token_id)
     state = _PruneState(config, stages, model, len(layers), visual_ids)
     with installing() as changes:  # each change's undo registered as it is made
@@ -910,7 +924,8 @@ def _install(model, config, stages: list[tuple[int, float | int, str]], method: 
             changes.add(lambda: model.set_attn_implementation({"vision_config": "sdpa"}))
             _VISION_SCORING[vision_module], state.to_features = (state, mode), to_features
             changes.add(functools.partial(_VISION_SCORING.pop, vision_module))
-            changes.add(state.wrap_image_features(core))
+            for kind in to_features:
+                changes.add(state.wrap_features(core, kind))
         for stage, (layer, _, scorer) in enumerate(stages):
             if scorer in ATTENTION_SCORERS:
                 module = layers[layer - 1].self_attn
@@ -946,7 +961,8 @@ _VISION_SCORING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # visi
 def _vision_attention(module, query, key, value, attention_mask, **kwargs):
     entry = _VISION_SCORING.get(module)
     if entry is not None and entry[0].collecting:
-        entry[0].vision_scores.append(_patch_scores(query, key, value, kwargs.get("scaling"), attention_mask, entry[1]))
+        entry[0].vision_scores[entry[0].collecting].append(
+            _patch_scores(query, key, value, kwargs.get("scaling"), attention_mask, entry[1]))
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -967,10 +983,11 @@ def _patch_scores(query, key, value, scale, attention_mask, mode: str) -> torch.
     return sums.mean(dim=1) / real.sum(dim=1, keepdim=True)
 
 
-def _vision_scoring(model, family) -> tuple[torch.nn.Module, str, object]:
-    """(the vision attention module whose layer yields the features, "cls" or "received", a function mapping the
-    collected per-call patch scores and get_image_features' arguments to one flat score per LLM image token in
-    feature order), from the family's table entry (mmattn.adapters.VLM_FAMILIES)."""
+def _vision_scoring(model, family) -> tuple[torch.nn.Module, str, dict]:
+    """(the vision attention module whose layer yields the features, "cls" or "received", {"image": a function
+    mapping the collected per-call patch scores and get_image_features' arguments to one flat score per LLM image
+    token in feature order, "video": the same for video tokens where the family maps them}), from the family's
+    table entry (mmattn.adapters.VLM_FAMILIES)."""
     name, config, layers = type(model).__name__, model.config, family.vision_layer_list(model)
     index = -1
     if family.feature_layer_from_config:
@@ -979,7 +996,10 @@ def _vision_scoring(model, family) -> tuple[torch.nn.Module, str, object]:
             raise ValueError(f"VisionZip needs one vision_feature_layer after the embeddings; {name} uses {layer!r}")
         index = layer if layer < 0 else layer - 1
     attention = getattr(layers[index], family.vision_attention)
-    return attention, family.vision_scores, _TO_TOKENS[family.to_tokens](model, name)
+    to_features = {"image": _TO_TOKENS[family.to_tokens](model, name)}
+    if family.video_to_tokens is not None:
+        to_features["video"] = _TO_TOKENS[family.video_to_tokens](model, name)
+    return attention, family.vision_scores, to_features
 
 
 def _drop_cls(model, name):
@@ -1016,14 +1036,49 @@ def _merge_unwindowed(model, name):
     merged = _merge(model, name)
 
     def unwindowed(chunks, call):  # the tower runs its patches in window order; the merger output is re-sorted
-        window_index, _ = get_vision_window_index(call["image_grid_thw"], visual.spatial_merge_size,
-                                                  visual.window_size, visual.patch_size)
+        grid = call["image_grid_thw"] if "image_grid_thw" in call else call["video_grid_thw"]
+        window_index, _ = get_vision_window_index(grid, visual.spatial_merge_size, visual.window_size,
+                                                  visual.patch_size)
         scores = merged(chunks, call)
         return scores[torch.argsort(window_index.to(scores.device))]
 
     return unwindowed
 
 
+def _anyres(model, name):
+    """LLaVA-OneVision's images: per image, the base tile's patches, then the high-resolution tiles arranged,
+    unpadded (and shrunk, above anyres_max) with one row-newline token per row, as the model packs its features;
+    the newline tokens carry no patch and score -inf (the official VisionZip drops them, on LLaVA-NeXT)."""
+    core, config = model.model, model.config
+    start = 1 if config.vision_feature_select_strategy == "default" else 0
+
+    def to_tokens(chunks, call):
+        scores = torch.cat(chunks)[:, start:, None]
+        tiles = anyres_tile_counts(config, call["image_sizes"], call.get("batch_num_images"))
+        packed, _ = core.pack_image_features(list(torch.split(scores, tiles)), call["image_sizes"],
+                                             image_newline=scores.new_full((1,), -float("inf")),
+                                             vision_aspect_ratio=call.get("vision_aspect_ratio")
+                                             or config.vision_aspect_ratio)
+        return torch.cat(packed).flatten()
+
+    return to_tokens
+
+
+def _pooled_frames(model, name):
+    """LLaVA-OneVision's videos: each frame's patch scores pooled as its features are (bilinear, half size), the
+    frames in order, then one newline token per video (-inf)."""
+    core = model.model
+    start = 1 if model.config.vision_feature_select_strategy == "default" else 0
+
+    def to_tokens(chunks, call):
+        pooled = core.apply_pooling(torch.cat(chunks)[:, start:, None])
+        pooled = pooled.reshape(call["pixel_values_videos"].shape[0], -1)
+        return F.pad(pooled, (0, 1), value=-float("inf")).flatten()
+
+    return to_tokens
+
+
 _TO_TOKENS = {"drop_cls": _drop_cls, "flat": _flat, "avg_pool": _avg_pool, "pixel_shuffle": _pixel_shuffle,
-              "merge": _merge, "merge_unwindowed": _merge_unwindowed}
+              "merge": _merge, "merge_unwindowed": _merge_unwindowed, "anyres": _anyres,
+              "pooled_frames": _pooled_frames}
 VISIONZIP_SUPPORTED = supported_vlms(encoder_side=True)

@@ -81,7 +81,8 @@ def test_keep_fraction_rounding_to_no_token_warns():
 
 def test_visionzip_keeps_numpy_counts():
     assert VisionZip(keep=np.int64(8), contextual=np.int64(2)).to_dict() == {"method": "visionzip", "keep": 8,
-                                                                            "contextual": 2, "merge": "target_plus_mean"}
+                                                                            "contextual": 2, "merge": "target_plus_mean",
+                                                                            "positions": "original", "paper_exact": False}
 
 
 @pytest.mark.parametrize("name", ["tiny/llava", "tiny/qwen2-vl", "tiny/gemma3"])

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from transformers import AttentionInterface
 
@@ -234,7 +235,8 @@ def eager_vision_scores(model, inputs) -> torch.Tensor:
     if name.startswith("Qwen2"):  # one matrix per image; 2 x 2 merge groups are consecutive patches
         patch = torch.cat([m[0].mean(dim=0).view(-1, 4).sum(dim=1) for m in matrices])
         if name == "Qwen2_5_VLForConditionalGeneration":  # its tower runs merge groups in window order
-            patch = patch[window_order(model, inputs["image_grid_thw"]).argsort()]
+            grid = inputs["image_grid_thw"] if "image_grid_thw" in inputs else inputs["video_grid_thw"]
+            patch = patch[window_order(model, grid).argsort()]
     else:
         patch = torch.cat([m[:, 0, 1:] if cls else m.mean(dim=1) for m in matrices])
     if name == "Gemma3ForConditionalGeneration":
@@ -243,8 +245,31 @@ def eager_vision_scores(model, inputs) -> torch.Tensor:
         patch = patch.view(-1, tokens, k, tokens, k).mean(dim=(2, 4))
     if name in ("SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration"):
         patch = core.connector.pixel_shuffle(patch[..., None], core.connector.scale_factor).sum(dim=-1)
-    image_mask = inputs["input_ids"] == model.config.image_token_id
-    return patch.flatten().view(len(image_mask), -1)
+    if name == "LlavaOnevisionForConditionalGeneration":
+        patch = onevision_token_scores(model, inputs, patch)
+    mask = visual_mask(model, inputs["input_ids"])
+    return patch.flatten().view(len(mask), -1)
+
+
+@torch.no_grad()
+def onevision_token_scores(model, inputs, patch: torch.Tensor) -> torch.Tensor:
+    """LLaVA-OneVision's token scores from per-tile patch scores (tiles, N), found without its packing code: the
+    projector maps each patch on its own, so each image token's embedding is the projected feature of exactly one
+    patch (matched here), or the row newline (-inf). Videos: frames pooled bilinearly to half size, a newline."""
+    core = model.model
+    if "pixel_values_videos" in inputs:
+        side = int(patch.shape[1] ** 0.5)
+        pooled = F.interpolate(patch.view(-1, 1, side, side), size=(math.ceil(side / 2),) * 2, mode="bilinear")
+        return torch.cat([pooled.flatten(), torch.tensor([-float("inf")])])
+    projected = []
+    hook = core.multi_modal_projector.register_forward_hook(lambda m, a, out: projected.append(out))
+    try:
+        embeddings = decoder_input(model, inputs, 0)[inputs["input_ids"] == model.config.image_token_id]
+    finally:
+        hook.remove()
+    candidates = torch.cat([projected[0].flatten(0, 1), core.image_newline[None]])
+    nearest = torch.cdist(embeddings.double(), candidates.double()).argmin(dim=1)
+    return torch.cat([patch.flatten(), torch.tensor([-float("inf")])])[nearest]
 
 
 def reference_max_min(x: torch.Tensor, budget: int) -> list[int]:
@@ -461,8 +486,6 @@ UNEQUAL = {  # (images of sample 0, images of sample 1): their image-token count
 def test_unequal_image_counts_equal_single_samples(name, method_name, images, positions):
     """Samples with different numbers of image tokens each keep their own share (the shorter padded inside with
     hidden fillers): logits and generate() with the cache equal each sample run alone."""
-    if method_name == "visionzip" and name == "tiny/llava-onevision":
-        pytest.skip("VisionZip does not support LLaVA-OneVision (tested to refuse it)")
     deep = method_name == "pyramiddrop"  # two stages need the 4-layer variant
     key = name + (":deep" if deep else "")
     if key not in _UNEQUAL_VLMS:
@@ -818,19 +841,21 @@ def test_visionzip_context_tokens(name, merge):
             assert torch.equal(entering[int(positions[i])], embeds[b, positions[i]])
 
 
-@pytest.mark.parametrize("name", ["tiny/llava-onevision"])
-def test_visionzip_rejects_unsupported_unchanged(name):
-    vlm = build_tiny(name)
+def test_visionzip_rejects_unsupported_unchanged():
+    """Every VLM family is scored in its tower; a LLaVA that concatenates several feature layers is not."""
+    vlm = build_tiny("tiny/llava")
+    vlm.model.config.vision_feature_layer = [-2, -1]
     hooks = hook_count(vlm.model)
-    with pytest.raises(ValueError, match=f"VisionZip does not support {type(vlm.model).__name__}; supported"):
+    with pytest.raises(ValueError, match=r"VisionZip needs one vision_feature_layer after the embeddings; "
+                                         r"LlavaForConditionalGeneration uses \[-2, -1\]"):
         mmattn.apply(vlm.model, VisionZip(keep=0.25))
     assert vlm.model.config.text_config._attn_implementation == vlm.model.config.vision_config._attn_implementation \
         == "sdpa"
     assert hook_count(vlm.model) == hooks and "get_image_features" not in vars(vlm.model.model)
 
 
-@pytest.mark.parametrize("name", ["tiny/llava-onevision", "tiny/qwen2-vl"])
-@pytest.mark.parametrize("method_name", ["fastv", "sparsevlm", "divprune"])
+@pytest.mark.parametrize("name", ["tiny/llava-onevision", "tiny/qwen2-vl", "tiny/qwen2.5-vl"])
+@pytest.mark.parametrize("method_name", list(METHODS))
 def test_video_frames_pruned(name, method_name):
     """Video tokens compete for the budget like image tokens; keep=1 changes nothing; generate() runs on the cache."""
     vlm, method = build_tiny(name), METHODS[method_name]
@@ -1073,8 +1098,6 @@ def two_turn_chat(model, vlm: TinyVLM) -> tuple[dict, object, list, list]:
 def test_two_turn_chat_equals_uncached_loop(name, method_name, positions, monkeypatch):
     """The second turn's image is pruned in its own prefill chunk, after the cached first turn: each decode step
     equals a forward without cache over the whole conversation that keeps the same image tokens of both turns."""
-    if method_name == "visionzip" and name == "tiny/llava-onevision":
-        pytest.skip("VisionZip does not support LLaVA-OneVision (tested to refuse it)")
     key = name + (":deep" if method_name == "pyramiddrop" else "")
     if key not in _UNEQUAL_VLMS:
         _UNEQUAL_VLMS[key] = build_deep(key) if method_name == "pyramiddrop" else build_tiny(name)
