@@ -376,7 +376,10 @@ class VisionZip(_Pruning):
     the assigned tokens. Deviations: similarity and merging use the projected embeddings (VisionZip: the tower's
     keys and outputs); kept tokens keep their original positions by default (VisionZip re-indexes them: 
     ``positions="compact"`` or ``paper_exact=True``); with HF LLaVA's "default" feature strategy the [CLS] token
-    is not among the LLM's tokens, so its dominant slot (the official code keeps [CLS]) goes to one more patch.
+    is not among the LLM's tokens, so its dominant slot (the official code keeps [CLS]) goes to one more patch;
+    LLaVA-OneVision's AnyRes tiles share one budget per sample (the official code, on LLaVA-NeXT, keeps a budget per
+    tile) and its row-newline tokens are never kept (as the official code drops them). Video tokens (LLaVA-OneVision,
+    Qwen2-VL, Qwen2.5-VL) are scored in the tower the same way and share the budget with the images.
     """
 
     keep: float | int = 0.25
