@@ -126,9 +126,9 @@ def _reweighted(query, key, value, attention_mask, reweights, kwargs):
     if len(present) > kernels.MAX_GROUPS:
         raise ValueError(f"the applied methods split this call's keys into {len(present)} groups; at most "
                          f"{kernels.MAX_GROUPS} can be reweighted together")
-    block_mask = BlockMask.from_dense(seen.expand(batch, 1, q_len, kv_len))
+    block_mask, causal = _visibility_kind(seen.expand(batch, 1, q_len, kv_len))
     result = kernels.grouped_attention(query, key, value, ids.view(batch, kv_len), scale=kwargs.get("scaling"),
-                                       block_mask=block_mask, num_groups=len(present))
+                                       block_mask=block_mask, causal=causal, num_groups=len(present))
     weights = [torch.ones((), device=query.device)] * len(present)
     for i, ((_, w), count) in enumerate(zip(reweights, radices)):  # in the order the ops were added
         digit = (present // math.prod(radices[i + 1:])) % count
@@ -143,6 +143,19 @@ def _reweighted(query, key, value, attention_mask, reweights, kwargs):
         weights = [weights[c] * w[int(digit[c])] for c in range(len(present))]
     out = result.combine(weights, query.dtype)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _visibility_kind(seen: torch.Tensor) -> tuple[BlockMask | None, bool]:
+    """(block mask, causal) for the kernels from a dense (B, 1, Nq, Nk) visibility: none where every key is seen
+    (a decode step), plain causal where it is exactly causal (an unpadded prefill: the kernels then slice keys
+    instead of gathering blocks), else the block mask."""
+    if bool(seen.all()):
+        return None, False
+    q_len, kv_len = seen.shape[-2:]
+    if q_len == kv_len and torch.equal(seen, torch.ones(q_len, kv_len, dtype=torch.bool,
+                                                        device=seen.device).tril().expand_as(seen)):
+        return None, True
+    return BlockMask.from_dense(seen), False
 
 
 AttentionInterface.register(IMPLEMENTATION, attention)
