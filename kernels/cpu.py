@@ -42,7 +42,20 @@ class _State:
         self.acc = torch.zeros((groups, *qc.shape), device=qc.device)
 
     def update(self, kt, v, bias, gid):
-        """Fold in keys kt (B,Hkv,D,L), values v (B,Hkv,L,D), bias (n,L) or None, group ids (B,L) or None."""
+        """Fold in keys kt (B,Hkv,D,L), values v (B,Hkv,L,D), bias (n,L) or None, group ids (B,L) or None.
+
+        With several groups the keys are first sorted by group (per sample), so that each group's share of the
+        output is one matmul over its contiguous keys: the work of a single attention call."""
+        segments = None
+        if gid is not None and self.l.shape[0] > 1:
+            order = torch.argsort(gid, dim=1, stable=True)  # (B, L)
+            kt = kt.expand(len(order), *kt.shape[1:]).gather(3, order[:, None, None].expand(-1, *kt.shape[1:3], -1))
+            v = v.expand(len(order), *v.shape[1:]).gather(2, order[:, None, :, None].expand(-1, v.shape[1], -1,
+                                                                                            v.shape[3]))
+            if bias is not None:
+                bias = bias[:, order].transpose(0, 1)[:, None, None]  # (B, 1, 1, n, L)
+            counts = torch.stack([(gid == g).sum(1) for g in range(self.l.shape[0])], dim=1).cumsum(1).tolist()
+            segments = [list(zip([0] + row[:-1], row)) for row in counts]
         s4 = self.q @ kt
         s = s4.view(*self.m.shape, -1)
         if bias is not None:
@@ -58,10 +71,15 @@ class _State:
             self.l[0] += p.sum(-1)
             self.acc[0] += (s4 @ v).view(self.acc.shape[1:])
             return
-        for g in range(self.l.shape[0]):
-            pg = p * (gid == g)[:, None, None, None, :]
-            self.l[g] += pg.sum(-1)
-            self.acc[g] += (pg.view(s4.shape) @ v).view(self.acc.shape[1:])
+        if segments is None:  # one group
+            self.l[0] += p.sum(-1)
+            self.acc[0] += (s4 @ v).view(self.acc.shape[1:])
+            return
+        for b, row in enumerate(segments):
+            for g, (start, stop) in enumerate(row):
+                if stop > start:
+                    self.l[g, b] += p[b, ..., start:stop].sum(-1)
+                    self.acc[g, b] += (s4[b, ..., start:stop] @ v[b, :, start:stop]).view(self.acc.shape[2:])
 
 
 def _forward(q, k, v, scale, causal, block_mask, key_groups, groups):

@@ -28,6 +28,7 @@ class DiffusionFamily:
     ``second_stage``: (attribute, CFG scale argument) of a second denoiser that runs the later steps (Wan 2.2's
     ``transformer_2`` with ``guidance_scale_2``). ``fork_inputs``: the block arguments that carry the batch, for guidance's fork at the first perturbed block
     (mmattn.guidance); empty: the family runs the whole perturbed branch (a UNet, whose skip connections cross blocks).
+    ``joint_attention``: the self-attention layers attend over [image, text] together (SoftPAG's block scopes).
     """
 
     name: str
@@ -45,6 +46,7 @@ class DiffusionFamily:
     grid_factors: tuple[int, ...] = (1,)
     fork_inputs: tuple[str, ...] = ()
     second_stage: tuple[str, str] | None = None
+    joint_attention: bool = False
 
     def denoiser(self, pipe):
         return getattr(pipe, self.denoiser_attr)
@@ -88,12 +90,12 @@ DIFFUSION_FAMILIES = (
     DiffusionFamily("sd3", "SD3Transformer2DModel", "transformer", ("JointTransformerBlock",), "attn",
                     ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"),
                     block_outputs=("encoder_hidden_states", "hidden_states"),
-                    fork_inputs=("hidden_states", "encoder_hidden_states", "temb")),
+                    fork_inputs=("hidden_states", "encoder_hidden_states", "temb"), joint_attention=True),
     DiffusionFamily("flux", "FluxTransformer2DModel", "transformer", ("FluxTransformerBlock", "FluxSingleTransformerBlock"), "attn",
                     ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance"),
                     cfg_calls="separate", cfg_scale="true_cfg_scale", cfg_needs_negative=True,
                     block_outputs=("encoder_hidden_states", "hidden_states"), text_first=True, image_ids="img_ids",
-                    fork_inputs=("hidden_states", "encoder_hidden_states", "temb")),
+                    fork_inputs=("hidden_states", "encoder_hidden_states", "temb"), joint_attention=True),
     DiffusionFamily("wan", "WanTransformer3DModel", "transformer", ("WanTransformerBlock",), "attn1",
                     ("hidden_states", "encoder_hidden_states", "timestep", "encoder_hidden_states_image"), cfg_calls="separate",
                     fork_inputs=("hidden_states", "encoder_hidden_states", "temb"),

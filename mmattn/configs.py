@@ -99,6 +99,9 @@ class _Guidance(_Method):
             raise ConfigTypeError(f"batch_branches={self.batch_branches!r}: expected True or False")
 
 
+SCOPES = ("joint", "image", "II_identity", "II_mask", "IT_mask", "TI_mask", "TT_mask", "TT_identity")
+
+
 @dataclass(frozen=True)
 class SoftPAG(_Guidance):
     """Soft perturbed-attention guidance on selected heads.
@@ -106,9 +109,14 @@ class SoftPAG(_Guidance):
     HeadHunter / SoftPAG (arXiv 2506.10978), generalising PAG (arXiv 2403.17377). In the perturbed
     branch each selected head's attention map becomes ``(1-u)·A + u·T`` with T the identity
     (``target="identity"``: output ``(1-u)·attn + u·V``, PAG at u=1) or the uniform map
-    (``target="uniform"``: output ``(1-u)·attn + u·mean(V)``, SoftUG). ``scope="joint"`` perturbs
-    the whole joint [image, text] sequence; ``scope="image"`` (SD3) perturbs only the image×image
-    block as diffusers' SD3 PAG does: image queries see themselves and all text keys. Guidance adds
+    (``target="uniform"``: output ``(1-u)·attn + u·mean(V)``, SoftUG). ``scope="joint"`` (default, HeadHunter's
+    ``attention_identity``) perturbs the whole joint [image, text] sequence. On joint attention (SD3, Flux) the
+    other scopes perturb one block of the map, as the official HeadHunter code's logit perturbations do
+    (cvlab-kaist/HeadHunter, ``skip_attention``): that block's logits become -inf, rows re-normalised, then
+    blended by u. ``"II_identity"`` (alias ``"image"``, diffusers' SD3 PAG): image queries see themselves and all
+    text keys; ``"TT_identity"``: text queries see themselves and all image keys; ``"II_mask"`` / ``"IT_mask"``:
+    image queries lose the image / text keys; ``"TI_mask"`` / ``"TT_mask"``: text queries lose the image / text
+    keys (I = image, T = text; query group first). Guidance adds
     ``scale·(ε_c − ε_perturbed)`` between ``start`` and ``stop`` (fractions of the denoising steps).
     No N×N matrix is formed: the blend acts on the fused attention output.
     """
@@ -119,7 +127,8 @@ class SoftPAG(_Guidance):
     target: str = _setting("identity", "target map: identity (PAG) or uniform (SoftUG)", ("identity", "uniform"))
     start: float = _setting(0.0, _START)
     stop: float = _setting(1.0, _STOP)
-    scope: str = _setting("joint", "joint sequence, or image: the SD3 image x image block only", ("joint", "image"))
+    scope: str = _setting("joint", "joint sequence, or one block of joint attention (HeadHunter's logit "
+                          "perturbations; image = II_identity)", SCOPES)
 
     name = "softpag"
 
@@ -131,10 +140,11 @@ class SoftPAG(_Guidance):
         _check_window(self.start, self.stop)
         if self.target not in ("identity", "uniform"):
             raise ValueError(f"target={self.target!r}: expected 'identity' or 'uniform'")
-        if self.scope not in ("joint", "image"):
-            raise ValueError(f"scope={self.scope!r}: expected 'joint' or 'image'")
-        if self.scope == "image" and self.target != "identity":
-            raise ValueError(f"scope='image' perturbs with the identity map; got target={self.target!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope={self.scope!r}: expected one of {', '.join(SCOPES)}")
+        if self.scope != "joint" and self.target != "identity":
+            raise ValueError(f"scope={self.scope!r} perturbs one block of the map; target={self.target!r} applies to "
+                             "scope='joint' only")
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ class FamilyProcessor:
     """Common part: the original processor, the ops on this layer, the call's information and the core slot."""
 
     heads_axis = 1
+    text_first = False  # joint attention: text tokens before the image tokens (Flux)
 
     def __init__(self, original, info: CallInfo):
         self.original, self.info, self.ops = original, info, []
@@ -131,9 +132,8 @@ class AttnProcessor(FamilyProcessor):
 class JointAttnProcessor(FamilyProcessor):
     """diffusers' ``JointAttnProcessor2_0`` (SD3 joint [image, text] attention) with op slots.
 
-    Blend targets act over the whole joint sequence of the perturbed rows, except "image_block":
-    image queries attend to themselves and to all text keys (the image×image block becomes the
-    identity, as in diffusers' SD3 PAG), text rows unchanged.
+    Blend targets act over the whole joint sequence of the perturbed rows, or over one block of it (a SoftPAG
+    scope: ``mmattn.processors.perturbation._blend_scope``).
     """
 
     heads_axis = 1
@@ -176,6 +176,7 @@ class FluxAttnProcessor(_DispatchBackend, FamilyProcessor):
     """diffusers' ``FluxAttnProcessor`` ([text, image] double-stream, pre-concatenated single-stream) with op slots."""
 
     heads_axis = 2
+    text_first = True
 
     def original_core(self, query, key, value, attention_mask):
         return dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mmattn.adapters import diffusion_family
+from mmattn.adapters import DIFFUSION_FAMILIES, diffusion_family
 from mmattn.api import installing, register_installer
 from mmattn.configs import PAG, SEG, SLG, STG, SoftPAG
 from mmattn.guidance import Branch, GuidedDenoiser
@@ -31,8 +31,9 @@ from mmattn.processors.diffusion import FamilyProcessor, check_mirrored, family_
 class HeadOp:
     """One method acting in one layer on one branch's rows and some heads.
 
-    kind "blend": out ← (1-u)·out + u·target, target "identity" (V), "uniform" (mean V) or
-    "image_block" (SD3 image×image identity); kind "blur": image-token queries q ← (1-u)·q + u·blur(q).
+    kind "blend": out ← (1-u)·out + u·target, target "identity" (V) or "uniform" (mean V) over the joint
+    sequence, or with a ``scope`` other than "joint" the attention with one block of joint attention perturbed (see
+    :class:`mmattn.SoftPAG`); kind "blur": image-token queries q ← (1-u)·q + u·blur(q).
     """
 
     branch: Branch
@@ -41,6 +42,7 @@ class HeadOp:
     strength: float = 1.0
     target: str = "identity"
     sigma: float = 0.0
+    scope: str = "joint"
 
     def on_query(self, processor: FamilyProcessor, query: torch.Tensor, image: slice) -> torch.Tensor:
         """Query slot: a blur op blurs the image-token queries of its rows and heads (a new tensor)."""
@@ -60,8 +62,8 @@ class HeadOp:
         """Output slot: a blend op moves its rows and heads toward its target, in place."""
         if self.kind != "blend" or self.branch.rows is None:
             return
-        if self.target == "image_block":
-            _blend_image_block(out, query, key, value, self, n_image)
+        if self.scope != "joint":
+            _blend_scope(out, query, key, value, self, n_image, processor.heads_axis, processor.text_first)
         else:
             blend(out, value, self, processor.heads_axis)
 
@@ -109,24 +111,39 @@ def gaussian_blur_tokens(x: torch.Tensor, grid: tuple[int, int, int], sigma: flo
     return x.reshape(b, h, n, d)
 
 
-def _blend_image_block(out, query, key, value, op: HeadOp, n_image: int) -> None:
-    """Image queries of the op's rows and heads: (1-u)·attn + u·attn(self ∪ text keys), in place.
-
-    Computed from the self score and the image×text scores with one shared max: no N×N matrix.
-    """
+def _blend_scope(out, query, key, value, op: HeadOp, n_image: int, heads_axis: int, text_first: bool) -> None:
+    """In place on ``out``: the op's rows and heads, for the scope's query group (image or text tokens), become
+    (1-u)·attn + u·attn over the keys the scope leaves them (the other group's keys, and itself for an identity
+    scope), from those scores alone under one shared max: no N×N matrix."""
+    out_h, q, k, v = (heads_first(t, heads_axis) for t in (out, query, key, value))
     rows, heads = op.branch.rows, op.heads.to(out.device)
-    q, k, v = (t[rows][:, heads] for t in (query, key, value))
-    q_img, k_img, v_img = q[:, :, :n_image], k[:, :, :n_image], v[:, :, :n_image]
-    k_txt, v_txt = k[:, :, n_image:], v[:, :, n_image:]
+    q, k, v = (t[rows][:, heads] for t in (q, k, v))
+    n = q.shape[2]
+    image = slice(n - n_image, n) if text_first else slice(0, n_image)
+    text = slice(0, n - n_image) if text_first else slice(n_image, n)
+    groups = {"I": image, "T": text}
+    queries = groups[op.scope[0]]
+    if op.scope.endswith("identity"):  # the own group's block becomes the identity: itself and the other group
+        seen, own = groups["T" if op.scope[0] == "I" else "I"], True
+    else:  # the masked block's keys are gone: the keys of the other group than the block's
+        seen, own = groups["T" if op.scope[1] == "I" else "I"], False
     scale = q.shape[-1] ** -0.5
-    s_self = (q_img * k_img).sum(-1, keepdim=True) * scale
-    s_txt = q_img @ k_txt.transpose(-1, -2) * scale
-    m = torch.maximum(s_self, s_txt.amax(-1, keepdim=True))
-    w_self, w_txt = torch.exp(s_self - m), torch.exp(s_txt - m)
-    o = (w_self * v_img + w_txt @ v_txt) / (w_self + w_txt.sum(-1, keepdim=True))
-    current = out[rows][:, heads]
-    current[:, :, :n_image] = torch.lerp(current[:, :, :n_image], o.to(out.dtype), op.strength)
-    out[rows, heads] = current
+    q_x = q[:, :, queries]
+    scores = q_x @ k[:, :, seen].transpose(-1, -2) * scale
+    m = scores.amax(-1, keepdim=True)
+    if own:
+        s_self = (q_x * k[:, :, queries]).sum(-1, keepdim=True) * scale
+        m = torch.maximum(m, s_self) if scores.shape[-1] else s_self
+    if not m.numel() or (scores.shape[-1] == 0 and not own):
+        return  # no key left to attend to: the rows stay as they are
+    weights = torch.exp(scores - m)
+    numerator, denominator = weights @ v[:, :, seen], weights.sum(-1, keepdim=True)
+    if own:
+        w_self = torch.exp(s_self - m)
+        numerator, denominator = numerator + w_self * v[:, :, queries], denominator + w_self
+    current = out_h[rows][:, heads]
+    current[:, :, queries] = torch.lerp(current[:, :, queries], (numerator / denominator).to(out.dtype), op.strength)
+    out_h[rows, heads] = current
 
 
 def _skip_block_hook(family, branch: Branch):
@@ -197,11 +214,15 @@ def _branch(config, **options) -> Branch:
 @register_installer(PAG)
 @register_installer(SoftPAG)
 def install_softpag(pipe, config: SoftPAG):
-    if config.scope == "image" and diffusion_family(pipe).name != "sd3":
-        raise ValueError(f"scope={config.scope!r} is supported on sd3 only; this pipeline is {diffusion_family(pipe).name}")
-    target = "image_block" if config.scope == "image" else config.target
+    family = diffusion_family(pipe)
+    if config.scope != "joint" and not family.joint_attention:
+        joint = ", ".join(f.name for f in DIFFUSION_FAMILIES if f.joint_attention)
+        raise ValueError(f"scope={config.scope!r} perturbs a block of joint [image, text] attention ({joint}); "
+                         f"{family.name} has none: use scope='joint'")
+    scope = "II_identity" if config.scope == "image" else config.scope
     return install_perturbation(pipe, config.heads, _branch(config),
-                                lambda branch, heads: HeadOp(branch, heads, "blend", config.strength, target))
+                                lambda branch, heads: HeadOp(branch, heads, "blend", config.strength, config.target,
+                                                             scope=scope))
 
 
 @register_installer(SEG)

@@ -1,5 +1,6 @@
 """SoftPAG: eager and diffusers oracles, guidance math, identities and exact restore on every family."""
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPAGPipeline, StableDiffusionXLPAGPipeline
@@ -11,6 +12,7 @@ from mmattn.guidance import Branch, CallInfo
 from mmattn.processors.diffusion import PROCESSORS
 from mmattn.processors.perturbation import HeadOp, gaussian_blur_tokens
 from mmattn.adapters import diffusion_family
+from mmattn.configs import SCOPES
 from mmattn.testing import build_tiny, tiny_spec
 
 FAMILIES = ["tiny/sd", "tiny/sdxl", "tiny/sd3", "tiny/flux", "tiny/wan", "tiny/pixart"]
@@ -48,6 +50,24 @@ def with_op(family, original, heads, rows, kind="blend", grid=None, **op):
     return processor
 
 
+def scoped_map(scores, a, n_image: int, text_first: bool, scope: str) -> torch.Tensor:
+    """HeadHunter's logit perturbation written out (its ``skip_attention``): the scope's block of the (B, H, N, N)
+    logits set to -inf (an identity block keeps its diagonal), softmax; rows of the other query group keep ``a``."""
+    size = scores.shape[-1]
+    image = slice(size - n_image, size) if text_first else slice(0, n_image)
+    text = slice(0, size - n_image) if text_first else slice(n_image, size)
+    groups = {"I": image, "T": text}
+    rows, cols = groups[scope[0]], groups[scope[1]]
+    mask = torch.zeros(size, size)
+    mask[rows, cols] = float("-inf")
+    if scope.endswith("identity"):
+        mask[rows, cols].fill_diagonal_(0)
+    t = torch.softmax(scores + mask, dim=-1)
+    other = groups["T" if scope[0] == "I" else "I"]
+    t[:, :, other] = a[:, :, other]
+    return t
+
+
 def eager_joint_attention(attn, x, ctx, heads, u, target, rows, scope="joint", query_fn=None):
     """Oracle: materialise A per head, blend the perturbed rows' selected heads, then A·V."""
     b, n = x.shape[:2]
@@ -66,28 +86,26 @@ def eager_joint_attention(attn, x, ctx, heads, u, target, rows, scope="joint", q
     scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
     a = torch.softmax(scores, dim=-1)
     size = a.shape[-1]
-    if scope == "image":  # image rows: identity within the image block, text keys as they are
-        mask = torch.zeros(size, size)
-        mask[:n, :n] = float("-inf")
-        mask[:n, :n].fill_diagonal_(0)
-        t = torch.softmax(scores + mask, dim=-1)
-        t[:, :, n:] = a[:, :, n:]
+    if scope != "joint":
+        t = scoped_map(scores, a, n, text_first=False, scope="II_identity" if scope == "image" else scope)
     else:
         t = torch.eye(size) if target == "identity" else torch.full((size, size), 1.0 / size)
     for h in heads:
-        a[rows, h] = (1 - u) * a[rows, h] + u * (t[rows, h] if scope == "image" else t)
+        a[rows, h] = (1 - u) * a[rows, h] + u * (t[rows, h] if scope != "joint" else t)
     o = (a @ v).transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1])
     out, ctx_out = o[:, :n], o[:, n:]
     return attn.to_out[0](out), (attn.to_add_out(ctx_out) if not attn.context_pre_only else ctx_out)
 
 
 @pytest.mark.parametrize("u, target, heads, scope", [(1.0, "identity", (0, 3), "joint"), (0.4, "identity", (1,), "joint"),
-                                                     (0.7, "uniform", (0, 1, 2, 3), "joint"), (0.6, "identity", (0, 2), "image")])
+                                                     (0.7, "uniform", (0, 1, 2, 3), "joint"), (0.6, "identity", (0, 2), "image"),
+                                                     *[(0.7, "identity", (1, 2), s) for s in SCOPES[2:]]])
 def test_processor_matches_eager_oracle(sd3, u, target, heads, scope):
     attn = sd3.transformer.transformer_blocks[1].attn
     g = torch.Generator().manual_seed(1)
     x, ctx = torch.randn(3, 17, 32, generator=g), torch.randn(3, 9, 32, generator=g)
-    processor = with_op("sd3", attn.processor, heads, slice(1, 3), strength=u, target="image_block" if scope == "image" else target)
+    processor = with_op("sd3", attn.processor, heads, slice(1, 3), strength=u, target=target,
+                        scope="II_identity" if scope == "image" else scope)
     with torch.no_grad():
         got = processor(attn, x, ctx)
         want = eager_joint_attention(attn, x, ctx, heads, u, target, slice(1, 3), scope)
@@ -335,11 +353,14 @@ def test_sd3_image_scope_pag_equals_diffusers_sd3_pag_pipeline(sd3):
     assert (joint - want).abs().max() > 1e-3  # the joint scope is a different perturbation
 
 
-def test_image_scope_only_on_sd3():
-    with pytest.raises(ValueError, match="scope='image' is supported on sd3 only; this pipeline is flux"):
-        mmattn.apply(pipe_for("tiny/flux"), SoftPAG(heads="transformer_blocks.0", scope="image"))
-    with pytest.raises(ValueError, match="scope='image' perturbs with the identity map"):
-        SoftPAG(heads="transformer_blocks.0", scope="image", target="uniform")
+def test_image_scope_is_ii_identity_end_to_end():
+    """scope="image" (diffusers' SD3 PAG) is HeadHunter's II_identity; on Flux too, through a whole pipeline."""
+    pipe = pipe_for("tiny/flux")
+    outputs = []
+    for scope in ("image", "II_identity", "joint"):
+        with mmattn.apply(pipe, SoftPAG(heads="transformer_blocks.0", scope=scope, strength=0.7)):
+            outputs.append(run(pipe, "tiny/flux"))
+    assert np.array_equal(outputs[0], outputs[1]) and not np.array_equal(outputs[0], outputs[2])
 
 
 def sd3_inputs(batch=2, seed=2):
@@ -445,3 +466,49 @@ def test_rescale_conflicts_fail_clearly(sd3):
 def test_new_config_validation(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@pytest.mark.parametrize("scope", SCOPES[2:])
+@pytest.mark.parametrize("single", [False, True])
+def test_flux_scopes_match_eager_oracle(scope, single):
+    """Flux's [text, image] joint attention (double-stream and single-stream blocks): each scope's fused blend equals
+    an eager core that materialises the map and perturbs the scope's block (``scoped_map``)."""
+    transformer = pipe_for("tiny/flux").transformer
+    block = transformer.single_transformer_blocks[0] if single else transformer.transformer_blocks[0]
+    attn, n_text, n_image, heads, rows, u = block.attn, 5, 12, (0, 2), slice(1, 3), 0.6
+    g = torch.Generator().manual_seed(4)
+    x, ctx = torch.randn(3, n_image, 64, generator=g), torch.randn(3, n_text, 64, generator=g)
+    if single:
+        x, ctx = torch.cat([ctx, x], dim=1), None
+    info = CallInfo(text_tokens=n_text)
+    fused = PROCESSORS["flux"](attn.processor, info)
+    fused.ops.append(HeadOp(Branch(1.0, 0.0, 1.0, rows=rows), torch.tensor(heads), "blend", u, scope=scope))
+
+    def eager_core(query, key, value, attention_mask):  # (B, N, H, D)
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        a = torch.softmax(scores, dim=-1)
+        t = scoped_map(scores, a, n_image, text_first=True, scope=scope)
+        for h in heads:
+            a[rows, h] = (1 - u) * a[rows, h] + u * t[rows, h]
+        return (a @ v).transpose(1, 2)
+
+    oracle = PROCESSORS["flux"](attn.processor, info)
+    oracle.core = eager_core
+    with torch.no_grad():
+        got, want = fused(attn, x, ctx), oracle(attn, x, ctx)
+    for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    with torch.no_grad():
+        plain = PROCESSORS["flux"](attn.processor, info)(attn, x, ctx)
+    got, plain = (torch.cat([t.flatten() for t in (o if isinstance(o, tuple) else (o,))]) for o in (got, plain))
+    assert not torch.allclose(got, plain)
+
+
+def test_scopes_need_joint_attention():
+    with pytest.raises(ValueError, match="scope='TT_mask' perturbs a block of joint \\[image, text\\] attention "
+                                         "\\(sd3, flux\\); wan has none: use scope='joint'"):
+        mmattn.apply(pipe_for("tiny/wan"), SoftPAG(heads="blocks.0", scope="TT_mask"))
+    for scope in ("II_mask", "image"):
+        with pytest.raises(ValueError, match=f"scope='{scope}' perturbs one block of the map; target='uniform' applies"):
+            SoftPAG(heads="x", scope=scope, target="uniform")
