@@ -41,6 +41,7 @@ MIRRORED_PROCESSORS = {
     "sd3": ("diffusers.models.attention_processor", "JointAttnProcessor2_0"),
     "flux": ("diffusers.models.transformers.transformer_flux", "FluxAttnProcessor"),
     "wan": ("diffusers.models.transformers.transformer_wan", "WanAttnProcessor"),
+    "sana": ("diffusers.models.attention_processor", "SanaLinearAttnProcessor2_0"),
 }
 
 

@@ -29,6 +29,7 @@ class DiffusionFamily:
     ``transformer_2`` with ``guidance_scale_2``). ``fork_inputs``: the block arguments that carry the batch, for guidance's fork at the first perturbed block
     (mmattn.guidance); empty: the family runs the whole perturbed branch (a UNet, whose skip connections cross blocks).
     ``joint_attention``: the self-attention layers attend over [image, text] together (SoftPAG's block scopes).
+    ``linear_attention``: the self-attention is a kernel (linear) attention, not softmax (Sana): no windows.
     """
 
     name: str
@@ -47,6 +48,7 @@ class DiffusionFamily:
     fork_inputs: tuple[str, ...] = ()
     second_stage: tuple[str, str] | None = None
     joint_attention: bool = False
+    linear_attention: bool = False
 
     def denoiser(self, pipe):
         return getattr(pipe, self.denoiser_attr)
@@ -104,6 +106,11 @@ DIFFUSION_FAMILIES = (
                     ("hidden_states", "encoder_hidden_states", "encoder_attention_mask", "timestep", "added_cond_kwargs"),
                     fork_inputs=("hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask",
                                  "timestep")),
+    DiffusionFamily("sana", "SanaTransformer2DModel", "transformer", ("SanaTransformerBlock",), "attn1",
+                    ("hidden_states", "encoder_hidden_states", "timestep", "guidance", "encoder_attention_mask",
+                     "attention_mask"),
+                    fork_inputs=("hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask",
+                                 "timestep"), linear_attention=True),
 )
 
 

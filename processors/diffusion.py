@@ -239,6 +239,37 @@ class WanAttnProcessor(_DispatchBackend, FamilyProcessor):
         return attn.to_out[1](attn.to_out[0](out))
 
 
+class SanaLinearAttnProcessor(FamilyProcessor):
+    """diffusers' ``SanaLinearAttnProcessor2_0`` (Sana's ``attn1``: ReLU-kernel linear self-attention) with op
+    slots. Query ops see the projected queries before the ReLU kernel; the core takes (B, N, H, D) tensors like the
+    dispatch families; SoftPAG's identity target is V, as diffusers' ``PAGIdentitySanaLinearAttnProcessor2_0``."""
+
+    heads_axis = 2
+
+    def original_core(self, query, key, value, attention_mask):
+        query = F.relu(query).float().permute(0, 2, 3, 1)  # (B, H, D, N), diffusers' layout
+        key = F.relu(key).float().permute(0, 2, 1, 3)  # (B, H, N, D)
+        value = F.pad(value.float().permute(0, 2, 3, 1), (0, 0, 0, 1), mode="constant", value=1.0)
+        out = torch.matmul(torch.matmul(value, key), query)
+        out = out[:, :, :-1] / (out[:, :, -1:] + 1e-15)
+        return out.permute(0, 3, 1, 2)  # (B, N, H, D)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+        dtype = hidden_states.dtype
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        query = self.query_ops(query, slice(None))
+        out = self.attend(query, key, value, attention_mask)
+        self.output_ops(out, query, key, value, n_image=query.shape[1])
+        out = out.flatten(2, 3).to(dtype)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
 def _wan_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Wan's interleaved rotary embedding on (B, N, H, D)."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
@@ -282,4 +313,5 @@ PROCESSORS = {
     "sd3": JointAttnProcessor,
     "flux": FluxAttnProcessor,
     "wan": WanAttnProcessor,
+    "sana": SanaLinearAttnProcessor,
 }

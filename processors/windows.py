@@ -132,6 +132,9 @@ def _install_windows(pipe, config, make_window, dual: bool = False):
     selected layer's processor; each change's undo is registered as it is made. ``make_window(family, pipe)``
     returns ``window_for(grid)``."""
     family = diffusion_family(pipe)
+    if family.linear_attention:
+        raise ValueError(f"{family.name}'s self-attention is linear (a ReLU kernel, no softmax): window attention "
+                         "needs softmax attention")
     video = family.name in VIDEO_FAMILIES
     denoiser = family.denoiser(pipe)
     attention = family.attention_layers(denoiser)

@@ -1,4 +1,4 @@
-"""Tiny diffusers pipelines (SD 1.x, SDXL, SD3, FLUX.1-dev, Wan 2.1, PixArt-Sigma) with random weights.
+"""Tiny diffusers pipelines (SD 1.x, SDXL, SD3, FLUX.1-dev, Wan 2.1, PixArt-Sigma, Sana) with random weights.
 
 Each builder mirrors the real model's architecture and config conventions (block types, latent
 channels, VAE scaling/shift factors, schedulers, guidance embedding...) at toy widths, so attention
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import (
+    AutoencoderDC,
     AutoencoderKL,
     AutoencoderKLWan,
     DDIMScheduler,
@@ -21,6 +22,8 @@ from diffusers import (
     ModelMixin,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
+    SanaPipeline,
+    SanaTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -35,6 +38,8 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
+    Gemma2Config,
+    Gemma2Model,
     T5Config,
     T5EncoderModel,
     UMT5Config,
@@ -44,7 +49,7 @@ from transformers import (
 from . import register_tiny
 from .tokenizers import clip_tokenizer, t5_tokenizer
 
-__all__ = ["build_sd", "build_sdxl", "build_sd3", "build_flux", "build_wan", "build_pixart"]
+__all__ = ["build_sd", "build_sdxl", "build_sd3", "build_flux", "build_wan", "build_pixart", "build_sana"]
 
 # Text sequence length of the T5 encoders (the tokenizer's model_max_length): one token per character.
 T5_MAX_LENGTH = 64
@@ -385,6 +390,65 @@ def build_pixart(dtype: torch.dtype = torch.float32) -> PixArtSigmaPipeline:
         tokenizer=t5_tokenizer(T5_MAX_LENGTH),
         text_encoder=_t5_encoder(t5_dim),
         vae=_vae(latent_channels=4, scaling_factor=0.13025),
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(),
+    )
+    return _finish(pipe, dtype)
+
+
+@register_tiny(
+    "tiny/sana",
+    kind="image",
+    architecture="SanaPipeline (SanaTransformer2DModel: ReLU linear self-attention, cross-attention; DC-AE, Gemma 2)",
+    defaults=_call_defaults(
+        guidance_scale=4.5,
+        max_sequence_length=T5_MAX_LENGTH,
+        complex_human_instruction=None,  # the real prompt preamble is longer than the tiny tokenizer's 64 tokens
+        use_resolution_binning=False,
+        clean_caption=False,
+    ),
+)
+def build_sana(dtype: torch.dtype = torch.float32) -> SanaPipeline:
+    """Sana layout: linear self-attention (attn1) and softmax cross-attention (attn2) per block, adaLN-single, a
+    deep-compression autoencoder (2x here: 32 px give 16x16 latents, 2x2 patches, 64 image tokens), a Gemma 2 text
+    encoder (the tiny one reads the T5 tokenizer's ids); 2 blocks of 4 heads x 8."""
+    gemma = Gemma2Model(Gemma2Config(vocab_size=t5_tokenizer(T5_MAX_LENGTH).vocab_size, hidden_size=32,
+                                     intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     num_key_value_heads=1, head_dim=16, max_position_embeddings=T5_MAX_LENGTH,
+                                     attn_implementation="eager"))  # Gemma 2 has no SDPA path
+    vae = AutoencoderDC(
+        in_channels=3,
+        latent_channels=4,
+        attention_head_dim=2,
+        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        encoder_layers_per_block=(1, 1),
+        decoder_layers_per_block=(1, 1),
+        encoder_qkv_multiscales=((), (5,)),
+        decoder_qkv_multiscales=((), (5,)),
+        upsample_block_type="interpolate",
+        downsample_block_type="conv",
+        scaling_factor=0.41407,
+    )
+    transformer = SanaTransformer2DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=4,
+        attention_head_dim=8,
+        num_layers=2,
+        num_cross_attention_heads=4,
+        cross_attention_head_dim=8,
+        cross_attention_dim=32,
+        caption_channels=32,
+        sample_size=16,
+        patch_size=2,
+    )
+    pipe = SanaPipeline(
+        tokenizer=t5_tokenizer(T5_MAX_LENGTH),
+        text_encoder=gemma,
+        vae=vae,
         transformer=transformer,
         scheduler=DPMSolverMultistepScheduler(),
     )

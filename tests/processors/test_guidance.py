@@ -68,6 +68,8 @@ CASES = [  # (tiny model, pipeline arguments, CFG weight w or None, the pipeline
     ("tiny/flux", {"true_cfg_scale": 3.0, "negative_prompt": "blurry"}, 3.0, True),
     ("tiny/wan", {"guidance_scale": 4.0}, 4.0, True),
     ("tiny/wan", {"guidance_scale": 1.0}, None, True),
+    ("tiny/sana", {"guidance_scale": 4.0}, 4.0, False),
+    ("tiny/sana", {"guidance_scale": 1.0}, None, False),
 ]
 
 
@@ -300,6 +302,7 @@ FORK_CASES = [  # (tiny model, call arguments, prompts, SoftPAG layer, STG-skipp
      "single_transformer_blocks.1"),
     ("tiny/wan", {"guidance_scale": 4.0}, 1, "blocks.1", "blocks.1"),
     ("tiny/pixart", {"guidance_scale": 4.0}, 2, "transformer_blocks.1", "transformer_blocks.1"),
+    ("tiny/sana", {"guidance_scale": 4.0}, 2, "transformer_blocks.1", "transformer_blocks.1"),
 ]
 
 

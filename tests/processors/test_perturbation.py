@@ -15,7 +15,7 @@ from mmattn.adapters import diffusion_family
 from mmattn.configs import SCOPES
 from mmattn.testing import build_tiny, tiny_spec
 
-FAMILIES = ["tiny/sd", "tiny/sdxl", "tiny/sd3", "tiny/flux", "tiny/wan", "tiny/pixart"]
+FAMILIES = ["tiny/sd", "tiny/sdxl", "tiny/sd3", "tiny/flux", "tiny/wan", "tiny/pixart", "tiny/sana"]
 _PIPES = {}
 
 
@@ -302,6 +302,23 @@ def test_layer_level_pag_equals_diffusers_unet_pag_pipelines(name, pag_class, mi
     call = tiny_spec(name).defaults | {"output_type": "pt", "guidance_scale": 7.5}
     want = pag("a red fox", generator=torch.Generator().manual_seed(0), pag_scale=3.0, **call).images
     with mmattn.apply(pipe, SoftPAG(heads=f"{mid}:*", strength=1.0, scale=3.0)):
+        got = pipe("a red fox", generator=torch.Generator().manual_seed(0), **call).images
+    baseline = pipe("a red fox", generator=torch.Generator().manual_seed(0), **call).images
+    assert (want - baseline).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("layer", ["transformer_blocks.0", "transformer_blocks.1"])
+def test_layer_level_pag_equals_diffusers_sana_pag_pipeline(layer):
+    """PAG on every head of one Sana block (linear attention: the perturbed output is V) == diffusers'
+    SanaPAGPipeline with that block in pag_applied_layers."""
+    from diffusers import SanaPAGPipeline
+
+    pipe = pipe_for("tiny/sana")
+    pag = SanaPAGPipeline(**pipe.components, pag_applied_layers=[layer])
+    call = tiny_spec("tiny/sana").defaults | {"output_type": "pt", "guidance_scale": 4.5}
+    want = pag("a red fox", generator=torch.Generator().manual_seed(0), pag_scale=3.0, **call).images
+    with mmattn.apply(pipe, PAG(heads=layer, scale=3.0)):
         got = pipe("a red fox", generator=torch.Generator().manual_seed(0), **call).images
     baseline = pipe("a red fox", generator=torch.Generator().manual_seed(0), **call).images
     assert (want - baseline).abs().max() > 1e-3
