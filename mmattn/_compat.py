@@ -42,6 +42,7 @@ MIRRORED_PROCESSORS = {
     "flux": ("diffusers.models.transformers.transformer_flux", "FluxAttnProcessor"),
     "wan": ("diffusers.models.transformers.transformer_wan", "WanAttnProcessor"),
     "sana": ("diffusers.models.attention_processor", "SanaLinearAttnProcessor2_0"),
+    "cogvideox": ("diffusers.models.attention_processor", "CogVideoXAttnProcessor2_0"),
 }
 
 

@@ -30,6 +30,7 @@ class DiffusionFamily:
     (mmattn.guidance); empty: the family runs the whole perturbed branch (a UNet, whose skip connections cross blocks).
     ``joint_attention``: the self-attention layers attend over [image, text] together (SoftPAG's block scopes).
     ``linear_attention``: the self-attention is a kernel (linear) attention, not softmax (Sana): no windows.
+    ``frames_first``: video latents are (B, F, C, H, W) (CogVideoX), not (B, C, F, H, W).
     """
 
     name: str
@@ -49,6 +50,7 @@ class DiffusionFamily:
     second_stage: tuple[str, str] | None = None
     joint_attention: bool = False
     linear_attention: bool = False
+    frames_first: bool = False
 
     def denoiser(self, pipe):
         return getattr(pipe, self.denoiser_attr)
@@ -75,9 +77,11 @@ class DiffusionFamily:
             return 1, int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
         latent = inputs[self.batched_inputs[0]]
         patch = getattr(denoiser.config, "patch_size", None) or 1
-        if latent.ndim == 5:  # (B, C, F, H, W) video latents
-            pt, ph, pw = patch if isinstance(patch, (tuple, list)) else (1, patch, patch)
-            return latent.shape[2] // pt, latent.shape[3] // ph, latent.shape[4] // pw
+        if latent.ndim == 5:  # (B, C, F, H, W) video latents, or (B, F, C, H, W) where frames_first
+            temporal = getattr(denoiser.config, "patch_size_t", None) or 1  # CogVideoX 1.5
+            pt, ph, pw = patch if isinstance(patch, (tuple, list)) else (temporal, patch, patch)
+            frames = latent.shape[1] if self.frames_first else latent.shape[2]
+            return frames // pt, latent.shape[3] // ph, latent.shape[4] // pw
         return 1, latent.shape[2] // patch, latent.shape[3] // patch
 
     def attention_layers(self, denoiser) -> dict[str, object]:
@@ -111,6 +115,11 @@ DIFFUSION_FAMILIES = (
                      "attention_mask"),
                     fork_inputs=("hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask",
                                  "timestep"), linear_attention=True),
+    DiffusionFamily("cogvideox", "CogVideoXTransformer3DModel", "transformer", ("CogVideoXBlock",), "attn1",
+                    ("hidden_states", "encoder_hidden_states", "timestep", "timestep_cond", "ofs"),
+                    block_outputs=("hidden_states", "encoder_hidden_states"), text_first=True,
+                    fork_inputs=("hidden_states", "encoder_hidden_states", "temb"), joint_attention=True,
+                    frames_first=True),
 )
 
 

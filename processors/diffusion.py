@@ -239,6 +239,44 @@ class WanAttnProcessor(_DispatchBackend, FamilyProcessor):
         return attn.to_out[1](attn.to_out[0](out))
 
 
+class CogVideoXAttnProcessor(FamilyProcessor):
+    """diffusers' ``CogVideoXAttnProcessor2_0`` (joint [text, video] self-attention, 3-D RoPE on the video tokens)
+    with op slots; returns (video, text) as the original does."""
+
+    heads_axis = 1
+    text_first = True
+
+    def original_core(self, query, key, value, attention_mask):
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                              is_causal=False)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        n_text = encoder_hidden_states.size(1)
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        batch, length, _ = hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, length, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query[:, :, n_text:] = apply_rotary_emb(query[:, :, n_text:], image_rotary_emb)
+            if not attn.is_cross_attention:
+                key[:, :, n_text:] = apply_rotary_emb(key[:, :, n_text:], image_rotary_emb)
+        query = self.query_ops(query, slice(n_text, None))
+        out = self.attend(query, key, value, attention_mask)
+        self.output_ops(out, query, key, value, n_image=length - n_text)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+        out = attn.to_out[1](attn.to_out[0](out))
+        ctx, out = out.split([n_text, length - n_text], dim=1)
+        return out, ctx
+
+
 class SanaLinearAttnProcessor(FamilyProcessor):
     """diffusers' ``SanaLinearAttnProcessor2_0`` (Sana's ``attn1``: ReLU-kernel linear self-attention) with op
     slots. Query ops see the projected queries before the ReLU kernel; the core takes (B, N, H, D) tensors like the
@@ -314,4 +352,5 @@ PROCESSORS = {
     "flux": FluxAttnProcessor,
     "wan": WanAttnProcessor,
     "sana": SanaLinearAttnProcessor,
+    "cogvideox": CogVideoXAttnProcessor,
 }

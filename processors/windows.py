@@ -23,6 +23,7 @@ from mmattn.processors.diffusion import FamilyProcessor, check_mirrored, family_
 from mmattn.windows import FreeSwim, Window2D, Window3D, WindowAttention, plan, windowed
 
 VIDEO_FAMILIES = ("wan",)
+WINDOW_FAMILIES = ("unet", "sd3", "flux", "wan", "pixart")  # token layouts the window engine knows
 
 
 class WindowCore:
@@ -135,6 +136,8 @@ def _install_windows(pipe, config, make_window, dual: bool = False):
     if family.linear_attention:
         raise ValueError(f"{family.name}'s self-attention is linear (a ReLU kernel, no softmax): window attention "
                          "needs softmax attention")
+    if family.name not in WINDOW_FAMILIES:
+        raise ValueError(f"window attention supports {', '.join(WINDOW_FAMILIES)}; not {family.name} yet")
     video = family.name in VIDEO_FAMILIES
     denoiser = family.denoiser(pipe)
     attention = family.attention_layers(denoiser)

@@ -10,7 +10,8 @@ from mmattn.testing import build_tiny
 DENOISERS = [("tiny/sd", "unet", "UNet2DConditionModel"), ("tiny/sd3", "transformer", "SD3Transformer2DModel"),
              ("tiny/flux", "transformer", "FluxTransformer2DModel"), ("tiny/wan", "transformer", "WanTransformer3DModel"),
              ("tiny/pixart", "transformer", "PixArtTransformer2DModel"),
-             ("tiny/sana", "transformer", "SanaTransformer2DModel")]
+             ("tiny/sana", "transformer", "SanaTransformer2DModel"),
+             ("tiny/cogvideox", "transformer", "CogVideoXTransformer3DModel")]
 
 
 def untouched(denoiser) -> bool:

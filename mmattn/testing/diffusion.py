@@ -1,4 +1,5 @@
-"""Tiny diffusers pipelines (SD 1.x, SDXL, SD3, FLUX.1-dev, Wan 2.1, PixArt-Sigma, Sana) with random weights.
+"""Tiny diffusers pipelines (SD 1.x, SDXL, SD3, FLUX.1-dev, Wan 2.1, PixArt-Sigma, Sana, CogVideoX) with random
+weights.
 
 Each builder mirrors the real model's architecture and config conventions (block types, latent
 channels, VAE scaling/shift factors, schedulers, guidance embedding...) at toy widths, so attention
@@ -11,8 +12,12 @@ from __future__ import annotations
 import torch
 from diffusers import (
     AutoencoderDC,
+    AutoencoderKLCogVideoX,
     AutoencoderKL,
     AutoencoderKLWan,
+    CogVideoXDDIMScheduler,
+    CogVideoXPipeline,
+    CogVideoXTransformer3DModel,
     DDIMScheduler,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
@@ -49,7 +54,7 @@ from transformers import (
 from . import register_tiny
 from .tokenizers import clip_tokenizer, t5_tokenizer
 
-__all__ = ["build_sd", "build_sdxl", "build_sd3", "build_flux", "build_wan", "build_pixart", "build_sana"]
+__all__ = ["build_sd", "build_sdxl", "build_sd3", "build_flux", "build_wan", "build_pixart", "build_sana", "build_cogvideox"]
 
 # Text sequence length of the T5 encoders (the tokenizer's model_max_length): one token per character.
 T5_MAX_LENGTH = 64
@@ -451,5 +456,54 @@ def build_sana(dtype: torch.dtype = torch.float32) -> SanaPipeline:
         vae=vae,
         transformer=transformer,
         scheduler=DPMSolverMultistepScheduler(),
+    )
+    return _finish(pipe, dtype)
+
+
+@register_tiny(
+    "tiny/cogvideox",
+    kind="video",
+    architecture="CogVideoXPipeline (CogVideoXTransformer3DModel: joint [text, video] attention, 3-D RoPE as in "
+                 "CogVideoX-5b; CogVideoX VAE, T5)",
+    defaults=_call_defaults(guidance_scale=6.0, num_frames=5, max_sequence_length=T5_MAX_LENGTH),
+)
+def build_cogvideox(dtype: torch.dtype = torch.float32) -> CogVideoXPipeline:
+    """CogVideoX-5b layout: text tokens first in every block's joint attention, RoPE on the video tokens, a VAE
+    compressing 2x in space and 2x in time here, so 5 frames at 32x32 give 3 latent frames of 8x8 patches (192 video
+    tokens); 2 blocks of 4 heads x 16."""
+    t5_dim = 32
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("CogVideoXDownBlock3D",) * 2,
+        up_block_types=("CogVideoXUpBlock3D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=2,
+    )
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=4,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=8,
+        text_embed_dim=t5_dim,
+        num_layers=2,
+        sample_width=16,
+        sample_height=16,
+        sample_frames=5,
+        patch_size=2,
+        temporal_compression_ratio=2,
+        max_text_seq_length=T5_MAX_LENGTH,
+        use_rotary_positional_embeddings=True,
+    )
+    pipe = CogVideoXPipeline(
+        tokenizer=t5_tokenizer(T5_MAX_LENGTH),
+        text_encoder=_t5_encoder(t5_dim),
+        vae=vae,
+        transformer=transformer,
+        scheduler=CogVideoXDDIMScheduler(),
     )
     return _finish(pipe, dtype)

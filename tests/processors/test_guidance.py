@@ -70,6 +70,8 @@ CASES = [  # (tiny model, pipeline arguments, CFG weight w or None, the pipeline
     ("tiny/wan", {"guidance_scale": 1.0}, None, True),
     ("tiny/sana", {"guidance_scale": 4.0}, 4.0, False),
     ("tiny/sana", {"guidance_scale": 1.0}, None, False),
+    ("tiny/cogvideox", {"guidance_scale": 4.0}, 4.0, False),
+    ("tiny/cogvideox", {"guidance_scale": 1.0}, None, False),
 ]
 
 
@@ -303,6 +305,7 @@ FORK_CASES = [  # (tiny model, call arguments, prompts, SoftPAG layer, STG-skipp
     ("tiny/wan", {"guidance_scale": 4.0}, 1, "blocks.1", "blocks.1"),
     ("tiny/pixart", {"guidance_scale": 4.0}, 2, "transformer_blocks.1", "transformer_blocks.1"),
     ("tiny/sana", {"guidance_scale": 4.0}, 2, "transformer_blocks.1", "transformer_blocks.1"),
+    ("tiny/cogvideox", {"guidance_scale": 4.0}, 1, "transformer_blocks.1", "transformer_blocks.1"),
 ]
 
 

@@ -15,7 +15,7 @@ from mmattn.adapters import diffusion_family
 from mmattn.configs import SCOPES
 from mmattn.testing import build_tiny, tiny_spec
 
-FAMILIES = ["tiny/sd", "tiny/sdxl", "tiny/sd3", "tiny/flux", "tiny/wan", "tiny/pixart", "tiny/sana"]
+FAMILIES = ["tiny/sd", "tiny/sdxl", "tiny/sd3", "tiny/flux", "tiny/wan", "tiny/pixart", "tiny/sana", "tiny/cogvideox"]
 _PIPES = {}
 
 
@@ -34,7 +34,7 @@ def run(pipe, name="tiny/sd3", prompt="a red fox", seed=0, **kwargs):
     call = tiny_spec(name).defaults | {"output_type": "pt"} | kwargs
     generator = [torch.Generator().manual_seed(s) for s in seed] if isinstance(seed, list) else torch.Generator().manual_seed(seed)
     out = pipe(prompt, generator=generator, **call)
-    return out.frames if name == "tiny/wan" else out.images
+    return out.frames if hasattr(out, "frames") else out.images
 
 
 def middle_layer(pipe):
@@ -524,7 +524,7 @@ def test_flux_scopes_match_eager_oracle(scope, single):
 
 def test_scopes_need_joint_attention():
     with pytest.raises(ValueError, match="scope='TT_mask' perturbs a block of joint \\[image, text\\] attention "
-                                         "\\(sd3, flux\\); wan has none: use scope='joint'"):
+                                         "\\(sd3, flux, cogvideox\\); wan has none: use scope='joint'"):
         mmattn.apply(pipe_for("tiny/wan"), SoftPAG(heads="blocks.0", scope="TT_mask"))
     for scope in ("II_mask", "image"):
         with pytest.raises(ValueError, match=f"scope='{scope}' perturbs one block of the map; target='uniform' applies"):
