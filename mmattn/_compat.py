@@ -25,6 +25,7 @@ from transformers.vision_utils import get_vision_window_index  # noqa: F401  (5.
 # diffusers: the attention call and rotary embedding the mirrored processors use (checked on 0.42.0 and 0.42.1).
 from diffusers.models.attention_dispatch import dispatch_attention_fn  # noqa: F401  (0.42.0, 0.42.1)
 from diffusers.models.embeddings import apply_rotary_emb  # noqa: F401  (0.42.0, 0.42.1)
+from diffusers.models.transformers.transformer_ltx import apply_rotary_emb as ltx_rotary  # noqa: F401  (0.42.0, 0.42.1)
 
 UPSTREAM = ("transformers", "diffusers")  # the libraries whose internals we touch
 
@@ -43,6 +44,7 @@ MIRRORED_PROCESSORS = {
     "wan": ("diffusers.models.transformers.transformer_wan", "WanAttnProcessor"),
     "sana": ("diffusers.models.attention_processor", "SanaLinearAttnProcessor2_0"),
     "cogvideox": ("diffusers.models.attention_processor", "CogVideoXAttnProcessor2_0"),
+    "ltx": ("diffusers.models.transformers.transformer_ltx", "LTXVideoAttnProcessor"),
 }
 
 

@@ -30,7 +30,8 @@ class DiffusionFamily:
     (mmattn.guidance); empty: the family runs the whole perturbed branch (a UNet, whose skip connections cross blocks).
     ``joint_attention``: the self-attention layers attend over [image, text] together (SoftPAG's block scopes).
     ``linear_attention``: the self-attention is a kernel (linear) attention, not softmax (Sana): no windows.
-    ``frames_first``: video latents are (B, F, C, H, W) (CogVideoX), not (B, C, F, H, W).
+    ``frames_first``: video latents are (B, F, C, H, W) (CogVideoX), not (B, C, F, H, W). ``grid_inputs``: the
+    denoiser arguments that give the token grid (frames, rows, cols) where the latents come packed (LTX-Video).
     """
 
     name: str
@@ -51,6 +52,7 @@ class DiffusionFamily:
     joint_attention: bool = False
     linear_attention: bool = False
     frames_first: bool = False
+    grid_inputs: tuple[str, str, str] | None = None
 
     def denoiser(self, pipe):
         return getattr(pipe, self.denoiser_attr)
@@ -75,6 +77,9 @@ class DiffusionFamily:
                 return None
             ids = ids[0] if ids.ndim == 3 else ids
             return 1, int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+        if self.grid_inputs is not None:  # packed latents (LTX): the grid comes with the call
+            grid = [inputs.get(name) for name in self.grid_inputs]
+            return None if any(x is None for x in grid) else tuple(int(x) for x in grid)
         latent = inputs[self.batched_inputs[0]]
         patch = getattr(denoiser.config, "patch_size", None) or 1
         if latent.ndim == 5:  # (B, C, F, H, W) video latents, or (B, F, C, H, W) where frames_first
@@ -120,6 +125,11 @@ DIFFUSION_FAMILIES = (
                     block_outputs=("hidden_states", "encoder_hidden_states"), text_first=True,
                     fork_inputs=("hidden_states", "encoder_hidden_states", "temb"), joint_attention=True,
                     frames_first=True),
+    DiffusionFamily("ltx", "LTXVideoTransformer3DModel", "transformer", ("LTXVideoTransformerBlock",), "attn1",
+                    ("hidden_states", "encoder_hidden_states", "timestep", "encoder_attention_mask", "video_coords"),
+                    fork_inputs=("hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb",
+                                 "encoder_attention_mask"),
+                    grid_inputs=("num_frames", "height", "width")),
 )
 
 

@@ -170,6 +170,8 @@ def _map_block_inputs(fields: tuple[str, ...], fn):
             value = bound.arguments.get(name)
             if isinstance(value, torch.Tensor) and value.ndim > 0:
                 bound.arguments[name] = fn(value)
+            elif isinstance(value, tuple) and all(isinstance(x, torch.Tensor) and x.ndim > 0 for x in value):
+                bound.arguments[name] = tuple(fn(x) for x in value)  # a per-sample rotary (cos, sin): LTX
         return bound.args[1:], bound.kwargs
 
     return hook

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import functools
 
-from mmattn._compat import MIRRORED_PROCESSORS, apply_rotary_emb, dispatch_attention_fn
+from mmattn._compat import MIRRORED_PROCESSORS, apply_rotary_emb, dispatch_attention_fn, ltx_rotary
 from mmattn.guidance import CallInfo
 
 
@@ -308,6 +308,34 @@ class SanaLinearAttnProcessor(FamilyProcessor):
         return attn.to_out[1](attn.to_out[0](out))
 
 
+class LTXVideoAttnProcessor(_DispatchBackend, FamilyProcessor):
+    """diffusers' ``LTXVideoAttnProcessor`` self-attention (``attn1``: RMS-normed q/k, RoPE over the packed video
+    tokens) with op slots."""
+
+    heads_axis = 2
+
+    def original_core(self, query, key, value, attention_mask):
+        return dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                                     backend=self._attention_backend, parallel_config=self._parallel_config)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        batch, length, _ = hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, length, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query, key = ltx_rotary(query, image_rotary_emb), ltx_rotary(key, image_rotary_emb)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        query = self.query_ops(query, slice(None))
+        out = self.attend(query, key, value, attention_mask)
+        self.output_ops(out, query, key, value, n_image=query.shape[1])
+        out = out.flatten(2, 3).to(query.dtype)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
 def _wan_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Wan's interleaved rotary embedding on (B, N, H, D)."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
@@ -353,4 +381,5 @@ PROCESSORS = {
     "wan": WanAttnProcessor,
     "sana": SanaLinearAttnProcessor,
     "cogvideox": CogVideoXAttnProcessor,
+    "ltx": LTXVideoAttnProcessor,
 }

@@ -11,7 +11,8 @@ DENOISERS = [("tiny/sd", "unet", "UNet2DConditionModel"), ("tiny/sd3", "transfor
              ("tiny/flux", "transformer", "FluxTransformer2DModel"), ("tiny/wan", "transformer", "WanTransformer3DModel"),
              ("tiny/pixart", "transformer", "PixArtTransformer2DModel"),
              ("tiny/sana", "transformer", "SanaTransformer2DModel"),
-             ("tiny/cogvideox", "transformer", "CogVideoXTransformer3DModel")]
+             ("tiny/cogvideox", "transformer", "CogVideoXTransformer3DModel"),
+             ("tiny/ltx", "transformer", "LTXVideoTransformer3DModel")]
 
 
 def untouched(denoiser) -> bool:

@@ -1,5 +1,5 @@
-"""Tiny diffusers pipelines (SD 1.x, SDXL, SD3, FLUX.1-dev, Wan 2.1, PixArt-Sigma, Sana, CogVideoX) with random
-weights.
+"""Tiny diffusers pipelines (SD 1.x, SDXL, SD3, FLUX.1-dev, Wan 2.1, PixArt-Sigma, Sana, CogVideoX, LTX-Video)
+with random weights.
 
 Each builder mirrors the real model's architecture and config conventions (block types, latent
 channels, VAE scaling/shift factors, schedulers, guidance embedding...) at toy widths, so attention
@@ -13,6 +13,7 @@ import torch
 from diffusers import (
     AutoencoderDC,
     AutoencoderKLCogVideoX,
+    AutoencoderKLLTXVideo,
     AutoencoderKL,
     AutoencoderKLWan,
     CogVideoXDDIMScheduler,
@@ -24,6 +25,8 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    LTXPipeline,
+    LTXVideoTransformer3DModel,
     ModelMixin,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
@@ -54,7 +57,7 @@ from transformers import (
 from . import register_tiny
 from .tokenizers import clip_tokenizer, t5_tokenizer
 
-__all__ = ["build_sd", "build_sdxl", "build_sd3", "build_flux", "build_wan", "build_pixart", "build_sana", "build_cogvideox"]
+__all__ = ["build_sd", "build_sdxl", "build_sd3", "build_flux", "build_wan", "build_pixart", "build_sana", "build_cogvideox", "build_ltx"]
 
 # Text sequence length of the T5 encoders (the tokenizer's model_max_length): one token per character.
 T5_MAX_LENGTH = 64
@@ -505,5 +508,49 @@ def build_cogvideox(dtype: torch.dtype = torch.float32) -> CogVideoXPipeline:
         vae=vae,
         transformer=transformer,
         scheduler=CogVideoXDDIMScheduler(),
+    )
+    return _finish(pipe, dtype)
+
+
+@register_tiny(
+    "tiny/ltx",
+    kind="video",
+    architecture="LTXPipeline (LTXVideoTransformer3DModel: packed video tokens, RoPE; LTX video VAE, T5)",
+    defaults=_call_defaults(guidance_scale=3.0, num_frames=9, max_sequence_length=T5_MAX_LENGTH),
+)
+def build_ltx(dtype: torch.dtype = torch.float32) -> LTXPipeline:
+    """LTX-Video layout: the pipeline packs latents into tokens (patch 1), self-attention with RoPE, cross-attention
+    to T5; the VAE compresses 4x in space and in time here, so 9 frames at 32x32 give 3 latent frames of 8x8 tokens
+    (192); 2 blocks of 4 heads x 8."""
+    t5_dim = 32
+    transformer = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
+                                             num_attention_heads=4, attention_head_dim=8, cross_attention_dim=32,
+                                             num_layers=2, caption_channels=t5_dim)
+    vae = AutoencoderKLLTXVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=8,
+        block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1),
+        spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False),
+        decoder_inject_noise=(False, False, False, False, False),
+        upsample_residual=(False, False, False, False),
+        upsample_factor=(1, 1, 1, 1),
+        timestep_conditioning=False,
+        patch_size=1,
+        patch_size_t=1,
+        encoder_causal=True,
+        decoder_causal=False,
+    )
+    vae.use_framewise_encoding = vae.use_framewise_decoding = False
+    pipe = LTXPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=_t5_encoder(t5_dim),
+        tokenizer=t5_tokenizer(T5_MAX_LENGTH),
+        transformer=transformer,
     )
     return _finish(pipe, dtype)

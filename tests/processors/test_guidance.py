@@ -72,6 +72,8 @@ CASES = [  # (tiny model, pipeline arguments, CFG weight w or None, the pipeline
     ("tiny/sana", {"guidance_scale": 1.0}, None, False),
     ("tiny/cogvideox", {"guidance_scale": 4.0}, 4.0, False),
     ("tiny/cogvideox", {"guidance_scale": 1.0}, None, False),
+    ("tiny/ltx", {"guidance_scale": 3.0}, 3.0, False),
+    ("tiny/ltx", {"guidance_scale": 1.0}, None, False),
 ]
 
 
@@ -306,6 +308,7 @@ FORK_CASES = [  # (tiny model, call arguments, prompts, SoftPAG layer, STG-skipp
     ("tiny/pixart", {"guidance_scale": 4.0}, 2, "transformer_blocks.1", "transformer_blocks.1"),
     ("tiny/sana", {"guidance_scale": 4.0}, 2, "transformer_blocks.1", "transformer_blocks.1"),
     ("tiny/cogvideox", {"guidance_scale": 4.0}, 1, "transformer_blocks.1", "transformer_blocks.1"),
+    ("tiny/ltx", {"guidance_scale": 3.0}, 2, "transformer_blocks.1", "transformer_blocks.1"),
 ]
 
 

@@ -15,7 +15,7 @@ from mmattn.adapters import diffusion_family
 from mmattn.configs import SCOPES
 from mmattn.testing import build_tiny, tiny_spec
 
-FAMILIES = ["tiny/sd", "tiny/sdxl", "tiny/sd3", "tiny/flux", "tiny/wan", "tiny/pixart", "tiny/sana", "tiny/cogvideox"]
+FAMILIES = ["tiny/sd", "tiny/sdxl", "tiny/sd3", "tiny/flux", "tiny/wan", "tiny/pixart", "tiny/sana", "tiny/cogvideox", "tiny/ltx"]
 _PIPES = {}
 
 
