@@ -45,6 +45,7 @@ MIRRORED_PROCESSORS = {
     "sana": ("diffusers.models.attention_processor", "SanaLinearAttnProcessor2_0"),
     "cogvideox": ("diffusers.models.attention_processor", "CogVideoXAttnProcessor2_0"),
     "ltx": ("diffusers.models.transformers.transformer_ltx", "LTXVideoAttnProcessor"),
+    "hunyuandit": ("diffusers.models.attention_processor", "HunyuanAttnProcessor2_0"),
 }
 
 

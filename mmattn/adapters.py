@@ -27,7 +27,8 @@ class DiffusionFamily:
     ``grid_factors`` are the resolutions below it that attention layers see (a UNet's down blocks).
     ``second_stage``: (attribute, CFG scale argument) of a second denoiser that runs the later steps (Wan 2.2's
     ``transformer_2`` with ``guidance_scale_2``). ``fork_inputs``: the block arguments that carry the batch, for guidance's fork at the first perturbed block
-    (mmattn.guidance); empty: the family runs the whole perturbed branch (a UNet, whose skip connections cross blocks).
+    (mmattn.guidance); empty: the family runs the whole perturbed branch (a UNet and HunyuanDiT, whose skip
+    connections cross blocks).
     ``joint_attention``: the self-attention layers attend over [image, text] together (SoftPAG's block scopes).
     ``linear_attention``: the self-attention is a kernel (linear) attention, not softmax (Sana): no windows.
     ``frames_first``: video latents are (B, F, C, H, W) (CogVideoX), not (B, C, F, H, W). ``grid_inputs``: the
@@ -130,6 +131,9 @@ DIFFUSION_FAMILIES = (
                     fork_inputs=("hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb",
                                  "encoder_attention_mask"),
                     grid_inputs=("num_frames", "height", "width")),
+    DiffusionFamily("hunyuandit", "HunyuanDiT2DModel", "transformer", ("HunyuanDiTBlock",), "attn1",
+                    ("hidden_states", "timestep", "encoder_hidden_states", "text_embedding_mask",
+                     "encoder_hidden_states_t5", "text_embedding_mask_t5", "image_meta_size", "style")),
 )
 
 

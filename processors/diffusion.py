@@ -82,14 +82,16 @@ class _DispatchBackend:
 
 
 class AttnProcessor(FamilyProcessor):
-    """diffusers' ``AttnProcessor2_0`` self-attention (SD/SDXL UNet, PixArt ``attn1``) with op slots."""
+    """diffusers' ``AttnProcessor2_0`` self-attention (SD/SDXL UNet, PixArt ``attn1``) with op slots; with an
+    ``image_rotary_emb``, diffusers' ``HunyuanAttnProcessor2_0`` (HunyuanDiT ``attn1``: the same plus 2-D RoPE)."""
 
     heads_axis = 1
 
     def original_core(self, query, key, value, attention_mask):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 image_rotary_emb=None, *args, **kwargs):
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -116,6 +118,10 @@ class AttnProcessor(FamilyProcessor):
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb)
+            if not attn.is_cross_attention:
+                key = apply_rotary_emb(key, image_rotary_emb)
         query = self.query_ops(query, slice(None))
         out = self.attend(query, key, value, attention_mask)
         self.output_ops(out, query, key, value, n_image=query.shape[2])
@@ -382,4 +388,5 @@ PROCESSORS = {
     "sana": SanaLinearAttnProcessor,
     "cogvideox": CogVideoXAttnProcessor,
     "ltx": LTXVideoAttnProcessor,
+    "hunyuandit": AttnProcessor,
 }

@@ -12,7 +12,8 @@ DENOISERS = [("tiny/sd", "unet", "UNet2DConditionModel"), ("tiny/sd3", "transfor
              ("tiny/pixart", "transformer", "PixArtTransformer2DModel"),
              ("tiny/sana", "transformer", "SanaTransformer2DModel"),
              ("tiny/cogvideox", "transformer", "CogVideoXTransformer3DModel"),
-             ("tiny/ltx", "transformer", "LTXVideoTransformer3DModel")]
+             ("tiny/ltx", "transformer", "LTXVideoTransformer3DModel"),
+             ("tiny/hunyuandit", "transformer", "HunyuanDiT2DModel")]
 
 
 def untouched(denoiser) -> bool:

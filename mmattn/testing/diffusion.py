@@ -1,5 +1,5 @@
-"""Tiny diffusers pipelines (SD 1.x, SDXL, SD3, FLUX.1-dev, Wan 2.1, PixArt-Sigma, Sana, CogVideoX, LTX-Video)
-with random weights.
+"""Tiny diffusers pipelines (SD 1.x, SDXL, SD3, FLUX.1-dev, Wan 2.1, PixArt-Sigma, Sana, CogVideoX, LTX-Video,
+HunyuanDiT) with random weights.
 
 Each builder mirrors the real model's architecture and config conventions (block types, latent
 channels, VAE scaling/shift factors, schedulers, guidance embedding...) at toy widths, so attention
@@ -19,12 +19,15 @@ from diffusers import (
     CogVideoXDDIMScheduler,
     CogVideoXPipeline,
     CogVideoXTransformer3DModel,
+    DDPMScheduler,
     DDIMScheduler,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    HunyuanDiT2DModel,
+    HunyuanDiTPipeline,
     LTXPipeline,
     LTXVideoTransformer3DModel,
     ModelMixin,
@@ -43,6 +46,8 @@ from diffusers import (
     WanTransformer3DModel,
 )
 from transformers import (
+    BertConfig,
+    BertModel,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
@@ -57,7 +62,7 @@ from transformers import (
 from . import register_tiny
 from .tokenizers import clip_tokenizer, t5_tokenizer
 
-__all__ = ["build_sd", "build_sdxl", "build_sd3", "build_flux", "build_wan", "build_pixart", "build_sana", "build_cogvideox", "build_ltx"]
+__all__ = ["build_sd", "build_sdxl", "build_sd3", "build_flux", "build_wan", "build_pixart", "build_sana", "build_cogvideox", "build_ltx", "build_hunyuandit"]
 
 # Text sequence length of the T5 encoders (the tokenizer's model_max_length): one token per character.
 T5_MAX_LENGTH = 64
@@ -553,4 +558,32 @@ def build_ltx(dtype: torch.dtype = torch.float32) -> LTXPipeline:
         tokenizer=t5_tokenizer(T5_MAX_LENGTH),
         transformer=transformer,
     )
+    return _finish(pipe, dtype)
+
+
+@register_tiny(
+    "tiny/hunyuandit",
+    kind="image",
+    architecture="HunyuanDiTPipeline (HunyuanDiT2DModel: 2-D RoPE, long skip connections; Bert + T5)",
+    defaults={**_call_defaults(guidance_scale=5.0, use_resolution_binning=False), "height": 64, "width": 64},
+)
+def build_hunyuandit(dtype: torch.dtype = torch.float32) -> HunyuanDiTPipeline:
+    """HunyuanDiT layout: the pipeline sizes its RoPE grid for an 8x VAE, so this VAE downsamples 8x (64 px give
+    8x8 latents, 2x2 patches: 16 image tokens); the second half of the blocks takes long skips from the first;
+    a Bert encoder (reading the CLIP tokenizer's ids) and T5 (its 256 tokens); 2 blocks of 4 heads x 8."""
+    tokenizer = clip_tokenizer()
+    bert = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                num_attention_heads=2, intermediate_size=64, max_position_embeddings=77),
+                     add_pooling_layer=False)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=64, scaling_factor=0.13025)
+    transformer = HunyuanDiT2DModel(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8,
+                                    num_attention_heads=4, in_channels=4, cross_attention_dim=32,
+                                    cross_attention_dim_t5=32, pooled_projection_dim=16, hidden_size=32, text_len=77,
+                                    text_len_t5=256)
+    pipe = HunyuanDiTPipeline(vae=vae, text_encoder=bert, tokenizer=tokenizer, transformer=transformer,
+                              scheduler=DDPMScheduler(), safety_checker=None, feature_extractor=None,
+                              requires_safety_checker=False, text_encoder_2=_t5_encoder(32),
+                              tokenizer_2=t5_tokenizer(256))
     return _finish(pipe, dtype)

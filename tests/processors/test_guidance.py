@@ -74,6 +74,8 @@ CASES = [  # (tiny model, pipeline arguments, CFG weight w or None, the pipeline
     ("tiny/cogvideox", {"guidance_scale": 1.0}, None, False),
     ("tiny/ltx", {"guidance_scale": 3.0}, 3.0, False),
     ("tiny/ltx", {"guidance_scale": 1.0}, None, False),
+    ("tiny/hunyuandit", {"guidance_scale": 5.0}, 5.0, False),
+    ("tiny/hunyuandit", {"guidance_scale": 1.0}, None, False),
 ]
 
 

@@ -15,7 +15,8 @@ from mmattn.adapters import diffusion_family
 from mmattn.configs import SCOPES
 from mmattn.testing import build_tiny, tiny_spec
 
-FAMILIES = ["tiny/sd", "tiny/sdxl", "tiny/sd3", "tiny/flux", "tiny/wan", "tiny/pixart", "tiny/sana", "tiny/cogvideox", "tiny/ltx"]
+FAMILIES = ["tiny/sd", "tiny/sdxl", "tiny/sd3", "tiny/flux", "tiny/wan", "tiny/pixart", "tiny/sana", "tiny/cogvideox", "tiny/ltx",
+            "tiny/hunyuandit"]
 _PIPES = {}
 
 
@@ -317,6 +318,22 @@ def test_layer_level_pag_equals_diffusers_sana_pag_pipeline(layer):
     pipe = pipe_for("tiny/sana")
     pag = SanaPAGPipeline(**pipe.components, pag_applied_layers=[layer])
     call = tiny_spec("tiny/sana").defaults | {"output_type": "pt", "guidance_scale": 4.5}
+    want = pag("a red fox", generator=torch.Generator().manual_seed(0), pag_scale=3.0, **call).images
+    with mmattn.apply(pipe, PAG(heads=layer, scale=3.0)):
+        got = pipe("a red fox", generator=torch.Generator().manual_seed(0), **call).images
+    baseline = pipe("a red fox", generator=torch.Generator().manual_seed(0), **call).images
+    assert (want - baseline).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("layer", ["blocks.0", "blocks.1"])
+def test_layer_level_pag_equals_diffusers_hunyuandit_pag_pipeline(layer):
+    """PAG on every head of one HunyuanDiT block == diffusers' HunyuanDiTPAGPipeline with that block applied."""
+    from diffusers import HunyuanDiTPAGPipeline
+
+    pipe = pipe_for("tiny/hunyuandit")
+    pag = HunyuanDiTPAGPipeline(**pipe.components, pag_applied_layers=[layer])
+    call = tiny_spec("tiny/hunyuandit").defaults | {"output_type": "pt", "guidance_scale": 5.0}
     want = pag("a red fox", generator=torch.Generator().manual_seed(0), pag_scale=3.0, **call).images
     with mmattn.apply(pipe, PAG(heads=layer, scale=3.0)):
         got = pipe("a red fox", generator=torch.Generator().manual_seed(0), **call).images
