@@ -26,6 +26,7 @@ from transformers.vision_utils import get_vision_window_index  # noqa: F401  (5.
 from diffusers.models.attention_dispatch import dispatch_attention_fn  # noqa: F401  (0.42.0, 0.42.1)
 from diffusers.models.embeddings import apply_rotary_emb  # noqa: F401  (0.42.0, 0.42.1)
 from diffusers.models.transformers.transformer_ltx import apply_rotary_emb as ltx_rotary  # noqa: F401  (0.42.0, 0.42.1)
+from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen  # noqa: F401  (0.42.0, 0.42.1)
 
 UPSTREAM = ("transformers", "diffusers")  # the libraries whose internals we touch
 
@@ -46,6 +47,7 @@ MIRRORED_PROCESSORS = {
     "cogvideox": ("diffusers.models.attention_processor", "CogVideoXAttnProcessor2_0"),
     "ltx": ("diffusers.models.transformers.transformer_ltx", "LTXVideoAttnProcessor"),
     "hunyuandit": ("diffusers.models.attention_processor", "HunyuanAttnProcessor2_0"),
+    "qwenimage": ("diffusers.models.transformers.transformer_qwenimage", "QwenDoubleStreamAttnProcessor2_0"),
 }
 
 

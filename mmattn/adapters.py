@@ -32,7 +32,10 @@ class DiffusionFamily:
     ``joint_attention``: the self-attention layers attend over [image, text] together (SoftPAG's block scopes).
     ``linear_attention``: the self-attention is a kernel (linear) attention, not softmax (Sana): no windows.
     ``frames_first``: video latents are (B, F, C, H, W) (CogVideoX), not (B, C, F, H, W). ``grid_inputs``: the
-    denoiser arguments that give the token grid (frames, rows, cols) where the latents come packed (LTX-Video).
+    denoiser arguments that give the token grid (frames, rows, cols) where the latents come packed (LTX-Video), or
+    the one argument listing per-sample shapes (Qwen-Image's ``img_shapes``). ``cfg_rescales_to_cond``: the pipeline
+    rescales its CFG result to the conditional prediction's norm (Qwen-Image's true CFG), so guidance leaves ε_c as
+    it is and moves the uncond call's output instead.
     """
 
     name: str
@@ -53,7 +56,8 @@ class DiffusionFamily:
     joint_attention: bool = False
     linear_attention: bool = False
     frames_first: bool = False
-    grid_inputs: tuple[str, str, str] | None = None
+    grid_inputs: tuple[str, ...] | None = None
+    cfg_rescales_to_cond: bool = False
 
     def denoiser(self, pipe):
         return getattr(pipe, self.denoiser_attr)
@@ -78,9 +82,13 @@ class DiffusionFamily:
                 return None
             ids = ids[0] if ids.ndim == 3 else ids
             return 1, int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
-        if self.grid_inputs is not None:  # packed latents (LTX): the grid comes with the call
+        if self.grid_inputs is not None:  # packed latents (LTX, Qwen-Image): the grid comes with the call
             grid = [inputs.get(name) for name in self.grid_inputs]
-            return None if any(x is None for x in grid) else tuple(int(x) for x in grid)
+            if len(grid) == 1:  # a list of per-sample (frames, rows, cols) shapes, perhaps nested (Qwen-Image)
+                grid = grid[0]
+                while isinstance(grid, (list, tuple)) and grid and isinstance(grid[0], (list, tuple)):
+                    grid = grid[0]
+            return None if grid is None or any(x is None for x in grid) else tuple(int(x) for x in grid)
         latent = inputs[self.batched_inputs[0]]
         patch = getattr(denoiser.config, "patch_size", None) or 1
         if latent.ndim == 5:  # (B, C, F, H, W) video latents, or (B, F, C, H, W) where frames_first
@@ -134,6 +142,12 @@ DIFFUSION_FAMILIES = (
     DiffusionFamily("hunyuandit", "HunyuanDiT2DModel", "transformer", ("HunyuanDiTBlock",), "attn1",
                     ("hidden_states", "timestep", "encoder_hidden_states", "text_embedding_mask",
                      "encoder_hidden_states_t5", "text_embedding_mask_t5", "image_meta_size", "style")),
+    DiffusionFamily("qwenimage", "QwenImageTransformer2DModel", "transformer", ("QwenImageTransformerBlock",), "attn",
+                    ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "guidance"),
+                    cfg_calls="separate", cfg_scale="true_cfg_scale", cfg_needs_negative=True,
+                    block_outputs=("encoder_hidden_states", "hidden_states"), text_first=True,
+                    fork_inputs=("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "temb"),
+                    joint_attention=True, grid_inputs=("img_shapes",), cfg_rescales_to_cond=True),
 )
 
 

@@ -306,6 +306,9 @@ class GuidedDenoiser:
             if phi:
                 guided = guided * _pipeline_rescale_factor(uncond, cond, guided, w, phi)
             new_cond = uncond + (guided - uncond) / w
+        elif cfg and self.family.cfg_rescales_to_cond:  # the pipeline rescales to |ε_c|: keep it, move ε_u instead
+            new_cond = cond
+            self._pending = (cond, new_cond, delta, w, rescale)
         elif not rescale:
             new_cond = cond + delta / w
         elif cfg:  # separate calls: ε_u comes in the next call, which finishes the rescale (_rescaled_uncond)

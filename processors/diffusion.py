@@ -22,7 +22,13 @@ import torch.nn.functional as F
 
 import functools
 
-from mmattn._compat import MIRRORED_PROCESSORS, apply_rotary_emb, dispatch_attention_fn, ltx_rotary
+from mmattn._compat import (
+    MIRRORED_PROCESSORS,
+    apply_rotary_emb,
+    apply_rotary_emb_qwen,
+    dispatch_attention_fn,
+    ltx_rotary,
+)
 from mmattn.guidance import CallInfo
 
 
@@ -342,6 +348,53 @@ class LTXVideoAttnProcessor(_DispatchBackend, FamilyProcessor):
         return attn.to_out[1](attn.to_out[0](out))
 
 
+class QwenDoubleStreamAttnProcessor(_DispatchBackend, FamilyProcessor):
+    """diffusers' ``QwenDoubleStreamAttnProcessor2_0`` (Qwen-Image's joint [text, image] attention, RoPE on both
+    streams, the text padding mask) with op slots; returns (image, text) as the original does."""
+
+    heads_axis = 2
+    text_first = True
+
+    def original_core(self, query, key, value, attention_mask):
+        return dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                                     backend=self._attention_backend, parallel_config=self._parallel_config)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+                 attention_mask=None, image_rotary_emb=None):
+        if encoder_hidden_states is None or attention_mask is not None:
+            return self.original(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
+                                 attention_mask, image_rotary_emb)  # the original's own errors
+        if encoder_hidden_states_mask is not None:
+            image = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
+            attention_mask = torch.cat([encoder_hidden_states_mask, image], dim=1)[:, None, None, :]
+        n_text, head_dim = encoder_hidden_states.shape[1], attn.inner_dim // attn.heads
+        image_qkv = (p(hidden_states).unflatten(-1, (-1, head_dim)) for p in (attn.to_q, attn.to_k, attn.to_v))
+        text_qkv = (p(encoder_hidden_states).unflatten(-1, (-1, head_dim))
+                    for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        (img_q, img_k, img_v), (txt_q, txt_k, txt_v) = image_qkv, text_qkv
+        if attn.norm_q is not None:
+            img_q = attn.norm_q(img_q)
+        if attn.norm_k is not None:
+            img_k = attn.norm_k(img_k)
+        if attn.norm_added_q is not None:
+            txt_q = attn.norm_added_q(txt_q)
+        if attn.norm_added_k is not None:
+            txt_k = attn.norm_added_k(txt_k)
+        if image_rotary_emb is not None:
+            img_freqs, txt_freqs = image_rotary_emb
+            img_q, img_k = (apply_rotary_emb_qwen(t, img_freqs, use_real=False) for t in (img_q, img_k))
+            txt_q, txt_k = (apply_rotary_emb_qwen(t, txt_freqs, use_real=False) for t in (txt_q, txt_k))
+        query, key, value = (torch.cat(pair, dim=1) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
+        query = self.query_ops(query, slice(n_text, None))
+        out = self.attend(query, key, value, attention_mask)
+        self.output_ops(out, query, key, value, n_image=query.shape[1] - n_text)
+        out = out.flatten(2, 3).to(query.dtype)
+        image_out = attn.to_out[0](out[:, n_text:].contiguous())
+        if len(attn.to_out) > 1:
+            image_out = attn.to_out[1](image_out)
+        return image_out, attn.to_add_out(out[:, :n_text].contiguous())
+
+
 def _wan_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Wan's interleaved rotary embedding on (B, N, H, D)."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
@@ -389,4 +442,5 @@ PROCESSORS = {
     "cogvideox": CogVideoXAttnProcessor,
     "ltx": LTXVideoAttnProcessor,
     "hunyuandit": AttnProcessor,
+    "qwenimage": QwenDoubleStreamAttnProcessor,
 }

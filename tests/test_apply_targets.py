@@ -13,7 +13,8 @@ DENOISERS = [("tiny/sd", "unet", "UNet2DConditionModel"), ("tiny/sd3", "transfor
              ("tiny/sana", "transformer", "SanaTransformer2DModel"),
              ("tiny/cogvideox", "transformer", "CogVideoXTransformer3DModel"),
              ("tiny/ltx", "transformer", "LTXVideoTransformer3DModel"),
-             ("tiny/hunyuandit", "transformer", "HunyuanDiT2DModel")]
+             ("tiny/hunyuandit", "transformer", "HunyuanDiT2DModel"),
+             ("tiny/qwenimage", "transformer", "QwenImageTransformer2DModel")]
 
 
 def untouched(denoiser) -> bool:

@@ -1,5 +1,5 @@
 """Tiny diffusers pipelines (SD 1.x, SDXL, SD3, FLUX.1-dev, Wan 2.1, PixArt-Sigma, Sana, CogVideoX, LTX-Video,
-HunyuanDiT) with random weights.
+HunyuanDiT, Qwen-Image) with random weights.
 
 Each builder mirrors the real model's architecture and config conventions (block types, latent
 channels, VAE scaling/shift factors, schedulers, guidance embedding...) at toy widths, so attention
@@ -14,6 +14,7 @@ from diffusers import (
     AutoencoderDC,
     AutoencoderKLCogVideoX,
     AutoencoderKLLTXVideo,
+    AutoencoderKLQwenImage,
     AutoencoderKL,
     AutoencoderKLWan,
     CogVideoXDDIMScheduler,
@@ -33,6 +34,8 @@ from diffusers import (
     ModelMixin,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SanaPipeline,
     SanaTransformer2DModel,
     SD3Transformer2DModel,
@@ -62,7 +65,7 @@ from transformers import (
 from . import register_tiny
 from .tokenizers import clip_tokenizer, t5_tokenizer
 
-__all__ = ["build_sd", "build_sdxl", "build_sd3", "build_flux", "build_wan", "build_pixart", "build_sana", "build_cogvideox", "build_ltx", "build_hunyuandit"]
+__all__ = ["build_sd", "build_sdxl", "build_sd3", "build_flux", "build_wan", "build_pixart", "build_sana", "build_cogvideox", "build_ltx", "build_hunyuandit", "build_qwenimage"]
 
 # Text sequence length of the T5 encoders (the tokenizer's model_max_length): one token per character.
 T5_MAX_LENGTH = 64
@@ -586,4 +589,29 @@ def build_hunyuandit(dtype: torch.dtype = torch.float32) -> HunyuanDiTPipeline:
                               scheduler=DDPMScheduler(), safety_checker=None, feature_extractor=None,
                               requires_safety_checker=False, text_encoder_2=_t5_encoder(32),
                               tokenizer_2=t5_tokenizer(256))
+    return _finish(pipe, dtype)
+
+
+@register_tiny(
+    "tiny/qwenimage",
+    kind="image",
+    architecture="QwenImagePipeline (QwenImageTransformer2DModel: joint [text, image] double-stream MMDiT, true CFG; "
+                 "Qwen-Image VAE, Qwen2.5-VL text encoder)",
+    defaults=_call_defaults(guidance_scale=1.0, true_cfg_scale=3.0, negative_prompt="blurry", max_sequence_length=64),
+)
+def build_qwenimage(dtype: torch.dtype = torch.float32) -> QwenImagePipeline:
+    """Qwen-Image layout: text first in every block's joint attention, RoPE on both streams, true CFG in a separate
+    uncond call rescaled to the conditional prediction's norm; the VAE compresses 2x (32 px give 16x16 latents, 2x2
+    patches: 64 image tokens), the text encoder is ``tiny/qwen2.5-vl``; 2 blocks of 4 heads x 16."""
+    from . import build_tiny
+
+    vlm = build_tiny("tiny/qwen2.5-vl", dtype=dtype)
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=4,
+                                              joint_attention_dim=vlm.model.config.text_config.hidden_size,
+                                              axes_dims_rope=(4, 6, 6))
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=vlm.model,
+                             tokenizer=vlm.processor.tokenizer, transformer=transformer)
     return _finish(pipe, dtype)

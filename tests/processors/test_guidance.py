@@ -76,6 +76,8 @@ CASES = [  # (tiny model, pipeline arguments, CFG weight w or None, the pipeline
     ("tiny/ltx", {"guidance_scale": 1.0}, None, False),
     ("tiny/hunyuandit", {"guidance_scale": 5.0}, 5.0, False),
     ("tiny/hunyuandit", {"guidance_scale": 1.0}, None, False),
+    ("tiny/qwenimage", {}, 3.0, True),
+    ("tiny/qwenimage", {"true_cfg_scale": 1.0}, None, True),
 ]
 
 
@@ -136,6 +138,8 @@ def test_guided_eps_is_the_formula(name, call, w, separate, prompts, rescale):
     if phi:  # the pipeline's own rescale (arXiv 2305.08891) toward the true conditional prediction
         dims = tuple(range(1, want.ndim))
         want = phi * want * eps_c.std(dim=dims, keepdim=True) / want.std(dim=dims, keepdim=True) + (1 - phi) * want
+    if name == "tiny/qwenimage" and w:  # its true CFG rescales each token to the true conditional prediction's norm
+        want = want * eps_c.norm(dim=-1, keepdim=True) / want.norm(dim=-1, keepdim=True)
     want = want[:, : got.shape[1]]  # PixArt's learned sigma: the scheduler gets the first channels
     assert not torch.allclose(eps_p, eps_c, atol=1e-4), "the perturbation changes the conditional prediction"
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
@@ -311,6 +315,7 @@ FORK_CASES = [  # (tiny model, call arguments, prompts, SoftPAG layer, STG-skipp
     ("tiny/sana", {"guidance_scale": 4.0}, 2, "transformer_blocks.1", "transformer_blocks.1"),
     ("tiny/cogvideox", {"guidance_scale": 4.0}, 1, "transformer_blocks.1", "transformer_blocks.1"),
     ("tiny/ltx", {"guidance_scale": 3.0}, 2, "transformer_blocks.1", "transformer_blocks.1"),
+    ("tiny/qwenimage", {}, 1, "transformer_blocks.1", "transformer_blocks.1"),
 ]
 
 
@@ -331,7 +336,7 @@ def test_fork_at_the_first_perturbed_block_equals_the_whole_branch(name, call, p
     blocks = family.blocks(family.denoiser(pipe))
     prompt = ["a red fox", "a blue bird"][:prompts]
     methods = [SoftPAG(heads=f"{layer}:0", strength=0.7, scale=2.0), STG(layers=block, mode="residual", scale=1.5)]
-    separate = name in ("tiny/flux", "tiny/wan")
+    separate = family.cfg_calls == "separate"
     n = prompts * (1 if separate else 2)  # the rows of the cond call (separate CFG) or of [uncond, cond]
     seen = {}
     hooks = [module.register_forward_hook(
