@@ -48,6 +48,7 @@ MIRRORED_PROCESSORS = {
     "ltx": ("diffusers.models.transformers.transformer_ltx", "LTXVideoAttnProcessor"),
     "hunyuandit": ("diffusers.models.attention_processor", "HunyuanAttnProcessor2_0"),
     "qwenimage": ("diffusers.models.transformers.transformer_qwenimage", "QwenDoubleStreamAttnProcessor2_0"),
+    "hunyuanvideo": ("diffusers.models.transformers.transformer_hunyuan_video", "HunyuanVideoAttnProcessor2_0"),
 }
 
 

@@ -148,6 +148,14 @@ DIFFUSION_FAMILIES = (
                     block_outputs=("encoder_hidden_states", "hidden_states"), text_first=True,
                     fork_inputs=("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "temb"),
                     joint_attention=True, grid_inputs=("img_shapes",), cfg_rescales_to_cond=True),
+    DiffusionFamily("hunyuanvideo", "HunyuanVideoTransformer3DModel", "transformer",
+                    ("HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock"), "attn",
+                    ("hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask",
+                     "pooled_projections", "guidance"),
+                    cfg_calls="separate", cfg_scale="true_cfg_scale", cfg_needs_negative=True,
+                    block_outputs=("hidden_states", "encoder_hidden_states"),
+                    fork_inputs=("hidden_states", "encoder_hidden_states", "temb", "attention_mask"),
+                    joint_attention=True),
 )
 
 

@@ -395,6 +395,59 @@ class QwenDoubleStreamAttnProcessor(_DispatchBackend, FamilyProcessor):
         return image_out, attn.to_add_out(out[:, :n_text].contiguous())
 
 
+class HunyuanVideoAttnProcessor(_DispatchBackend, FamilyProcessor):
+    """diffusers' ``HunyuanVideoAttnProcessor2_0`` (joint [video, text] attention of the double-stream blocks, and of
+    the single-stream blocks with shared projections; RoPE on the video tokens) with op slots."""
+
+    heads_axis = 2
+
+    def original_core(self, query, key, value, attention_mask):
+        return dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                                     backend=self._attention_backend, parallel_config=self._parallel_config)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        n_text = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        shared = attn.add_q_proj is None and encoder_hidden_states is not None  # a single-stream block
+        n_image = hidden_states.shape[1]
+        if shared:
+            hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+        query, key, value = (p(hidden_states).unflatten(2, (attn.heads, -1)) for p in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            if shared:
+                query = torch.cat([apply_rotary_emb(query[:, :n_image], image_rotary_emb, sequence_dim=1),
+                                   query[:, n_image:]], dim=1)
+                key = torch.cat([apply_rotary_emb(key[:, :n_image], image_rotary_emb, sequence_dim=1),
+                                 key[:, n_image:]], dim=1)
+            else:
+                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        if attn.add_q_proj is not None and encoder_hidden_states is not None:
+            ctx = (p(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+                   for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            q_ctx, k_ctx, v_ctx = ctx
+            if attn.norm_added_q is not None:
+                q_ctx = attn.norm_added_q(q_ctx)
+            if attn.norm_added_k is not None:
+                k_ctx = attn.norm_added_k(k_ctx)
+            query, key, value = torch.cat([query, q_ctx], 1), torch.cat([key, k_ctx], 1), torch.cat([value, v_ctx], 1)
+        query = self.query_ops(query, slice(0, n_image))
+        out = self.attend(query, key, value, attention_mask)
+        self.output_ops(out, query, key, value, n_image=n_image)
+        out = out.flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:
+            return out, None
+        out, ctx = out[:, :-n_text], out[:, -n_text:]
+        if getattr(attn, "to_out", None) is not None:
+            out = attn.to_out[1](attn.to_out[0](out))
+        if getattr(attn, "to_add_out", None) is not None:
+            ctx = attn.to_add_out(ctx)
+        return out, ctx
+
+
 def _wan_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Wan's interleaved rotary embedding on (B, N, H, D)."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
@@ -443,4 +496,5 @@ PROCESSORS = {
     "ltx": LTXVideoAttnProcessor,
     "hunyuandit": AttnProcessor,
     "qwenimage": QwenDoubleStreamAttnProcessor,
+    "hunyuanvideo": HunyuanVideoAttnProcessor,
 }

@@ -14,7 +14,8 @@ DENOISERS = [("tiny/sd", "unet", "UNet2DConditionModel"), ("tiny/sd3", "transfor
              ("tiny/cogvideox", "transformer", "CogVideoXTransformer3DModel"),
              ("tiny/ltx", "transformer", "LTXVideoTransformer3DModel"),
              ("tiny/hunyuandit", "transformer", "HunyuanDiT2DModel"),
-             ("tiny/qwenimage", "transformer", "QwenImageTransformer2DModel")]
+             ("tiny/qwenimage", "transformer", "QwenImageTransformer2DModel"),
+             ("tiny/hunyuanvideo", "transformer", "HunyuanVideoTransformer3DModel")]
 
 
 def untouched(denoiser) -> bool:

@@ -1,5 +1,5 @@
 """Tiny diffusers pipelines (SD 1.x, SDXL, SD3, FLUX.1-dev, Wan 2.1, PixArt-Sigma, Sana, CogVideoX, LTX-Video,
-HunyuanDiT, Qwen-Image) with random weights.
+HunyuanDiT, Qwen-Image, HunyuanVideo) with random weights.
 
 Each builder mirrors the real model's architecture and config conventions (block types, latent
 channels, VAE scaling/shift factors, schedulers, guidance embedding...) at toy widths, so attention
@@ -13,6 +13,7 @@ import torch
 from diffusers import (
     AutoencoderDC,
     AutoencoderKLCogVideoX,
+    AutoencoderKLHunyuanVideo,
     AutoencoderKLLTXVideo,
     AutoencoderKLQwenImage,
     AutoencoderKL,
@@ -29,6 +30,8 @@ from diffusers import (
     FluxTransformer2DModel,
     HunyuanDiT2DModel,
     HunyuanDiTPipeline,
+    HunyuanVideoPipeline,
+    HunyuanVideoTransformer3DModel,
     LTXPipeline,
     LTXVideoTransformer3DModel,
     ModelMixin,
@@ -56,6 +59,8 @@ from transformers import (
     CLIPTextModelWithProjection,
     Gemma2Config,
     Gemma2Model,
+    LlamaConfig,
+    LlamaModel,
     T5Config,
     T5EncoderModel,
     UMT5Config,
@@ -65,7 +70,8 @@ from transformers import (
 from . import register_tiny
 from .tokenizers import clip_tokenizer, t5_tokenizer
 
-__all__ = ["build_sd", "build_sdxl", "build_sd3", "build_flux", "build_wan", "build_pixart", "build_sana", "build_cogvideox", "build_ltx", "build_hunyuandit", "build_qwenimage"]
+__all__ = ["build_sd", "build_sdxl", "build_sd3", "build_flux", "build_wan", "build_pixart", "build_sana", "build_cogvideox", "build_ltx", "build_hunyuandit", "build_qwenimage",
+           "build_hunyuanvideo"]
 
 # Text sequence length of the T5 encoders (the tokenizer's model_max_length): one token per character.
 T5_MAX_LENGTH = 64
@@ -614,4 +620,37 @@ def build_qwenimage(dtype: torch.dtype = torch.float32) -> QwenImagePipeline:
                                               axes_dims_rope=(4, 6, 6))
     pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=vlm.model,
                              tokenizer=vlm.processor.tokenizer, transformer=transformer)
+    return _finish(pipe, dtype)
+
+
+@register_tiny(
+    "tiny/hunyuanvideo",
+    kind="video",
+    architecture="HunyuanVideoPipeline (HunyuanVideoTransformer3DModel: double- and single-stream [video, text] blocks, "
+                 "embedded guidance, optional true CFG; HunyuanVideo VAE, Llama + CLIP)",
+    defaults=_call_defaults(guidance_scale=6.0, num_frames=9, max_sequence_length=64,
+                            prompt_template={"template": "{}", "crop_start": 0}),  # the real template is for Llama's ids
+)
+def build_hunyuanvideo(dtype: torch.dtype = torch.float32) -> HunyuanVideoPipeline:
+    """HunyuanVideo layout: video tokens first in every block's joint attention, RoPE on them; the pipeline reads the
+    Llama encoder's third-last hidden state; the VAE compresses 8x in space and 4x in time, so 9 frames at 32x32 give
+    3 latent frames of 4x4 tokens (48); 2 double- and 2 single-stream blocks of 4 heads x 16."""
+    tokenizer = clip_tokenizer()
+    llama = LlamaModel(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+                                   max_position_embeddings=128, attn_implementation="sdpa"))
+    vae = AutoencoderKLHunyuanVideo(in_channels=3, out_channels=3, latent_channels=4,
+                                    down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+                                    up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+                                    layers_per_block=1, act_fn="silu", norm_num_groups=4, scaling_factor=0.476986,
+                                    spatial_compression_ratio=8, temporal_compression_ratio=4,
+                                    mid_block_add_attention=True)
+    transformer = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=4,
+                                                 attention_head_dim=16, num_layers=2, num_single_layers=2,
+                                                 num_refiner_layers=1, patch_size=1, patch_size_t=1,
+                                                 guidance_embeds=True, text_embed_dim=32, pooled_projection_dim=32,
+                                                 rope_axes_dim=(4, 6, 6))
+    pipe = HunyuanVideoPipeline(text_encoder=llama, tokenizer=tokenizer, transformer=transformer, vae=vae,
+                                scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=_clip_text_model(32),
+                                tokenizer_2=clip_tokenizer())
     return _finish(pipe, dtype)

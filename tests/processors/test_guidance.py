@@ -78,6 +78,8 @@ CASES = [  # (tiny model, pipeline arguments, CFG weight w or None, the pipeline
     ("tiny/hunyuandit", {"guidance_scale": 1.0}, None, False),
     ("tiny/qwenimage", {}, 3.0, True),
     ("tiny/qwenimage", {"true_cfg_scale": 1.0}, None, True),
+    ("tiny/hunyuanvideo", {}, None, False),
+    ("tiny/hunyuanvideo", {"true_cfg_scale": 3.0, "negative_prompt": "blurry"}, 3.0, True),
 ]
 
 
@@ -316,6 +318,8 @@ FORK_CASES = [  # (tiny model, call arguments, prompts, SoftPAG layer, STG-skipp
     ("tiny/cogvideox", {"guidance_scale": 4.0}, 1, "transformer_blocks.1", "transformer_blocks.1"),
     ("tiny/ltx", {"guidance_scale": 3.0}, 2, "transformer_blocks.1", "transformer_blocks.1"),
     ("tiny/qwenimage", {}, 1, "transformer_blocks.1", "transformer_blocks.1"),
+    ("tiny/hunyuanvideo", {"true_cfg_scale": 3.0, "negative_prompt": "blurry"}, 1, "single_transformer_blocks.0",
+     "single_transformer_blocks.1"),
 ]
 
 

@@ -16,7 +16,7 @@ from mmattn.configs import SCOPES
 from mmattn.testing import build_tiny, tiny_spec
 
 FAMILIES = ["tiny/sd", "tiny/sdxl", "tiny/sd3", "tiny/flux", "tiny/wan", "tiny/pixart", "tiny/sana", "tiny/cogvideox", "tiny/ltx",
-            "tiny/hunyuandit", "tiny/qwenimage"]
+            "tiny/hunyuandit", "tiny/qwenimage", "tiny/hunyuanvideo"]
 _PIPES = {}
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 from mmattn.testing import build_tiny, tiny_names, tiny_spec
 
 IMAGE_MODELS = ["tiny/sd", "tiny/sdxl", "tiny/sd3", "tiny/flux", "tiny/pixart", "tiny/sana", "tiny/hunyuandit", "tiny/qwenimage"]
-VIDEO_MODELS = ["tiny/wan", "tiny/cogvideox", "tiny/ltx"]
+VIDEO_MODELS = ["tiny/wan", "tiny/cogvideox", "tiny/ltx", "tiny/hunyuanvideo"]
 MODELS = IMAGE_MODELS + VIDEO_MODELS
 PROMPT = "a photo of a red cat"
 
