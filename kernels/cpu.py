@@ -124,6 +124,10 @@ def _sparse(q5, kt, v, causal, bm: BlockMask, key_groups, groups, acc, mass, m):
             rh = slice(j % rep, j % rep + 1) if mh > 1 else slice(None)
             parts = (bm.full_counts[i, j], bm.full_indices[i, j], bm.partial_counts[i, j],
                      bm.partial_indices[i, j], bm.partial_mask[i, j])
+            if key_groups is None:  # plain attention (windows): many query blocks per matmul
+                _sparse_batched(q5[bs, kh, rh], kt[bs, kh], v[bs, kh], causal, bm, parts,
+                                acc[0, bs, kh, rh], mass[0, bs, kh, rh], m[bs, kh, rh])
+                continue
             _sparse_one(q5[bs, kh, rh], kt[bs, kh], v[bs, kh], causal, bm, parts,
                         None if key_groups is None else key_groups[bs], groups,
                         acc[:, bs, kh, rh], mass[:, bs, kh, rh], m[bs, kh, rh])
@@ -158,6 +162,58 @@ def _sparse_one(q5, kt, v, causal, bm, parts, key_groups, groups, acc, mass, m):
                 gid = None if key_groups is None else key_groups.index_select(1, sel)
                 state.update(kt.index_select(3, sel), v.index_select(2, sel), bias, gid)
         acc[..., q0:q1, :], mass[..., q0:q1], m[..., q0:q1] = state.acc, state.l, state.m
+
+
+SPARSE_ELEMENTS = 1 << 22  # score elements per batched step of _sparse_batched (per batch and head)
+
+
+def _sparse_batched(q5, kt, v, causal, bm: BlockMask, parts, acc, mass, m):
+    """Block-sparse plain attention, several query blocks per step: each step gathers, for G query blocks, their
+    visited key blocks (padded to the step's most, the padding masked) and runs one batched matmul and one softmax
+    over them, so the cost is the visited blocks' FLOPs rather than one Python round per query block."""
+    full_counts, full_indices, partial_counts, partial_indices, partial_mask = parts
+    nq, nk, bq, bk, device = q5.shape[3], v.shape[2], bm.block_q, bm.block_kv, q5.device
+    counts = (full_counts + partial_counts).long()
+    nqb = bm.num_q_blocks
+    widest = max(1, int(counts.max()))
+    step = max(1, SPARSE_ELEMENTS // (bq * widest * bk * q5.shape[1] * q5.shape[2]))
+    offs = torch.arange(bk, device=device)
+    for a in range(0, nqb, step):
+        b = min(nqb, a + step)
+        g, nb = b - a, max(1, int(counts[a:b].max()))
+        j = torch.arange(nb, device=device)
+        fc, pc = full_counts[a:b].long()[:, None], partial_counts[a:b].long()[:, None]
+        is_full, is_partial = j < fc, (j >= fc) & (j < fc + pc)
+        full = full_indices[a:b].long().gather(1, j.clamp_max(full_indices.shape[1] - 1).expand(g, -1)) \
+            if full_indices.shape[1] else torch.zeros(g, nb, dtype=torch.long, device=device)
+        part_j = (j - fc).clamp(0, max(partial_indices.shape[1] - 1, 0))
+        part = partial_indices[a:b].long().gather(1, part_j) if partial_indices.shape[1] else torch.zeros_like(full)
+        blocks = torch.where(is_full, full, torch.where(is_partial, part, 0))  # (g, nb)
+        pos = (blocks[..., None] * bk + offs).view(g, nb * bk)  # (g, L) key positions
+        visible = is_full[:, None, :, None].expand(g, bq, nb, bk).clone()  # (g, bq, nb, bk)
+        if partial_indices.shape[1]:
+            tiles = partial_mask[a:b].gather(1, part_j[:, :, None, None].expand(-1, -1, bq, bk))  # (g, nb, bq, bk)
+            visible |= tiles.permute(0, 2, 1, 3) & is_partial[:, None, :, None]
+        visible = visible.view(g, bq, nb * bk) & (pos < nk)[:, None, :]
+        rows = torch.arange(a * bq, b * bq, device=device).view(g, bq)
+        if causal:
+            visible &= rows[:, :, None] >= pos[:, None, :]
+        q0, q1 = a * bq, min(nq, b * bq)
+        qc = q5[..., q0:q1, :]
+        if q1 - q0 < g * bq:  # the last block's missing rows
+            qc = torch.cat([qc, qc.new_zeros(*qc.shape[:3], g * bq - (q1 - q0), qc.shape[-1])], dim=3)
+        qc = qc.view(*qc.shape[:3], g, bq, qc.shape[-1])  # (B, Hkv, R, g, bq, D)
+        index = pos.clamp_max(nk - 1).flatten()
+        k_g = kt.index_select(3, index).view(*kt.shape[:3], g, nb * bk).transpose(2, 3)[:, :, None]
+        v_g = v.index_select(2, index).view(*v.shape[:2], g, nb * bk, v.shape[-1])[:, :, None]
+        scores = qc @ k_g  # (B, Hkv, R, g, bq, L)
+        scores += _bias(visible)
+        top = scores.amax(-1)
+        p = scores.sub_(torch.where(torch.isneginf(top), 0.0, top)[..., None]).exp_()
+        n = q1 - q0
+        m[..., q0:q1] = top.flatten(3)[..., :n]
+        mass[..., q0:q1] = p.sum(-1).flatten(3)[..., :n]
+        acc[..., q0:q1, :] = (p @ v_g).flatten(3, 4)[..., :n, :]
 
 
 def _lse(mass, m):

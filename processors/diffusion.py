@@ -88,16 +88,17 @@ class _DispatchBackend:
 
 
 class AttnProcessor(FamilyProcessor):
-    """diffusers' ``AttnProcessor2_0`` self-attention (SD/SDXL UNet, PixArt ``attn1``) with op slots; with an
-    ``image_rotary_emb``, diffusers' ``HunyuanAttnProcessor2_0`` (HunyuanDiT ``attn1``: the same plus 2-D RoPE)."""
+    """diffusers' ``AttnProcessor2_0`` self-attention (SD/SDXL UNet, PixArt ``attn1``) with op slots."""
 
     heads_axis = 1
 
     def original_core(self, query, key, value, attention_mask):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 image_rotary_emb=None, *args, **kwargs):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        return self.run(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+    def run(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, image_rotary_emb=None):
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -139,6 +140,15 @@ class AttnProcessor(FamilyProcessor):
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+class HunyuanAttnProcessor(AttnProcessor):
+    """diffusers' ``HunyuanAttnProcessor2_0`` (HunyuanDiT ``attn1``: ``AttnProcessor2_0`` plus 2-D RoPE) with op
+    slots."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 image_rotary_emb=None):
+        return self.run(attn, hidden_states, encoder_hidden_states, attention_mask, temb, image_rotary_emb)
 
 
 class JointAttnProcessor(FamilyProcessor):
@@ -494,7 +504,7 @@ PROCESSORS = {
     "sana": SanaLinearAttnProcessor,
     "cogvideox": CogVideoXAttnProcessor,
     "ltx": LTXVideoAttnProcessor,
-    "hunyuandit": AttnProcessor,
+    "hunyuandit": HunyuanAttnProcessor,
     "qwenimage": QwenDoubleStreamAttnProcessor,
     "hunyuanvideo": HunyuanVideoAttnProcessor,
 }

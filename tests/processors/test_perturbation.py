@@ -541,7 +541,7 @@ def test_flux_scopes_match_eager_oracle(scope, single):
 
 def test_scopes_need_joint_attention():
     with pytest.raises(ValueError, match="scope='TT_mask' perturbs a block of joint \\[image, text\\] attention "
-                                         "\\(sd3, flux, cogvideox\\); wan has none: use scope='joint'"):
+                                         "\\(sd3, flux, cogvideox, qwenimage, hunyuanvideo\\); wan has none: use scope='joint'"):
         mmattn.apply(pipe_for("tiny/wan"), SoftPAG(heads="blocks.0", scope="TT_mask"))
     for scope in ("II_mask", "image"):
         with pytest.raises(ValueError, match=f"scope='{scope}' perturbs one block of the map; target='uniform' applies"):
