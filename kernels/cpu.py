@@ -167,6 +167,19 @@ def _sparse_one(q5, kt, v, causal, bm, parts, key_groups, groups, acc, mass, m):
 SPARSE_ELEMENTS = 1 << 22  # score elements per batched step of _sparse_batched (per batch and head)
 
 
+def _steps(counts: list[int], budget: int) -> list[tuple[int, int]]:
+    """Consecutive query-block ranges [a, b) whose size times their most visited key blocks stays within
+    ``budget`` (one block at least): blocks that visit few key blocks go many at a time, a global one alone."""
+    steps, start, widest = [], 0, 0
+    for i, count in enumerate(counts):
+        if i > start and (i + 1 - start) * max(widest, count, 1) > budget:
+            steps.append((start, i))
+            start, widest = i, 0
+        widest = max(widest, count)
+    steps.append((start, len(counts)))
+    return steps
+
+
 def _sparse_batched(q5, kt, v, causal, bm: BlockMask, parts, acc, mass, m):
     """Block-sparse plain attention, several query blocks per step: each step gathers, for G query blocks, their
     visited key blocks (padded to the step's most, the padding masked) and runs one batched matmul and one softmax
@@ -174,12 +187,9 @@ def _sparse_batched(q5, kt, v, causal, bm: BlockMask, parts, acc, mass, m):
     full_counts, full_indices, partial_counts, partial_indices, partial_mask = parts
     nq, nk, bq, bk, device = q5.shape[3], v.shape[2], bm.block_q, bm.block_kv, q5.device
     counts = (full_counts + partial_counts).long()
-    nqb = bm.num_q_blocks
-    widest = max(1, int(counts.max()))
-    step = max(1, SPARSE_ELEMENTS // (bq * widest * bk * q5.shape[1] * q5.shape[2]))
     offs = torch.arange(bk, device=device)
-    for a in range(0, nqb, step):
-        b = min(nqb, a + step)
+    k_rows, v = kt.transpose(-1, -2).contiguous(), v.contiguous()  # key rows gather as whole rows
+    for a, b in _steps(counts.tolist(), SPARSE_ELEMENTS // (bq * bk * q5.shape[1] * q5.shape[2])):
         g, nb = b - a, max(1, int(counts[a:b].max()))
         j = torch.arange(nb, device=device)
         fc, pc = full_counts[a:b].long()[:, None], partial_counts[a:b].long()[:, None]
@@ -204,7 +214,8 @@ def _sparse_batched(q5, kt, v, causal, bm: BlockMask, parts, acc, mass, m):
             qc = torch.cat([qc, qc.new_zeros(*qc.shape[:3], g * bq - (q1 - q0), qc.shape[-1])], dim=3)
         qc = qc.view(*qc.shape[:3], g, bq, qc.shape[-1])  # (B, Hkv, R, g, bq, D)
         index = pos.clamp_max(nk - 1).flatten()
-        k_g = kt.index_select(3, index).view(*kt.shape[:3], g, nb * bk).transpose(2, 3)[:, :, None]
+        k_g = k_rows.index_select(2, index).view(*k_rows.shape[:2], g, nb * bk, k_rows.shape[-1])
+        k_g = k_g.transpose(-1, -2)[:, :, None]  # (B, Hkv, 1, g, D, L)
         v_g = v.index_select(2, index).view(*v.shape[:2], g, nb * bk, v.shape[-1])[:, :, None]
         scores = qc @ k_g  # (B, Hkv, R, g, bq, L)
         scores += _bias(visible)
