@@ -37,6 +37,17 @@ def heads_first(x: torch.Tensor, heads_axis: int) -> torch.Tensor:
     return x if heads_axis == 1 else x.transpose(1, 2)
 
 
+def text_qkv(attn, context: torch.Tensor, split) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The text stream's query, key and value in joint attention: ``add_{q,k,v}_proj``, split into heads by
+    ``split``, then ``norm_added_q`` / ``norm_added_k`` where the module has them."""
+    query, key, value = (split(p(context)) for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+    if attn.norm_added_q is not None:
+        query = attn.norm_added_q(query)
+    if attn.norm_added_k is not None:
+        key = attn.norm_added_k(key)
+    return query, key, value
+
+
 class FamilyProcessor:
     """Common part: the original processor, the ops on this layer, the call's information and the core slot."""
 
@@ -175,11 +186,7 @@ class JointAttnProcessor(FamilyProcessor):
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         if encoder_hidden_states is not None:
-            q_ctx, k_ctx, v_ctx = (heads_first(p(encoder_hidden_states)) for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
-            if attn.norm_added_q is not None:
-                q_ctx = attn.norm_added_q(q_ctx)
-            if attn.norm_added_k is not None:
-                k_ctx = attn.norm_added_k(k_ctx)
+            q_ctx, k_ctx, v_ctx = text_qkv(attn, encoder_hidden_states, heads_first)
             query, key, value = torch.cat([query, q_ctx], 2), torch.cat([key, k_ctx], 2), torch.cat([value, v_ctx], 2)
         query = self.query_ops(query, slice(0, n_image))
         out = self.attend(query, key, value, None)
@@ -379,17 +386,12 @@ class QwenDoubleStreamAttnProcessor(_DispatchBackend, FamilyProcessor):
             attention_mask = torch.cat([encoder_hidden_states_mask, image], dim=1)[:, None, None, :]
         n_text, head_dim = encoder_hidden_states.shape[1], attn.inner_dim // attn.heads
         image_qkv = (p(hidden_states).unflatten(-1, (-1, head_dim)) for p in (attn.to_q, attn.to_k, attn.to_v))
-        text_qkv = (p(encoder_hidden_states).unflatten(-1, (-1, head_dim))
-                    for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
-        (img_q, img_k, img_v), (txt_q, txt_k, txt_v) = image_qkv, text_qkv
+        img_q, img_k, img_v = image_qkv
+        txt_q, txt_k, txt_v = text_qkv(attn, encoder_hidden_states, lambda t: t.unflatten(-1, (-1, head_dim)))
         if attn.norm_q is not None:
             img_q = attn.norm_q(img_q)
         if attn.norm_k is not None:
             img_k = attn.norm_k(img_k)
-        if attn.norm_added_q is not None:
-            txt_q = attn.norm_added_q(txt_q)
-        if attn.norm_added_k is not None:
-            txt_k = attn.norm_added_k(txt_k)
         if image_rotary_emb is not None:
             img_freqs, txt_freqs = image_rotary_emb
             img_q, img_k = (apply_rotary_emb_qwen(t, img_freqs, use_real=False) for t in (img_q, img_k))
@@ -436,13 +438,7 @@ class HunyuanVideoAttnProcessor(_DispatchBackend, FamilyProcessor):
                 query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
                 key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         if attn.add_q_proj is not None and encoder_hidden_states is not None:
-            ctx = (p(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-                   for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
-            q_ctx, k_ctx, v_ctx = ctx
-            if attn.norm_added_q is not None:
-                q_ctx = attn.norm_added_q(q_ctx)
-            if attn.norm_added_k is not None:
-                k_ctx = attn.norm_added_k(k_ctx)
+            q_ctx, k_ctx, v_ctx = text_qkv(attn, encoder_hidden_states, lambda t: t.unflatten(2, (attn.heads, -1)))
             query, key, value = torch.cat([query, q_ctx], 1), torch.cat([key, k_ctx], 1), torch.cat([value, v_ctx], 1)
         query = self.query_ops(query, slice(0, n_image))
         out = self.attend(query, key, value, attention_mask)

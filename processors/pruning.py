@@ -659,12 +659,8 @@ class _PruneState:
         if mask is not None and rows is not None and mask.shape[-1] == self.end:
             allowed = text_attention.visible(_take(_take(mask, rows, 2), key_positions, 3))
         else:
-            predicates = [text_attention.causal]
-            if sliding_window is not None:
-                predicates.append(text_attention.sliding_window(sliding_window))
-            if self.decode_padding is not None:
-                predicates.append(text_attention.not_padding(self.decode_padding.to(device)))
-            allowed = text_attention.position_mask(query_positions, key_positions, *predicates)
+            allowed = text_attention.position_mask(query_positions, key_positions,
+                                                   *_predicates(sliding_window, self.decode_padding, device))
         query = query_positions.expand(batch, -1)[:, None, :, None]
         hidden = fillers.gather(1, key_positions)[:, None, None, :]
         return (allowed & ~hidden) | (key_positions[:, None, None, :] == query)
@@ -679,12 +675,7 @@ class _PruneState:
         if mask is not None:
             allowed = text_attention.visible(_take(_take(mask, kept, 2), kept, 3))
         else:
-            predicates = [text_attention.causal]
-            if sliding_window is not None:
-                predicates.append(text_attention.sliding_window(sliding_window))
-            if self.padding_mask is not None:
-                predicates.append(text_attention.not_padding(self.padding_mask.to(device)))
-            allowed = text_attention.position_mask(kept, kept, *predicates)
+            allowed = text_attention.position_mask(kept, kept, *_predicates(sliding_window, self.padding_mask, device))
         itself = torch.eye(kept.shape[1], dtype=torch.bool, device=device)
         return (allowed & ~hidden) | itself
 
@@ -733,6 +724,17 @@ class _PruneState:
             return args, kwargs
 
         return hook
+
+
+def _predicates(sliding_window: int | None, padding: torch.Tensor | None, device) -> list:
+    """Mask predicates over original positions, as transformers builds a layer's mask: causal, the sliding window
+    where the layer has one, not padding (``padding``: the 2D mask) where there is some."""
+    predicates = [text_attention.causal]
+    if sliding_window is not None:
+        predicates.append(text_attention.sliding_window(sliding_window))
+    if padding is not None:
+        predicates.append(text_attention.not_padding(padding.to(device)))
+    return predicates
 
 
 def compact_positions(ids: torch.Tensor, real: torch.Tensor, before: torch.Tensor | None = None

@@ -309,31 +309,18 @@ def test_layer_level_pag_equals_diffusers_unet_pag_pipelines(name, pag_class, mi
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("layer", ["transformer_blocks.0", "transformer_blocks.1"])
-def test_layer_level_pag_equals_diffusers_sana_pag_pipeline(layer):
-    """PAG on every head of one Sana block (linear attention: the perturbed output is V) == diffusers'
-    SanaPAGPipeline with that block in pag_applied_layers."""
-    from diffusers import SanaPAGPipeline
+@pytest.mark.parametrize("name, pag_class, layer, w", [
+    ("tiny/sana", "SanaPAGPipeline", "transformer_blocks.0", 4.5), ("tiny/sana", "SanaPAGPipeline", "transformer_blocks.1", 4.5),
+    ("tiny/hunyuandit", "HunyuanDiTPAGPipeline", "blocks.0", 5.0), ("tiny/hunyuandit", "HunyuanDiTPAGPipeline", "blocks.1", 5.0),
+])
+def test_layer_level_pag_equals_diffusers_dit_pag_pipelines(name, pag_class, layer, w):
+    """PAG on every head of one block == diffusers' PAG pipeline with that block in pag_applied_layers (Sana's linear
+    attention: the perturbed output is V)."""
+    import diffusers
 
-    pipe = pipe_for("tiny/sana")
-    pag = SanaPAGPipeline(**pipe.components, pag_applied_layers=[layer])
-    call = tiny_spec("tiny/sana").defaults | {"output_type": "pt", "guidance_scale": 4.5}
-    want = pag("a red fox", generator=torch.Generator().manual_seed(0), pag_scale=3.0, **call).images
-    with mmattn.apply(pipe, PAG(heads=layer, scale=3.0)):
-        got = pipe("a red fox", generator=torch.Generator().manual_seed(0), **call).images
-    baseline = pipe("a red fox", generator=torch.Generator().manual_seed(0), **call).images
-    assert (want - baseline).abs().max() > 1e-3
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("layer", ["blocks.0", "blocks.1"])
-def test_layer_level_pag_equals_diffusers_hunyuandit_pag_pipeline(layer):
-    """PAG on every head of one HunyuanDiT block == diffusers' HunyuanDiTPAGPipeline with that block applied."""
-    from diffusers import HunyuanDiTPAGPipeline
-
-    pipe = pipe_for("tiny/hunyuandit")
-    pag = HunyuanDiTPAGPipeline(**pipe.components, pag_applied_layers=[layer])
-    call = tiny_spec("tiny/hunyuandit").defaults | {"output_type": "pt", "guidance_scale": 5.0}
+    pipe = pipe_for(name)
+    pag = getattr(diffusers, pag_class)(**pipe.components, pag_applied_layers=[layer])
+    call = tiny_spec(name).defaults | {"output_type": "pt", "guidance_scale": w}
     want = pag("a red fox", generator=torch.Generator().manual_seed(0), pag_scale=3.0, **call).images
     with mmattn.apply(pipe, PAG(heads=layer, scale=3.0)):
         got = pipe("a red fox", generator=torch.Generator().manual_seed(0), **call).images
