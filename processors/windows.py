@@ -139,38 +139,41 @@ def _install_windows(pipe, config, make_window, dual: bool = False):
     if family.name not in WINDOW_FAMILIES:
         raise ValueError(f"window attention supports {', '.join(WINDOW_FAMILIES)}; not {family.name} yet")
     video = family.name in VIDEO_FAMILIES
-    denoiser = family.denoiser(pipe)
-    attention = family.attention_layers(denoiser)
-    names = list(attention) if config.layers == "*" else \
-        list(resolve_heads(config.layers, {name: attn.heads for name, attn in attention.items()}, "layers"))
-    check_mirrored(family, attention, names)
-    for name in names:
-        processor = attention[name].processor
-        if isinstance(processor, FamilyProcessor) and processor.core is not None:
-            raise ValueError(f"{name} already has a window method applied; remove() it first")
+    stages = []  # (denoiser, its CFG scale argument, attention layers, cross-attention modules): Wan 2.2 has two
+    for denoiser, cfg_scale in family.denoisers(pipe):
+        attention = family.attention_layers(denoiser)
+        names = list(attention) if config.layers == "*" else \
+            list(resolve_heads(config.layers, {name: attn.heads for name, attn in attention.items()}, "layers"))
+        check_mirrored(family, attention, names)
+        for name in names:
+            processor = attention[name].processor
+            if isinstance(processor, FamilyProcessor) and processor.core is not None:
+                raise ValueError(f"{name} already has a window method applied; remove() it first")
+        blocks = family.blocks(denoiser)
+        cross = {name: getattr(blocks[name], "attn2", None) for name in names}
+        if dual and not all(isinstance(c, torch.nn.Module) for c in cross.values()):
+            raise ValueError(f"FreeSwim's dual path needs a cross-attention module (attn2) in every selected block; "
+                             f"{family.name} has none: use dual_path=False")
+        stages.append((denoiser, cfg_scale, attention, cross))
     window_for = make_window(family, pipe)
-    blocks = family.blocks(denoiser)
-    cross = {name: getattr(blocks[name], "attn2", None) for name in names}
-    if dual and not all(isinstance(c, torch.nn.Module) for c in cross.values()):
-        raise ValueError(f"FreeSwim's dual path needs a cross-attention module (attn2) in every selected block; "
-                         f"{family.name} has none: use dual_path=False")
     trained = getattr(config, "training_grid", None) or default_grid(pipe, family)
     training = config.training_tokens or (math.prod(trained) if config.entropy_scaling else None)
     with installing() as changes:
-        guided = GuidedDenoiser.attach(pipe, family)
-        changes.add(guided.release)
-        guided.holders += 1
-        changes.add(lambda: setattr(guided, "holders", guided.holders - 1))
-        path = None
-        if dual:
-            path = _DualPath(pipe, guided, config.refresh_every)
-            changes.add(denoiser.register_forward_pre_hook(path.before_forward, with_kwargs=True).remove)
-            for module in cross.values():
-                changes.add(module.register_forward_hook(path.cross_attention_hook, with_kwargs=True).remove)
-        for name in names:
-            processor = family_processor(attention[name], family, guided.info, changes)
-            processor.core = WindowCore(processor, config, window_for, family.text_first, video, training, path)
-            changes.add(lambda p=processor: setattr(p, "core", None))
+        for denoiser, cfg_scale, attention, cross in stages:
+            guided = GuidedDenoiser.attach(pipe, family, denoiser, cfg_scale)
+            changes.add(guided.release)
+            guided.holders += 1
+            changes.add(lambda g=guided: setattr(g, "holders", g.holders - 1))
+            path = None
+            if dual:
+                path = _DualPath(pipe, guided, config.refresh_every)
+                changes.add(denoiser.register_forward_pre_hook(path.before_forward, with_kwargs=True).remove)
+                for module in cross.values():
+                    changes.add(module.register_forward_hook(path.cross_attention_hook, with_kwargs=True).remove)
+            for name in cross:
+                processor = family_processor(attention[name], family, guided.info, changes)
+                processor.core = WindowCore(processor, config, window_for, family.text_first, video, training, path)
+                changes.add(lambda p=processor: setattr(p, "core", None))
     return changes.undo
 
 

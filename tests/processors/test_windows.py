@@ -392,3 +392,33 @@ def test_timm_vit_refusals():
         mmattn.apply(vit, WindowAttention(Window3D(3)))
     with pytest.raises(ValueError, match="no attention layer named 'blocks.7'"):
         mmattn.apply(vit, WindowAttention(Window2D(3), layers="blocks.7"))
+
+
+def test_wan22_windows_both_stages_and_restores():
+    """Wan 2.2's low-noise transformer_2 gets the windows too (FreeSwim's dual path included): a window covering the
+    whole grid equals dense attention on both stages, a small one changes both, remove() is bit-identical."""
+    pipe = build_tiny("tiny/wan")
+    pipe.register_modules(transformer_2=build_tiny("tiny/wan", seed=1).transformer)  # Wan 2.2's low-noise stage
+    pipe.register_to_config(boundary_ratio=0.8)
+    call = pipeline_defaults("tiny/wan") | {"output_type": "pt", "num_inference_steps": 4, "guidance_scale": 4.0,
+                                            "guidance_scale_2": 3.0}
+
+    def frames():
+        return pipe("a red fox", generator=torch.Generator().manual_seed(0), **call).frames
+
+    baseline = frames()
+    with mmattn.apply(pipe, WindowAttention(Window3D((3, 4, 4)))):
+        cores = [layer.processor.core for t in (pipe.transformer, pipe.transformer_2) for layer in
+                 (block.attn1 for block in t.blocks)]
+        assert all(core is not None for core in cores)
+        torch.testing.assert_close(frames(), baseline, atol=1e-5, rtol=1e-4)
+    with mmattn.apply(pipe, mmattn.FreeSwim(training_grid=(1, 2, 2), dual_path=True, refresh_every=2)):
+        processor = pipe.transformer_2.blocks[0].attn1.processor
+        calls, core = [], processor.core
+        processor.core = lambda *a: calls.append(1) or core(*a)
+        assert not torch.allclose(frames(), baseline, atol=1e-4)
+        processor.core = core
+        assert calls  # the low-noise steps ran windowed
+    assert torch.equal(frames(), baseline)
+    assert all(type(block.attn1.processor).__name__ == "WanAttnProcessor"
+               for t in (pipe.transformer, pipe.transformer_2) for block in t.blocks)
