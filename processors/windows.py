@@ -22,8 +22,10 @@ from mmattn.heads import resolve_heads
 from mmattn.processors.diffusion import FamilyProcessor, check_mirrored, family_processor, heads_first
 from mmattn.windows import FreeSwim, Window2D, Window3D, WindowAttention, plan, windowed
 
-VIDEO_FAMILIES = ("wan",)
-WINDOW_FAMILIES = ("unet", "sd3", "flux", "wan", "pixart")  # token layouts the window engine knows
+VIDEO_FAMILIES = ("wan", "cogvideox", "ltx")
+# Token layouts the window engine knows. Not yet: Qwen-Image and HunyuanVideo (their self-attention always carries
+# a text padding mask), Sana (linear attention).
+WINDOW_FAMILIES = ("unet", "sd3", "flux", "wan", "pixart", "cogvideox", "ltx", "hunyuandit")
 
 
 class WindowCore:
@@ -77,16 +79,21 @@ def default_grid(pipe, family) -> tuple[int, int, int]:
     as far as the pipeline knows): the ``height``/``width``/``num_frames`` defaults of its ``__call__``, or its
     default sample size."""
     defaults = {k: p.default for k, p in inspect.signature(type(pipe).__call__).parameters.items()}
-    vae_factor = getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", 8)
-    sample = getattr(pipe, "default_sample_size", None) or getattr(family.denoiser(pipe).config, "sample_size", None)
-    height = defaults.get("height") if isinstance(defaults.get("height"), int) else sample * vae_factor
-    width = defaults.get("width") if isinstance(defaults.get("width"), int) else sample * vae_factor
-    patch = getattr(family.denoiser(pipe).config, "patch_size", None) or (2 if family.name == "flux" else 1)
+    vae_factor = (getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", None)
+                  or getattr(pipe, "vae_spatial_compression_ratio", None) or 8)  # LTX: the last
+    config = family.denoiser(pipe).config
+    sample = getattr(pipe, "default_sample_size", None) or getattr(config, "sample_size", None)
+    rows = getattr(config, "sample_height", None) or sample  # CogVideoX: sample_height, sample_width
+    cols = getattr(config, "sample_width", None) or sample
+    height = defaults.get("height") if isinstance(defaults.get("height"), int) else rows * vae_factor
+    width = defaults.get("width") if isinstance(defaults.get("width"), int) else cols * vae_factor
+    patch = getattr(config, "patch_size", None) or (2 if family.name == "flux" else 1)
     spatial = patch[-1] if isinstance(patch, (tuple, list)) else patch
     frames = 1
     if family.name in VIDEO_FAMILIES:
         count = defaults.get("num_frames") if isinstance(defaults.get("num_frames"), int) else 1
-        frames = (count - 1) // getattr(pipe, "vae_scale_factor_temporal", 4) + 1
+        temporal = getattr(pipe, "vae_scale_factor_temporal", None) or getattr(pipe, "vae_temporal_compression_ratio", 4)
+        frames = (count - 1) // temporal + 1
     return frames, height // (vae_factor * spatial), width // (vae_factor * spatial)
 
 

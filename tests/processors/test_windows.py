@@ -144,6 +144,9 @@ WHOLE_GRID = {  # family: (model, window covering each selected layer's whole gr
     "flux": ("tiny/flux", Window2D(8), "*"),
     "pixart": ("tiny/pixart", Window2D(8), "*"),
     "wan": ("tiny/wan", Window3D((3, 4, 4)), "*"),
+    "cogvideox": ("tiny/cogvideox", Window3D((3, 8, 8)), "*"),
+    "ltx": ("tiny/ltx", Window3D((3, 8, 8)), "*"),
+    "hunyuandit": ("tiny/hunyuandit", Window2D(4), "*"),
 }
 
 
@@ -172,6 +175,9 @@ def test_whole_grid_window_equals_dense_and_remove_restores(family):
     ("tiny/sd3", Window2D(5), dict(height=64, width=64)),
     ("tiny/flux", Window2D(5), dict(height=64, width=64)),
     ("tiny/wan", Window3D((3, 5, 5)), dict(height=64, width=64, num_frames=17)),
+    ("tiny/cogvideox", Window3D((3, 5, 5)), dict(height=64, width=64, num_frames=9)),
+    ("tiny/ltx", Window3D((3, 5, 5)), dict(height=64, width=64, num_frames=17)),
+    ("tiny/hunyuandit", Window2D(5), dict(height=128, width=128)),
 ])
 def test_twice_the_resolution_windowed(name, window, call):
     pipe = build_tiny(name)
