@@ -37,6 +37,16 @@ def heads_first(x: torch.Tensor, heads_axis: int) -> torch.Tensor:
     return x if heads_axis == 1 else x.transpose(1, 2)
 
 
+def _heads_normed(attn, query, key, value, batch: int, head_dim: int):
+    """(B, H, N, D) query, key and value from the projections, then the module's ``norm_q`` / ``norm_k``."""
+    query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value
+
+
 def text_qkv(attn, context: torch.Tensor, split) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The text stream's query, key and value in joint attention: ``add_{q,k,v}_proj``, split into heads by
     ``split``, then ``norm_added_q`` / ``norm_added_k`` where the module has them."""
@@ -131,11 +141,7 @@ class AttnProcessor(FamilyProcessor):
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
         head_dim = key.shape[-1] // attn.heads
-        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = _heads_normed(attn, query, key, value, batch, head_dim)
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb)
             if not attn.is_cross_attention:
@@ -288,11 +294,7 @@ class CogVideoXAttnProcessor(FamilyProcessor):
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         head_dim = key.shape[-1] // attn.heads
-        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = _heads_normed(attn, query, key, value, batch, head_dim)
         if image_rotary_emb is not None:
             query[:, :, n_text:] = apply_rotary_emb(query[:, :, n_text:], image_rotary_emb)
             if not attn.is_cross_attention:
