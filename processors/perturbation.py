@@ -130,12 +130,12 @@ def _blend_scope(out, query, key, value, op: HeadOp, n_image: int, heads_axis: i
     scale = q.shape[-1] ** -0.5
     q_x = q[:, :, queries]
     scores = q_x @ k[:, :, seen].transpose(-1, -2) * scale
-    m = scores.amax(-1, keepdim=True)
+    if q_x.shape[2] == 0 or (scores.shape[-1] == 0 and not own):
+        return  # no query of the scope, or no key left to attend to: the rows stay as they are
+    m = scores.amax(-1, keepdim=True) if scores.shape[-1] else None
     if own:
         s_self = (q_x * k[:, :, queries]).sum(-1, keepdim=True) * scale
-        m = torch.maximum(m, s_self) if scores.shape[-1] else s_self
-    if not m.numel() or (scores.shape[-1] == 0 and not own):
-        return  # no key left to attend to: the rows stay as they are
+        m = s_self if m is None else torch.maximum(m, s_self)
     weights = torch.exp(scores - m)
     numerator, denominator = weights @ v[:, :, seen], weights.sum(-1, keepdim=True)
     if own:

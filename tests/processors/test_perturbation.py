@@ -533,3 +533,20 @@ def test_scopes_need_joint_attention():
     for scope in ("II_mask", "image"):
         with pytest.raises(ValueError, match=f"scope='{scope}' perturbs one block of the map; target='uniform' applies"):
             SoftPAG(heads="x", scope=scope, target="uniform")
+
+
+def test_scope_without_the_keys_it_needs_leaves_the_rows_unchanged():
+    """A call without text tokens: II_mask (image queries see text keys only) has no key left and leaves the rows as
+    they are; II_identity falls back to each query's own value."""
+    from mmattn.processors.perturbation import _blend_scope
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v, out = (torch.randn(2, 3, 6, 8, generator=g) for _ in range(4))
+    for scope, want in (("II_mask", out.clone()), ("II_identity", None)):
+        op = HeadOp(Branch(1.0, 0.0, 1.0, rows=slice(1, 2)), torch.tensor([0, 2]), "blend", 1.0, scope=scope)
+        got = out.clone()
+        _blend_scope(got, q, k, v, op, n_image=6, heads_axis=1, text_first=False)
+        if want is None:
+            want = out.clone()
+            want[1:2, [0, 2]] = v[1:2, [0, 2]]
+        torch.testing.assert_close(got, want)
