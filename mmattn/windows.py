@@ -380,26 +380,39 @@ class WindowAttention(_Method):
 
 @dataclass(frozen=True)
 class FreeSwim(_Method):
-    """FreeSwim (github WillWu111/FreeSwim): window attention sized to the model's training-scale token grid, for
-    generating above the training resolution.
+    """FreeSwim (arXiv 2511.14712; official code github WillWu111/FreeSwim, read for these rules): window attention
+    sized to the model's training-scale token grid, for generating above the training resolution.
 
-    Each selected self-attention layer sees a window of the training grid's extent per axis (NATTEN's inward
-    window: a query near a border still sees a training-sized neighbourhood), ``training_grid`` (frames, rows,
-    cols) defaulting to the pipeline's default resolution; at or below it the window covers everything (dense).
-    ``entropy_scaling`` (on by default): logits scaled by sqrt(log N / log T). ``dual_path``: a full-attention
-    branch runs every ``refresh_every`` steps and its cross-attention outputs replace the window branch's until
-    the next refresh (families with a cross-attention module: Wan, PixArt). ``layers``, ``steps``, ``text`` as in
-    :class:`WindowAttention`.
+    As the official code: each selected self-attention layer sees, per spatial axis, a window of 2 * (t // 2) + 1
+    tokens centred on the query for a training extent t (NATTEN's inward window at borders), all frames of a video
+    (no temporal limit); ``training_grid`` (frames, rows, cols) defaults to the pipeline's default resolution, and
+    an axis at or below the window is covered whole. ``entropy_scaling`` (on by default) multiplies the logits of
+    every self-attention, window and full branch, by ``entropy_rule``'s factor: "official", sqrt(log 2T / log T)
+    with T one training frame's tokens (the official code's constant, whatever the resolution), or "tokens",
+    sqrt(log N / log T) with N the call's image tokens and T all the training grid's (Jin et al., arXiv 2306.08645;
+    1 at the training size). ``dual_path``: a full-attention branch runs every ``refresh_every`` steps and its
+    cross-attention outputs replace the window branch's in every selected block until the next refresh; "auto"
+    (the official method) turns it on where the blocks have cross-attention (Wan, PixArt). ``uncond``: "window",
+    the official cached variant (the CFG uncond pass is windowed only, never overridden), or "full" (its no-cache
+    variant: the uncond pass gets the full branch's cross-attention too). ``layers``, ``steps``, ``text`` as in
+    :class:`WindowAttention`. Not here: the official script's coarse-to-fine stage (generate at the base size,
+    upsample, video-to-video at strength 0.7), which is pipeline work, not attention; the official cache holds
+    cross-attention before ``to_out`` (before Wan I2V's image term), ours its module output (the same for T2V).
     """
 
     layers: str = _setting("*", "attention layers by block name ('*': all)")
     steps: tuple[float, float] = _setting((0.0, 1.0), "fractions [start, stop) of the denoising steps windowed")
     text: str = _setting("global", "text tokens: global or separate", ("global", "separate"))
-    entropy_scaling: bool = _setting(True, "scale logits by sqrt(log N / log T)")
-    training_tokens: int | None = _setting(None, "T of entropy scaling (default: the training grid's tokens)")
+    entropy_scaling: bool = _setting(True, "scale self-attention logits (entropy_rule)")
+    entropy_rule: str = _setting("official", "official: sqrt(log 2T / log T); tokens: sqrt(log N / log T)",
+                                 ("official", "tokens"))
+    training_tokens: int | None = _setting(None, "T of entropy scaling (default: from the training grid)")
     training_grid: tuple[int, int, int] | None = _setting(None, "(frames, rows, cols) of the training-scale tokens")
-    dual_path: bool = _setting(False, "full-attention branch for cross-attention outputs (Wan, PixArt)")
-    refresh_every: int = _setting(5, "steps between recomputations of the full-attention branch, >= 1")
+    dual_path: str = _setting("auto", "full-attention branch for cross-attention outputs: auto (where blocks have "
+                              "cross-attention), on or off", ("auto", "on", "off"))
+    refresh_every: int = _setting(2, "steps between recomputations of the full-attention branch, >= 1")
+    uncond: str = _setting("window", "CFG uncond pass: window only (official cache) or full-branch cross-attention",
+                           ("window", "full"))
 
     name = "freeswim"
 
@@ -410,10 +423,19 @@ class FreeSwim(_Method):
             if len(grid) != 3 or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid):
                 raise ValueError(f"training_grid={self.training_grid!r}: expected (frames, rows, cols), positive ints")
             object.__setattr__(self, "training_grid", grid)
-        if not isinstance(self.dual_path, bool):
-            raise ConfigTypeError(f"dual_path={self.dual_path!r}: expected a bool")
+        for name, choices in (("entropy_rule", ("official", "tokens")), ("dual_path", ("auto", "on", "off")),
+                              ("uncond", ("window", "full"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {', '.join(map(repr, choices))}")
         if isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int) or self.refresh_every < 1:
             raise ValueError(f"refresh_every={self.refresh_every!r}: expected an integer >= 1")
+
+    def window_of(self, trained: tuple[int, ...], grid: tuple[int, ...], video: bool) -> Window2D | Window3D:
+        """The window of a call's ``grid`` for the training extents ``trained`` (same axes): 2 * (t // 2) + 1 per
+        spatial axis, every frame."""
+        kernel = tuple(g if video and axis == 0 else min(2 * (t // 2) + 1, g)
+                       for axis, (t, g) in enumerate(zip(trained, grid)))
+        return (Window3D if video else Window2D)(kernel)
 
     def to_dict(self) -> dict:
         data = super().to_dict()

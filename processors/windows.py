@@ -14,13 +14,14 @@ import inspect
 import math
 
 import torch
+import torch.nn.functional as F
 
 from mmattn.adapters import diffusion_family
 from mmattn.api import installing, register_installer
 from mmattn.guidance import GuidedDenoiser, step_index
 from mmattn.heads import resolve_heads
 from mmattn.processors.diffusion import FamilyProcessor, check_mirrored, family_processor, heads_first
-from mmattn.windows import FreeSwim, Window2D, Window3D, WindowAttention, plan, windowed
+from mmattn.windows import FreeSwim, WindowAttention, plan, windowed
 
 VIDEO_FAMILIES = ("wan", "cogvideox", "ltx")
 # Token layouts the window engine knows. Not yet: Qwen-Image and HunyuanVideo (their self-attention always carries
@@ -28,14 +29,20 @@ VIDEO_FAMILIES = ("wan", "cogvideox", "ltx")
 WINDOW_FAMILIES = ("unet", "sd3", "flux", "wan", "pixart", "cogvideox", "ltx", "hunyuandit")
 
 
+def full_attention(q, k, v, scale: float) -> torch.Tensor:
+    """FreeSwim's full branch with scaled logits, (B, H, N, D)."""
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
 class WindowCore:
     """``core(query, key, value, attention_mask)`` of one layer's processor, windowed by ``config``
-    (WindowAttention or FreeSwim); ``window_for(grid)`` gives the window of a call's grid."""
+    (WindowAttention or FreeSwim); ``window_for(grid)`` gives the window of a call's grid, ``scaling(n_image)``
+    the logits' factor (None: unscaled)."""
 
     def __init__(self, processor: FamilyProcessor, config, window_for, text_first: bool, video: bool,
-                 training_tokens: int | None, dual: _DualPath | None = None):
+                 scaling, dual: _DualPath | None = None):
         self.processor, self.config, self.window_for = processor, config, window_for
-        self.text_first, self.video, self.training_tokens, self.dual = text_first, video, training_tokens, dual
+        self.text_first, self.video, self.scaling, self.dual = text_first, video, scaling, dual
 
     def __call__(self, query, key, value, attention_mask):
         info = self.processor.info
@@ -43,8 +50,7 @@ class WindowCore:
         start, stop = self.config.steps
         axis = self.processor.heads_axis
         sequence = 2 if axis == 1 else 1
-        dense = self.dual is not None and self.dual.recording
-        if dense or not start <= index / total < stop or key.shape[sequence] != query.shape[sequence]:
+        if not start <= index / total < stop or key.shape[sequence] != query.shape[sequence]:
             return self.processor.original_core(query, key, value, attention_mask)
         if attention_mask is not None:
             raise ValueError("window attention does not combine with an attention mask on self-attention; "
@@ -52,13 +58,17 @@ class WindowCore:
         q, k, v = (heads_first(t, axis) for t in (query, key, value))
         n = q.shape[2]
         grid, n_image = self._grid(n)
-        n_text = n - n_image
-        before, after = (n_text, 0) if self.text_first else (0, n_text)
-        window_plan = plan(self.window_for(grid), grid, before, after, text=self.config.text, device=q.device)
-        scale = None
-        if self.config.entropy_scaling:
-            scale = math.sqrt(math.log(n_image) / math.log(self.training_tokens)) / math.sqrt(q.shape[-1])
-        out = windowed(q, k, v, window_plan, scale).to(query.dtype)
+        factor = self.scaling(n_image)
+        scale = None if factor is None else factor / math.sqrt(q.shape[-1])
+        if self.dual is not None and self.dual.recording:  # FreeSwim's full branch: dense, scaled as the window
+            if scale is None:
+                return self.processor.original_core(query, key, value, attention_mask)
+            out = full_attention(q, k, v, scale)
+        else:
+            n_text = n - n_image
+            before, after = (n_text, 0) if self.text_first else (0, n_text)
+            window_plan = plan(self.window_for(grid), grid, before, after, text=self.config.text, device=q.device)
+            out = windowed(q, k, v, window_plan, scale).to(query.dtype)
         return out if axis == 1 else out.transpose(1, 2)
 
     def _grid(self, n: int) -> tuple[tuple[int, ...], int]:
@@ -99,20 +109,35 @@ def default_grid(pipe, family) -> tuple[int, int, int]:
 
 class _DualPath:
     """FreeSwim's full-attention branch: on refresh steps the denoiser first runs once with dense attention (the
-    original forward: no guidance rows) and each cross-attention module's output is kept, per call of the step
-    (Wan calls cond and uncond separately); the windowed forwards until the next refresh use the kept outputs
-    (rows a guidance method appended, copies of the cond rows, get the cond rows' outputs)."""
+    original forward: no guidance rows) and each cross-attention module's output is kept; the windowed forwards
+    until the next refresh use the kept outputs (rows a guidance method appended, copies of the cond rows, get the
+    cond rows' outputs). With ``uncond="window"`` (the official cached variant) the CFG uncond pass keeps its own
+    windowed cross-attention: Wan's separate uncond call runs no full branch, a batched [uncond, cond] call has
+    only its cond rows replaced; with "full" every call and row is replaced (kept per call of the step)."""
 
-    def __init__(self, pipe, guided: GuidedDenoiser, refresh_every: int):
-        self.pipe, self.guided, self.refresh_every = pipe, guided, refresh_every
+    def __init__(self, pipe, guided: GuidedDenoiser, refresh_every: int, uncond: str):
+        self.pipe, self.guided, self.refresh_every, self.uncond = pipe, guided, refresh_every, uncond
         self.recording, self.kept, self.step, self.call = False, {}, None, 0
+        self.keep_rows = slice(None)  # the rows of this call the kept outputs replace
 
     def before_forward(self, module, args, kwargs):
         inputs = self.guided._signature.bind(*args, **kwargs).arguments
         step = step_index(self.pipe.scheduler, inputs.get("timestep", 0))
         self.call = self.call + 1 if step == self.step else 0
         self.step = step
+        n = inputs[self.guided.family.batched_inputs[0]].shape[0]
+        cfg, _ = self.guided._cfg(n)
+        self.keep_rows = slice(None)
+        if cfg and self.uncond == "window":
+            if self.guided.family.cfg_calls == "separate":
+                if self.call % 2 == 1:
+                    self.keep_rows = None  # the uncond call: windowed only
+                    return None
+            else:
+                self.keep_rows = slice(n // 2, None)  # [uncond, cond]: the cond rows (and appended copies)
         if step[0] % self.refresh_every == 0 or not any(key[0] == self.call for key in self.kept):
+            self.guided._describe_call(inputs)  # the cores of the dense pass read the call's grid and step
+            self.guided.info.step = step
             self.recording = True
             try:
                 self.guided._forward(*args, **kwargs)  # dense: the cores see ``recording``
@@ -125,20 +150,25 @@ class _DualPath:
         if self.recording:
             self.kept[key] = output
             return None
-        kept = self.kept.get(key)
+        kept = self.kept.get(key) if self.keep_rows is not None else None
         if kept is None:
             return output
         extra = output.shape[0] - kept.shape[0]
         if extra > 0:  # guidance rows appended after the n rows: copies of the last b (cond) rows per branch
             b = next((br.rows.stop - br.rows.start for br in self.guided.info.branches if br.rows is not None), extra)
             kept = torch.cat([kept] + [kept[kept.shape[0] - b:]] * (extra // b))
-        return kept
+        if self.keep_rows == slice(None):
+            return kept
+        mixed = output.clone()
+        mixed[self.keep_rows] = kept[self.keep_rows]
+        return mixed
 
 
-def _install_windows(pipe, config, make_window, dual: bool = False):
+def _install_windows(pipe, config, make_window, dual: str = "off"):
     """Validate everything first (family, window rank, layers, processors), then set a window core on each
     selected layer's processor; each change's undo is registered as it is made. ``make_window(family, pipe)``
-    returns ``window_for(grid)``."""
+    returns ``window_for(grid)``; ``dual``: FreeSwim's dual path "on", "off" or "auto" (where the blocks have
+    cross-attention)."""
     family = diffusion_family(pipe)
     if family.linear_attention:
         raise ValueError(f"{family.name}'s self-attention is linear (a ReLU kernel, no softmax): window attention "
@@ -158,13 +188,14 @@ def _install_windows(pipe, config, make_window, dual: bool = False):
                 raise ValueError(f"{name} already has a window method applied; remove() it first")
         blocks = family.blocks(denoiser)
         cross = {name: getattr(blocks[name], "attn2", None) for name in names}
-        if dual and not all(isinstance(c, torch.nn.Module) for c in cross.values()):
+        has_cross = all(isinstance(c, torch.nn.Module) for c in cross.values())
+        if dual == "on" and not has_cross:
             raise ValueError(f"FreeSwim's dual path needs a cross-attention module (attn2) in every selected block; "
-                             f"{family.name} has none: use dual_path=False")
+                             f"{family.name} has none: use dual_path='off'")
+        dual = "on" if dual == "on" or (dual == "auto" and has_cross) else "off"
         stages.append((denoiser, cfg_scale, attention, cross))
     window_for = make_window(family, pipe)
-    trained = getattr(config, "training_grid", None) or default_grid(pipe, family)
-    training = config.training_tokens or (math.prod(trained) if config.entropy_scaling else None)
+    scaling = _scaling(config, getattr(config, "training_grid", None) or default_grid(pipe, family))
     with installing() as changes:
         for denoiser, cfg_scale, attention, cross in stages:
             guided = GuidedDenoiser.attach(pipe, family, denoiser, cfg_scale)
@@ -172,16 +203,30 @@ def _install_windows(pipe, config, make_window, dual: bool = False):
             guided.holders += 1
             changes.add(lambda g=guided: setattr(g, "holders", g.holders - 1))
             path = None
-            if dual:
-                path = _DualPath(pipe, guided, config.refresh_every)
+            if dual == "on":
+                path = _DualPath(pipe, guided, config.refresh_every, config.uncond)
                 changes.add(denoiser.register_forward_pre_hook(path.before_forward, with_kwargs=True).remove)
                 for module in cross.values():
                     changes.add(module.register_forward_hook(path.cross_attention_hook, with_kwargs=True).remove)
             for name in cross:
                 processor = family_processor(attention[name], family, guided.info, changes)
-                processor.core = WindowCore(processor, config, window_for, family.text_first, video, training, path)
+                processor.core = WindowCore(processor, config, window_for, family.text_first, video, scaling, path)
                 changes.add(lambda p=processor: setattr(p, "core", None))
     return changes.undo
+
+
+def _scaling(config, trained: tuple[int, int, int]):
+    """The logits' factor as a function of the call's image-token count N (None: unscaled). Jin et al.'s
+    sqrt(log N / log T) with T the training grid's tokens (or ``training_tokens``), or FreeSwim's official constant
+    sqrt(log 2T / log T) with T one training frame's tokens."""
+    if not config.entropy_scaling:
+        return lambda n: None
+    if getattr(config, "entropy_rule", "tokens") == "official":
+        t = config.training_tokens or trained[1] * trained[2]
+        factor = math.sqrt(math.log(2 * t) / math.log(t))
+        return lambda n: factor
+    t = config.training_tokens or math.prod(trained)
+    return lambda n: math.sqrt(math.log(n) / math.log(t))
 
 
 def _is_timm_vit(model) -> bool:
@@ -270,7 +315,6 @@ def install_freeswim(pipe, config: FreeSwim):
                              "WindowAttention with a Window2D instead")
         frames, rows, cols = config.training_grid or default_grid(pipe, family)
         trained = (frames, rows, cols) if video else (rows, cols)
-        spec = Window3D if video else Window2D
-        return lambda grid: spec(tuple(min(t, g) for t, g in zip(trained, grid)))
+        return lambda grid: config.window_of(trained, grid, video)
 
     return _install_windows(pipe, config, make_window, dual=config.dual_path)

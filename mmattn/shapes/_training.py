@@ -14,11 +14,14 @@ from tqdm.auto import tqdm
 
 def fit(model: torch.nn.Module, loss_of_step: Callable[[], torch.Tensor], steps: int, lr: float,
         minutes: float | None = None, log_every: int = 100, clip: float | None = None,
-        desc: str = "training", betas: tuple[float, float] = (0.9, 0.999)) -> dict:
+        desc: str = "training", betas: tuple[float, float] = (0.9, 0.999), ema: float | None = None) -> dict:
     """AdamW (weight decay 0.01) over ``model``'s trainable parameters, linear warmup over the first 5 % of
     ``steps`` then cosine decay; ``loss_of_step()`` draws a batch and returns its loss. Stops after ``steps`` or
-    ``minutes``. Returns {"steps", "minutes", "history"} (the loss every ``log_every`` steps)."""
+    ``minutes``. With ``ema`` (a decay such as 0.999) the parameters end as their exponential moving average
+    (decay ``min(ema, (1 + step) / (10 + step))``, the usual warmup). Returns {"steps", "minutes", "history"}
+    (the loss every ``log_every`` steps)."""
     parameters = [p for p in model.parameters() if p.requires_grad]
+    average = [p.detach().clone() for p in parameters] if ema is not None else None
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01, betas=betas)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -34,6 +37,11 @@ def fit(model: torch.nn.Module, loss_of_step: Callable[[], torch.Tensor], steps:
                 torch.nn.utils.clip_grad_norm_(parameters, clip)
             optimizer.step()
             schedule.step()
+            if average is not None:
+                weight = 1 - min(ema, (1 + step) / (10 + step))
+                with torch.no_grad():
+                    for mean, p in zip(average, parameters):
+                        mean.lerp_(p, weight)
             done = step + 1
             bar.update()
             if done % log_every == 0:
@@ -42,6 +50,10 @@ def fit(model: torch.nn.Module, loss_of_step: Callable[[], torch.Tensor], steps:
                 bar.set_postfix(loss=history[-1]["loss"])
             if minutes is not None and time.perf_counter() - started > minutes * 60:
                 break
+    if average is not None:
+        with torch.no_grad():
+            for p, mean in zip(parameters, average):
+                p.copy_(mean)
     model.eval()
     return {"steps": done, "minutes": round((time.perf_counter() - started) / 60, 1), "history": history}
 

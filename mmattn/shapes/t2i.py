@@ -190,21 +190,24 @@ def flow_matching_loss(pipe, latents: torch.Tensor, captions: list[str], generat
 def train(steps: int = 20000, batch_size: int = 32, lr: float = 1e-3, seed: int = 0, minutes: float | None = None,
           log_every: int = 100, out: Path | None = None, eval_images: int = 200, command: str | None = None,
           vae_steps: int = 3000, vae_minutes: float | None = 6.0, dataset: int = 20000,
-          init: Path | None = None) -> dict:
-    """Train shapes-t2i from ``seed``: the VAE (``vae_steps``/``vae_minutes``; skipped when ``init`` is given,
-    whose VAE is kept), then the transformer and text encoders on ``dataset`` cached train-split latents
-    (``steps``/``minutes``). Writes the weights and a model card to ``out`` when given. Returns the card."""
+          init: Path | None = None, vae_init: Path | None = None, ema: float | None = 0.999) -> dict:
+    """Train shapes-t2i from ``seed``: the VAE (``vae_steps``/``vae_minutes``; skipped when ``init`` or
+    ``vae_init`` is given, whose VAE is kept), then the transformer and text encoders on ``dataset`` cached
+    train-split latents (``steps``/``minutes``; the weights kept are their ``ema`` average). Writes the weights and
+    a model card to ``out`` when given. Returns the card."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     pipe = build(seed)
     card_extra, previous = {}, []
-    if init is not None:
+    if init is not None or vae_init is not None:
         from safetensors.torch import load_file
 
-        _load_into(pipe, load_file(init))
-        previous = [json.loads(Path(init).with_suffix(".json").read_text())]
-        vae_run = previous[0]["vae_training"]
-        previous[0].pop("history", None)
+        source = Path(init if init is not None else vae_init)
+        _load_into(pipe, load_file(source), only=None if init is not None else ("vae",))
+        vae_run = json.loads(source.with_suffix(".json").read_text())["vae_training"]
+        if init is not None:
+            previous = [json.loads(source.with_suffix(".json").read_text())]
+            previous[0].pop("history", None)
     else:
         vae_run = train_vae(pipe, vae_steps, 16, 2e-3, rng, vae_minutes)
     pipe.vae.requires_grad_(False).eval()
@@ -222,13 +225,13 @@ def train(steps: int = 20000, batch_size: int = 32, lr: float = 1e-3, seed: int 
         text = ["" if rng.random() < EMPTY_CAPTIONS else captions[i] for i in index]
         return flow_matching_loss(pipe, latents[index], text, generator)
 
-    run = fit(denoiser, loss_of_step, steps, lr, minutes, log_every, clip=1.0, desc="shapes-t2i denoiser")
+    run = fit(denoiser, loss_of_step, steps, lr, minutes, log_every, clip=1.0, desc="shapes-t2i denoiser", ema=ema)
     card = {"model": "mmattn/shapes-t2i", "command": command,
             "architecture": "StableDiffusion3Pipeline (SD3 transformer, AutoencoderKL x4, two CLIP text encoders)",
             "data": f"shapes-world train split with 1-{MAX_THINGS} objects, {IMAGE_SIZE} x {IMAGE_SIZE} renders, "
                     f"{dataset} cached latents, {EMPTY_CAPTIONS:.0%} empty captions",
             "image_tokens": (IMAGE_SIZE // 2 ** (len(VAE["block_out_channels"]) - 1) // 2) ** 2,
-            "seed": seed, "steps": run["steps"], "batch_size": batch_size, "lr": lr, "train_minutes": run["minutes"],
+            "seed": seed, "steps": run["steps"], "batch_size": batch_size, "lr": lr, "ema": ema, "train_minutes": run["minutes"],
             "threads": torch.get_num_threads(), "vae_scale": scale, "vae_shift": shift,
             "vae_training": {k: v for k, v in vae_run.items() if k != "history"},
             "parameters": sum(p.numel() for m in _modules(pipe).values() for p in m.parameters()),

@@ -322,12 +322,16 @@ TRAINING_GRIDS = {"tiny/sd3": (1, 8, 8), "tiny/flux": (1, 8, 8), "tiny/wan": (3,
 def test_freeswim_at_the_training_size_is_dense(name):
     pipe = build_tiny(name)
     baseline = _run(pipe, name)
-    with mmattn.apply(pipe, mmattn.FreeSwim(training_grid=TRAINING_GRIDS[name])):
+    unscaled = dict(training_grid=TRAINING_GRIDS[name], entropy_scaling=False)
+    with mmattn.apply(pipe, mmattn.FreeSwim(**unscaled, dual_path="off")):
         same = _run(pipe, name)
     torch.testing.assert_close(same, baseline, atol=2e-5, rtol=1e-4)
+    with mmattn.apply(pipe, mmattn.FreeSwim(training_grid=TRAINING_GRIDS[name], entropy_rule="tokens", dual_path="off")):
+        torch.testing.assert_close(_run(pipe, name), baseline, atol=2e-5, rtol=1e-4)  # factor 1 at N = T
     if name in ("tiny/wan", "tiny/pixart"):  # the dual path refreshed every step: the same cross-attention
-        with mmattn.apply(pipe, mmattn.FreeSwim(training_grid=TRAINING_GRIDS[name], dual_path=True, refresh_every=1)):
-            torch.testing.assert_close(_run(pipe, name), baseline, atol=2e-5, rtol=1e-4)
+        for uncond in ("window", "full"):
+            with mmattn.apply(pipe, mmattn.FreeSwim(**unscaled, dual_path="on", refresh_every=1, uncond=uncond)):
+                torch.testing.assert_close(_run(pipe, name), baseline, atol=2e-5, rtol=1e-4)
     assert torch.equal(_run(pipe, name), baseline)
 
 
@@ -341,31 +345,80 @@ def test_freeswim_at_twice_the_size(name, call):
     assert torch.isfinite(out).all() and not torch.allclose(out, dense, atol=1e-4)
 
 
+def test_freeswim_window_is_the_official_one():
+    """2 * (t // 2) + 1 per spatial axis, centred; every frame; an axis at or below it covered whole."""
+    config = mmattn.FreeSwim()
+    assert config.window_of((21, 30, 52), (41, 60, 104), video=True) == Window3D((41, 31, 53))
+    assert config.window_of((8, 9), (16, 16), video=False) == Window2D((9, 9))
+    assert config.window_of((8, 8), (6, 12), video=False) == Window2D((6, 9))
+    assert (config.dual_path, config.refresh_every, config.uncond, config.entropy_rule) == ("auto", 2, "window",
+                                                                                             "official")
+
+
+def test_freeswim_official_scaling_on_window_and_full_branch(monkeypatch):
+    """Every self-attention's logits, windowed and the full branch's, scaled by sqrt(log 2T / log T) / sqrt(d),
+    T one training frame's tokens, whatever the call's size; "tokens": sqrt(log N / log T) with all training tokens."""
+    from mmattn.processors import windows as window_processors
+
+    seen = []
+    windowed, full = window_processors.windowed, window_processors.full_attention
+    monkeypatch.setattr(window_processors, "windowed", lambda *a: seen.append(("window", a[4])) or windowed(*a))
+    monkeypatch.setattr(window_processors, "full_attention", lambda *a: seen.append(("full", a[3])) or full(*a))
+    pipe = build_tiny("tiny/wan")
+    d = pipe.transformer.config.attention_head_dim
+    call = dict(height=64, width=64, num_frames=17, num_inference_steps=2)
+    with mmattn.apply(pipe, mmattn.FreeSwim(training_grid=(3, 4, 4))):
+        _run(pipe, "tiny/wan", **call)
+    official = math.sqrt(math.log(32) / math.log(16)) / math.sqrt(d)
+    assert {kind for kind, _ in seen} == {"window", "full"}
+    assert all(scale == pytest.approx(official) for _, scale in seen)
+    seen.clear()
+    with mmattn.apply(pipe, mmattn.FreeSwim(training_grid=(3, 4, 4), entropy_rule="tokens", dual_path="off")):
+        _run(pipe, "tiny/wan", **call)
+    tokens = 9 * 8 * 8  # 17 frames -> 9 latent frames (the tiny VAE halves time) of 8 x 8 tokens
+    assert seen and all(s == pytest.approx(math.sqrt(math.log(tokens) / math.log(48)) / math.sqrt(d)) for _, s in seen)
+
+
 def test_freeswim_dual_path_refreshes_every_k_steps():
+    """The dense branch runs inside the hooked call, at steps 0, k, 2k, ...; in the official cached variant only for
+    the cond call (Wan's uncond call stays windowed), in the no-cache variant for both."""
     pipe = build_tiny("tiny/wan")
     calls = []
     denoiser = pipe.transformer
     counter = denoiser.register_forward_pre_hook(lambda module, args: calls.append(1))
     call = dict(height=64, width=64, num_frames=17, num_inference_steps=4)
-    with mmattn.apply(pipe, mmattn.FreeSwim(training_grid=(3, 4, 4))):
+    with mmattn.apply(pipe, mmattn.FreeSwim(training_grid=(3, 4, 4), dual_path="off")):
         plain = _run(pipe, "tiny/wan", **call)
     windowed_calls = len(calls)
-    calls.clear()
-    with mmattn.apply(pipe, mmattn.FreeSwim(training_grid=(3, 4, 4), dual_path=True, refresh_every=2)):
-        dual = _run(pipe, "tiny/wan", **call)
     counter.remove()
-    assert len(calls) == windowed_calls  # the dense branch runs inside the hooked call, not as another call
-    assert not torch.allclose(dual, plain, atol=1e-4)
+    results = {}
+    for uncond in ("window", "full"):
+        calls.clear()
+        config = mmattn.FreeSwim(training_grid=(3, 4, 4), refresh_every=2, uncond=uncond)
+        with mmattn.apply(pipe, config):
+            block = pipe.transformer.blocks[0]
+            recorded = block.attn1.processor.core.dual
+            original = recorded.guided._forward
+            recorded.guided._forward = lambda *a, **k: (recorded.recording and calls.append("dense")) or original(*a, **k)
+            counter = denoiser.register_forward_pre_hook(lambda module, args: calls.append(1))
+            results[uncond] = _run(pipe, "tiny/wan", **call)
+            counter.remove()
+        assert calls.count(1) == windowed_calls  # no extra denoiser call
+        assert calls.count("dense") == (2 if uncond == "window" else 4)  # steps 0 and 2; cond (and uncond)
+        assert not torch.allclose(results[uncond], plain, atol=1e-4)
+    assert not torch.allclose(results["window"], results["full"], atol=1e-5)
 
 
 def test_freeswim_refusals():
     with pytest.raises(ValueError, match="a UNet's blocks see several"):
         mmattn.apply(build_tiny("tiny/sd"), mmattn.FreeSwim())
     with pytest.raises(ValueError, match="dual path needs a cross-attention module"):
-        mmattn.apply(build_tiny("tiny/sd3"), mmattn.FreeSwim(dual_path=True))
+        mmattn.apply(build_tiny("tiny/sd3"), mmattn.FreeSwim(dual_path="on"))
+    with pytest.raises(ValueError, match="uncond='both'"):
+        mmattn.FreeSwim(uncond="both")
     with pytest.raises(ValueError, match="refresh_every=0"):
         mmattn.FreeSwim(refresh_every=0)
-    config = mmattn.FreeSwim(training_grid=(3, 4, 4), dual_path=True, steps=(0.1, 0.9))
+    config = mmattn.FreeSwim(training_grid=(3, 4, 4), dual_path="on", steps=(0.1, 0.9))
     assert methods.from_dict(config.to_dict()) == config
 
 
@@ -418,7 +471,7 @@ def test_wan22_windows_both_stages_and_restores():
                  (block.attn1 for block in t.blocks)]
         assert all(core is not None for core in cores)
         torch.testing.assert_close(frames(), baseline, atol=1e-5, rtol=1e-4)
-    with mmattn.apply(pipe, mmattn.FreeSwim(training_grid=(1, 2, 2), dual_path=True, refresh_every=2)):
+    with mmattn.apply(pipe, mmattn.FreeSwim(training_grid=(1, 2, 2), dual_path="on", refresh_every=2)):
         processor = pipe.transformer_2.blocks[0].attn1.processor
         calls, core = [], processor.core
         processor.core = lambda *a: calls.append(1) or core(*a)
