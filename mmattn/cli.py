@@ -523,7 +523,7 @@ def _generate(args) -> int:
             with apply(gen.pipe, method):  # the heads checked against the model before anything is generated
                 pass
             _warn_if_unguided(args.prog, method, gen.call["num_inference_steps"])
-    if args.overwrite:
+    if args.overwrite and out.is_dir():  # a folder that does not exist yet has nothing to clear (make run's first run)
         known = set(methods.list_methods("diffusion")) | {"baseline", "none"}
         folders = tuple(p.name for p in out.iterdir() if p.is_dir() and set(p.name.split("+")) <= known)
         _clear_outputs(out, GENERATED_FILES, folders)

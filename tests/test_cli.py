@@ -235,7 +235,7 @@ def test_out_that_cannot_be_written_is_refused_before_loading(capsys, tmp_path, 
 def test_a_non_empty_out_needs_overwrite(capsys, tmp_path):
     out = tmp_path / "run"
     quick = ("--steps", "1", "--no-baseline", "--out", str(out))
-    assert run(capsys, "generate", *quick)[0] == 0
+    assert run(capsys, "generate", "--overwrite", *quick)[0] == 0  # a folder not made yet: make run's first run
     (out / "notes.txt").write_text("mine")
     status, _, err = run(capsys, "generate", *quick)
     assert status == 1 and len(err) == 1 and "is not empty: pass --overwrite" in err[0]

@@ -75,7 +75,10 @@ def card_markdown(card: dict) -> str:
     lines = [f"# {card['model']}", "", f"{card['architecture']}, {card['parameters']:,} parameters.", "",
              f"- data: {card.get('data', 'shapes-world train split')} (mmattn.shapes.scenes; test split disjoint)",
              f"- recipe: seed {card['seed']}, {card['steps']} steps of batch {card['batch_size']}, AdamW lr {card['lr']} "
-             "(warmup 5 %, cosine decay)" + (f", vision tower from {card['vision_init']}"
+             "(warmup 5 %, cosine decay)" + (f", weights kept: their EMA (decay {card['ema']})" if card.get("ema") else "")
+             + (f"; VAE loss with shapes-classifier's perceptual term (weight {card['vae_training']['perceptual']})"
+                if (card.get("vae_training") or {}).get("perceptual") else "")
+             + (f", vision tower from {card['vision_init']}"
                                               + (" (frozen)" if card.get("vision_frozen") else "")
                                               if card.get("vision_init") else ""),
              f"- time: {card['train_minutes']} min on {card['threads']} CPU thread(s)"
@@ -84,7 +87,8 @@ def card_markdown(card: dict) -> str:
              + "".join(f"; continued from a run of {p['steps']} steps ({p['train_minutes']} min"
                        + (f": `{p['command']}`" if p.get("command") else "") + ")"
                        for p in card.get("continued_from", [])),
-             f"- reproduce: `{card.get('command') or 'python -m mmattn.shapes.train --help'}`", "", "## Test scores", ""]
+             f"- reproduce: `{card.get('command') or 'python -m mmattn.shapes.train --help'}`"]
+    lines += [f"- {note}" for note in card.get("notes", [])] + ["", "## Test scores", ""]
     for key, value in card["test"].items():
         if isinstance(value, dict):
             lines += [f"- {key}: " + ", ".join(f"{k} {v:.1%}" for k, v in value.items())]

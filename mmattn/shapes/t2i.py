@@ -1,7 +1,8 @@
 """shapes-t2i: a small Stable Diffusion 3 (``StableDiffusion3Pipeline``) trained on shapes-world captions.
 
-64 x 64 images; an ``AutoencoderKL`` with spatial factor 4 (16 latent channels, as SD3's) and the SD3 transformer's
-2 x 2 patches give 8 x 8 = 64 image tokens; two CLIP text encoders (``CLIPTextModelWithProjection``) over a
+64 x 64 images; an ``AutoencoderKL`` with spatial factor 8 and 8 latent channels, and the SD3 transformer's 1 x 1
+patches, give 8 x 8 = 64 image tokens (a compact latent: the decoder draws the shapes' edges, the transformer places
+them; a factor-4, 16-channel latent left the transformer the edges and it drew blobs); two CLIP text encoders (``CLIPTextModelWithProjection``) over a
 word-level CLIP BPE tokenizer; no T5 (SD3 allows it: the pipeline feeds zeros in its place). The pipeline is the
 stock class, so every mmattn method that supports SD3 applies to it unchanged. Scenes hold 1-2 objects (the
 captions that name size and relations). Call with ``CALL_DEFAULTS`` (``max_sequence_length=16``: the length of
@@ -31,12 +32,15 @@ CLIP_LENGTH = 16  # CLIP tokens (captions are at most 9 words)
 T5_LENGTH = 16  # zero tokens in T5's place
 WEIGHTS = Path(__file__).parent / "weights" / "shapes-t2i.safetensors"
 CARD = Path(__file__).parent / "weights" / "shapes-t2i.json"
-CALL_DEFAULTS = {"height": IMAGE_SIZE, "width": IMAGE_SIZE, "num_inference_steps": 20, "guidance_scale": 4.0,
+CALL_DEFAULTS = {"height": IMAGE_SIZE, "width": IMAGE_SIZE, "num_inference_steps": 20, "guidance_scale": 3.0,
                  "max_sequence_length": T5_LENGTH}
-VAE = dict(block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=16, norm_num_groups=8)
+VAE = dict(block_out_channels=(16, 32, 64, 64), layers_per_block=1, latent_channels=8, norm_num_groups=8)
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, projection_dim=64)
-TRANSFORMER = dict(num_layers=4, attention_head_dim=32, num_attention_heads=4, qk_norm="rms_norm")
+TRANSFORMER = dict(num_layers=4, attention_head_dim=32, num_attention_heads=4, qk_norm="rms_norm", patch_size=1)
 EMPTY_CAPTIONS = 0.1
+ARCHITECTURE = (f"StableDiffusion3Pipeline (SD3 transformer, {TRANSFORMER['patch_size']} x {TRANSFORMER['patch_size']} "
+                f"patches; AutoencoderKL x{2 ** (len(VAE['block_out_channels']) - 1)}, {VAE['latent_channels']} latent "
+                "channels; two CLIP text encoders)")
 
 
 def tokenizer():
@@ -88,7 +92,7 @@ def build(seed: int = 0, vae_scale: float = 1.0, vae_shift: float = 0.0):
             for _ in range(2)]
         width = TRANSFORMER["attention_head_dim"] * TRANSFORMER["num_attention_heads"]
         transformer = SD3Transformer2DModel(
-            sample_size=IMAGE_SIZE // 2 ** (levels - 1), patch_size=2, in_channels=VAE["latent_channels"],
+            sample_size=IMAGE_SIZE // 2 ** (levels - 1), in_channels=VAE["latent_channels"],
             out_channels=VAE["latent_channels"], joint_attention_dim=2 * TEXT["hidden_size"],
             caption_projection_dim=width, pooled_projection_dim=2 * TEXT["projection_dim"], pos_embed_max_size=48,
             **TRANSFORMER)
@@ -136,12 +140,16 @@ def _scenes(rng: random.Random, n: int, split: str = "train") -> list[scenes.Sce
 
 
 def train_vae(pipe, steps: int, batch_size: int, lr: float, rng: random.Random, minutes: float | None,
-              kl: float = 1e-6, foreground: float = 10.0) -> dict:
+              kl: float = 1e-6, foreground: float = 10.0, perceptual: float = 0.0) -> dict:
     """Reconstruction (L1 + MSE, pixels of the shapes weighted ``foreground`` times the background's: shapes
     cover a small part of an image, and the background's texture would dominate the loss) plus a small KL term,
-    on freshly rendered train-split scenes. The decoder reads the posterior mean (generation decodes what the
-    transformer makes, never a sample of the posterior)."""
+    on freshly rendered train-split scenes; with ``perceptual`` > 0 also that weight times the mean squared
+    distance of shapes-classifier's patch features (frozen) of the reconstruction and of the render, relative to
+    the features' variance: a perceptual loss, as LPIPS is for Stable Diffusion's VAE, with a network that knows
+    this world. The decoder reads the posterior mean (generation decodes what the transformer makes, never a
+    sample of the posterior)."""
     vae = pipe.vae
+    features = _classifier_features() if perceptual else None
 
     def loss_of_step():
         batch = _scenes(rng, batch_size)
@@ -150,9 +158,28 @@ def train_vae(pipe, steps: int, batch_size: int, lr: float, rng: random.Random, 
         weight = 1 + (foreground - 1) * ((x - background).abs().amax(1, keepdim=True) > 0.3)
         posterior = vae.encode(x).latent_dist
         y = vae.decode(posterior.mode()).sample
-        return (weight * ((y - x).abs() + (y - x).square())).mean() + kl * posterior.kl().mean()
+        loss = (weight * ((y - x).abs() + (y - x).square())).mean() + kl * posterior.kl().mean()
+        if features is not None:
+            with torch.no_grad():
+                target = features(x)
+            loss = loss + perceptual * F.mse_loss(features(y), target) / target.var()
+        return loss
 
     return fit(vae, loss_of_step, steps, lr, minutes, desc="shapes-t2i vae")
+
+
+def _classifier_features():
+    """x (B, 3, 64, 64) in [-1, 1] -> shapes-classifier's patch features (B, 144, width), gradients to x only."""
+    from . import classifier
+
+    judge = classifier.load().requires_grad_(False)
+    mean, std = torch.tensor(classifier.MEAN)[:, None, None], torch.tensor(classifier.STD)[:, None, None]
+
+    def features(x):
+        x = F.interpolate((x + 1) / 2, size=(classifier.IMAGE_SIZE,) * 2, mode="bilinear", antialias=True)
+        return judge.patch_features((x - mean) / std)
+
+    return features
 
 
 @torch.no_grad()
@@ -190,7 +217,8 @@ def flow_matching_loss(pipe, latents: torch.Tensor, captions: list[str], generat
 def train(steps: int = 20000, batch_size: int = 32, lr: float = 1e-3, seed: int = 0, minutes: float | None = None,
           log_every: int = 100, out: Path | None = None, eval_images: int = 200, command: str | None = None,
           vae_steps: int = 3000, vae_minutes: float | None = 6.0, dataset: int = 20000,
-          init: Path | None = None, vae_init: Path | None = None, ema: float | None = 0.999) -> dict:
+          init: Path | None = None, vae_init: Path | None = None, ema: float | None = 0.999,
+          vae_perceptual: float = 1.0) -> dict:
     """Train shapes-t2i from ``seed``: the VAE (``vae_steps``/``vae_minutes``; skipped when ``init`` or
     ``vae_init`` is given, whose VAE is kept), then the transformer and text encoders on ``dataset`` cached
     train-split latents (``steps``/``minutes``; the weights kept are their ``ema`` average). Writes the weights and
@@ -209,7 +237,8 @@ def train(steps: int = 20000, batch_size: int = 32, lr: float = 1e-3, seed: int 
             previous = [json.loads(source.with_suffix(".json").read_text())]
             previous[0].pop("history", None)
     else:
-        vae_run = train_vae(pipe, vae_steps, 16, 2e-3, rng, vae_minutes)
+        vae_run = train_vae(pipe, vae_steps, 16, 2e-3, rng, vae_minutes, perceptual=vae_perceptual)
+        vae_run["perceptual"] = vae_perceptual
     pipe.vae.requires_grad_(False).eval()
     items = _scenes(rng, dataset)
     raw = encode_dataset(pipe, items)
@@ -227,10 +256,10 @@ def train(steps: int = 20000, batch_size: int = 32, lr: float = 1e-3, seed: int 
 
     run = fit(denoiser, loss_of_step, steps, lr, minutes, log_every, clip=1.0, desc="shapes-t2i denoiser", ema=ema)
     card = {"model": "mmattn/shapes-t2i", "command": command,
-            "architecture": "StableDiffusion3Pipeline (SD3 transformer, AutoencoderKL x4, two CLIP text encoders)",
+            "architecture": ARCHITECTURE,
             "data": f"shapes-world train split with 1-{MAX_THINGS} objects, {IMAGE_SIZE} x {IMAGE_SIZE} renders, "
                     f"{dataset} cached latents, {EMPTY_CAPTIONS:.0%} empty captions",
-            "image_tokens": (IMAGE_SIZE // 2 ** (len(VAE["block_out_channels"]) - 1) // 2) ** 2,
+            "image_tokens": (IMAGE_SIZE // 2 ** (len(VAE["block_out_channels"]) - 1) // TRANSFORMER["patch_size"]) ** 2,
             "seed": seed, "steps": run["steps"], "batch_size": batch_size, "lr": lr, "ema": ema, "train_minutes": run["minutes"],
             "threads": torch.get_num_threads(), "vae_scale": scale, "vae_shift": shift,
             "vae_training": {k: v for k, v in vae_run.items() if k != "history"},
@@ -275,8 +304,9 @@ def generate(pipe, items: list[scenes.Scene], seed: int = 0, batch_size: int = 5
 @torch.no_grad()
 def evaluate(pipe, split: str = "test", n: int = 200, classifier=None, **call) -> dict:
     """Prompt adherence by shapes-classifier: the share of ``n`` generated images whose objects match their
-    caption (``matches``), overall and by object count; and the looser share whose objects have exactly the
-    caption's colours (``colour_adherence``)."""
+    caption (``matches``: shapes, colours, the size or relation it names), overall and by object count; the
+    looser shares whose objects are exactly the caption's (shape, colour) pairs (``shape_colour_adherence``) and
+    have exactly its colours (``colour_adherence``)."""
     from . import classifier as classifier_module
 
     judge = classifier or classifier_module.load()
@@ -286,5 +316,7 @@ def evaluate(pipe, split: str = "test", n: int = 200, classifier=None, **call) -
     by_count = {f"{k} object{'s' * (k > 1)}": float(np.mean([h for h, s in zip(hits, items) if len(s.things) == k]))
                 for k in range(1, MAX_THINGS + 1)}
     colours = [sorted(f[1] for f in fs) == sorted(t.colour for t in s.things) for s, fs in zip(items, found)]
-    return {"adherence": float(np.mean(hits)), "by_count": by_count, "colour_adherence": float(np.mean(colours)),
+    kinds = [sorted(f[:2] for f in fs) == sorted((t.shape, t.colour) for t in s.things) for s, fs in zip(items, found)]
+    return {"adherence": float(np.mean(hits)), "by_count": by_count,
+            "shape_colour_adherence": float(np.mean(kinds)), "colour_adherence": float(np.mean(colours)),
             "images": n, "guidance_scale": {**CALL_DEFAULTS, **call}["guidance_scale"]}

@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-minutes", type=float, default=6.0, help="t2i: minutes of VAE training first")
     parser.add_argument("--vae-steps", type=int, default=3000, help="t2i: steps of VAE training first")
     parser.add_argument("--vae-init", type=Path, default=None, help="t2i: keep this shapes-t2i file's VAE (no VAE training)")
+    parser.add_argument("--vae-perceptual", type=float, default=1.0,
+                        help="t2i: weight of the VAE's perceptual loss on shapes-classifier features (0: none)")
     parser.add_argument("--ema", type=float, default=0.999, help="t2i: EMA decay of the denoiser weights kept (0: none)")
     parser.add_argument("--dataset", type=int, default=20000, help="t2i: train-split scenes whose latents are cached")
     parser.add_argument("--train-vision", action="store_true", help="vlm: train the vision tower too (default: frozen)")
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.model == "t2i":
         card = t2i.train(**common, eval_images=args.eval, vae_steps=args.vae_steps, vae_minutes=args.vae_minutes,
                          dataset=args.dataset, init=args.init, vae_init=args.vae_init,
-                         ema=args.ema or None)
+                         ema=args.ema or None, vae_perceptual=args.vae_perceptual)
     else:
         init = args.vision_init or (args.out / classifier.WEIGHTS.name)
         card = vlm.train(**common, eval_questions=args.eval, vision_init=init if init.exists() else None,
