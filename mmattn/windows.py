@@ -21,7 +21,7 @@ Block masks are built once per (grid, spec, extra tokens, device) and cached.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 
 import torch
@@ -423,10 +423,10 @@ class FreeSwim(_Method):
             if len(grid) != 3 or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid):
                 raise ValueError(f"training_grid={self.training_grid!r}: expected (frames, rows, cols), positive ints")
             object.__setattr__(self, "training_grid", grid)
-        for name, choices in (("entropy_rule", ("official", "tokens")), ("dual_path", ("auto", "on", "off")),
-                              ("uncond", ("window", "full"))):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {', '.join(map(repr, choices))}")
+        for f in fields(self):  # the string settings against the choices their field declares
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name}={getattr(self, f.name)!r}: expected one of {', '.join(map(repr, choices))}")
         if isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int) or self.refresh_every < 1:
             raise ValueError(f"refresh_every={self.refresh_every!r}: expected an integer >= 1")
 
