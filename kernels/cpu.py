@@ -2,7 +2,9 @@
 
 Queries are processed a chunk at a time against key chunks with an online softmax (running max ``m``,
 mass ``l``, unnormalised output ``acc``). With a :class:`BlockMask`, each query block gathers only the key
-blocks it visits; full blocks go unmasked, partial blocks use their dense tile. GQA is handled by viewing
+blocks it visits; full blocks go unmasked, partial blocks use their dense tile. Plain (ungrouped) block-sparse
+attention stacks query blocks that visit equally many key blocks and runs them through torch's fused CPU flash
+kernel, one call per group (:func:`_sparse_fused`). GQA is handled by viewing
 queries as (B, Hkv, Hq // Hkv, N, D) so a kv head is shared by broadcasting, never copied per query head.
 Plain attention is the one-group case of grouped attention; computed in fp32. Plain dense or causal
 attention without a block mask goes to torch's fused flash kernel for CPU, which is also chunked.
@@ -125,8 +127,8 @@ def _sparse(q5, kt, v, causal, bm: BlockMask, key_groups, groups, acc, mass, m):
             parts = (bm.full_counts[i, j], bm.full_indices[i, j], bm.partial_counts[i, j],
                      bm.partial_indices[i, j], bm.partial_mask[i, j])
             if key_groups is None:  # plain attention (windows): many query blocks per matmul
-                _sparse_batched(q5[bs, kh, rh], kt[bs, kh], v[bs, kh], causal, bm, parts,
-                                acc[0, bs, kh, rh], mass[0, bs, kh, rh], m[bs, kh, rh])
+                _sparse_fused(q5[bs, kh, rh], kt[bs, kh], v[bs, kh], causal, bm, parts,
+                              acc[0, bs, kh, rh], mass[0, bs, kh, rh], m[bs, kh, rh])
                 continue
             _sparse_one(q5[bs, kh, rh], kt[bs, kh], v[bs, kh], causal, bm, parts,
                         None if key_groups is None else key_groups[bs], groups,
@@ -164,67 +166,111 @@ def _sparse_one(q5, kt, v, causal, bm, parts, key_groups, groups, acc, mass, m):
         acc[..., q0:q1, :], mass[..., q0:q1], m[..., q0:q1] = state.acc, state.l, state.m
 
 
-SPARSE_ELEMENTS = 1 << 22  # score elements per batched step of _sparse_batched (per batch and head)
+SPARSE_ELEMENTS = 1 << 23  # gathered key elements (rows x heads x D) per fused call of _sparse_fused
 
 
-def _steps(counts: list[int], budget: int) -> list[tuple[int, int]]:
-    """Consecutive query-block ranges [a, b) whose size times their most visited key blocks stays within
-    ``budget`` (one block at least): blocks that visit few key blocks go many at a time, a global one alone."""
-    steps, start, widest = [], 0, 0
-    for i, count in enumerate(counts):
-        if i > start and (i + 1 - start) * max(widest, count, 1) > budget:
-            steps.append((start, i))
-            start, widest = i, 0
-        widest = max(widest, count)
-    steps.append((start, len(counts)))
-    return steps
+def _sparse_fused(q5, kt, v, causal, bm: BlockMask, parts, acc, mass, m):
+    """Block-sparse plain attention on torch's fused CPU flash kernel.
 
-
-def _sparse_batched(q5, kt, v, causal, bm: BlockMask, parts, acc, mass, m):
-    """Block-sparse plain attention, several query blocks per step: each step gathers, for G query blocks, their
-    visited key blocks (padded to the step's most, the padding masked) and runs one batched matmul and one softmax
-    over them, so the cost is the visited blocks' FLOPs rather than one Python round per query block."""
-    full_counts, full_indices, partial_counts, partial_indices, partial_mask = parts
-    nq, nk, bq, bk, device = q5.shape[3], v.shape[2], bm.block_q, bm.block_kv, q5.device
+    Query blocks are grouped by how many key blocks they visit and whether every visited block is full (no mask
+    needed). A group's key rows are gathered once for all heads, its queries are stacked along the batch
+    dimension, and one fused call computes the output and the LSE: the visited blocks' FLOPs at dense speed, with
+    no Python round per query block or per head. ``acc`` receives the normalised output, ``mass`` 1 where a row
+    sees a key (else 0) and ``m`` the LSE, so the caller's ``acc / mass`` and ``m + log(mass)`` hold.
+    """
+    full_counts, full_indices, partial_counts = parts[:3]
+    b, hkv, _, _, d = q5.shape
+    nk, bk, device = v.shape[2], bm.block_kv, q5.device
     counts = (full_counts + partial_counts).long()
-    offs = torch.arange(bk, device=device)
-    k_rows, v = kt.transpose(-1, -2).contiguous(), v.contiguous()  # key rows gather as whole rows
-    for a, b in _steps(counts.tolist(), SPARSE_ELEMENTS // (bq * bk * q5.shape[1] * q5.shape[2])):
-        g, nb = b - a, max(1, int(counts[a:b].max()))
-        j = torch.arange(nb, device=device)
-        fc, pc = full_counts[a:b].long()[:, None], partial_counts[a:b].long()[:, None]
-        is_full, is_partial = j < fc, (j >= fc) & (j < fc + pc)
-        full = full_indices[a:b].long().gather(1, j.clamp_max(full_indices.shape[1] - 1).expand(g, -1)) \
-            if full_indices.shape[1] else torch.zeros(g, nb, dtype=torch.long, device=device)
-        part_j = (j - fc).clamp(0, max(partial_indices.shape[1] - 1, 0))
-        part = partial_indices[a:b].long().gather(1, part_j) if partial_indices.shape[1] else torch.zeros_like(full)
-        blocks = torch.where(is_full, full, torch.where(is_partial, part, 0))  # (g, nb)
-        pos = (blocks[..., None] * bk + offs).view(g, nb * bk)  # (g, L) key positions
-        visible = is_full[:, None, :, None].expand(g, bq, nb, bk).clone()  # (g, bq, nb, bk)
+    # Key and value rows token-major: a gather of positions yields (g, L, B, Hkv, D), which views as
+    # (g, B * Hkv, L, D) without a copy.
+    k_tok = kt.permute(3, 0, 1, 2).contiguous()
+    v_tok = v.permute(2, 0, 1, 3).contiguous()
+    inside = (torch.arange(bm.num_kv_blocks, device=device) + 1) * bk <= nk  # key blocks with no row past Nk
+    listed = torch.arange(full_indices.shape[1], device=device) < full_counts[:, None]
+    whole = inside[full_indices.long().clamp(0, bm.num_kv_blocks - 1)] | ~listed
+    plain = (partial_counts == 0) & whole.all(1) & (not causal)  # no mask needed
+    mass.zero_()
+    m.fill_(-math.inf)
+    acc.zero_()
+    buffers = _Buffers(q5.device)
+    for nb, is_plain in sorted(set(zip(counts.tolist(), plain.tolist()))):
+        if nb == 0:  # query blocks that visit nothing keep acc 0, mass 0, m -inf
+            continue
+        ids = ((counts == nb) & (plain == is_plain)).nonzero().flatten()
+        step = max(1, SPARSE_ELEMENTS // (nb * bk * b * hkv * d))
+        for s0 in range(0, len(ids), step):
+            _fused_group(q5, k_tok, v_tok, causal, bm, parts, ids[s0: s0 + step], nb, is_plain, acc, mass, m,
+                         buffers)
+
+
+class _Buffers:
+    """Scratch tensors reused across fused calls: fresh allocations of this size are page-faulted in on every
+    call, which on CPU costs more than the gather itself."""
+
+    def __init__(self, device):
+        self.device, self.store = device, {}
+
+    def get(self, name, shape, dtype=torch.float32):
+        numel = math.prod(shape)
+        buf = self.store.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = self.store[name] = torch.empty(numel, dtype=dtype, device=self.device)
+        return buf[:numel].view(shape)
+
+
+def _fused_group(q5, k_tok, v_tok, causal, bm, parts, ids, nb, is_plain, acc, mass, m, buffers):
+    """Query blocks ``ids``, each visiting ``nb`` key blocks, in one fused call (see _sparse_fused)."""
+    full_counts, full_indices, _, partial_indices, partial_mask = parts
+    b, hkv, rep, nq, d = q5.shape
+    nk, bq, bk, device = k_tok.shape[0], bm.block_q, bm.block_kv, q5.device
+    g = len(ids)
+    j = torch.arange(nb, device=device)  # the nb visited blocks: full ones first, then partial ones
+    fc = full_counts[ids].long()[:, None]
+    is_full = j < fc
+    full = full_indices[ids].long().gather(1, j.clamp_max(max(full_indices.shape[1] - 1, 0)).expand(g, -1)) \
+        if full_indices.shape[1] else torch.zeros(g, nb, dtype=torch.long, device=device)
+    part_j = (j - fc).clamp(0, max(partial_indices.shape[1] - 1, 0))
+    part = partial_indices[ids].long().gather(1, part_j) if partial_indices.shape[1] else torch.zeros_like(full)
+    blocks = torch.where(is_full, full, part)  # (g, nb)
+    pos = (blocks[..., None] * bk + torch.arange(bk, device=device)).view(g, nb * bk)  # (g, L) key positions
+    rows = ids[:, None] * bq + torch.arange(bq, device=device)  # (g, bq) query positions
+    bias, seen = None, torch.ones(g, bq, dtype=torch.bool, device=device)
+    if not is_plain:  # the additive mask, written once for the first of the ``rep`` heads and copied to the rest
+        bias = buffers.get("bias", (g, 1, rep, bq, nb, bk)).zero_()
+        first = bias[:, 0, 0]  # (g, bq, nb, bk)
         if partial_indices.shape[1]:
-            tiles = partial_mask[a:b].gather(1, part_j[:, :, None, None].expand(-1, -1, bq, bk))  # (g, nb, bq, bk)
-            visible |= tiles.permute(0, 2, 1, 3) & is_partial[:, None, :, None]
-        visible = visible.view(g, bq, nb * bk) & (pos < nk)[:, None, :]
-        rows = torch.arange(a * bq, b * bq, device=device).view(g, bq)
+            hidden = ~partial_mask[ids[:, None], part_j]  # (g, nb, bq, bk)
+            hidden &= ~is_full[..., None, None]  # only partial blocks hide keys
+            first.masked_fill_(hidden.transpose(1, 2), -math.inf)
+            if not causal and (fc == 0).any():  # rows of a block with no full block may see nothing
+                seen = (fc > 0) | ~hidden.all(3).all(1)
+        first = first.view(g, bq, nb * bk)
+        past = pos >= nk  # the last key block's rows past Nk
+        if past.any():
+            first.masked_fill_(past[:, None, :], -math.inf)
         if causal:
-            visible &= rows[:, :, None] >= pos[:, None, :]
-        q0, q1 = a * bq, min(nq, b * bq)
-        qc = q5[..., q0:q1, :]
-        if q1 - q0 < g * bq:  # the last block's missing rows
-            qc = torch.cat([qc, qc.new_zeros(*qc.shape[:3], g * bq - (q1 - q0), qc.shape[-1])], dim=3)
-        qc = qc.view(*qc.shape[:3], g, bq, qc.shape[-1])  # (B, Hkv, R, g, bq, D)
-        index = pos.clamp_max(nk - 1).flatten()
-        k_g = k_rows.index_select(2, index).view(*k_rows.shape[:2], g, nb * bk, k_rows.shape[-1])
-        k_g = k_g.transpose(-1, -2)[:, :, None]  # (B, Hkv, 1, g, D, L)
-        v_g = v.index_select(2, index).view(*v.shape[:2], g, nb * bk, v.shape[-1])[:, :, None]
-        scores = qc @ k_g  # (B, Hkv, R, g, bq, L)
-        scores += _bias(visible)
-        top = scores.amax(-1)
-        p = scores.sub_(torch.where(torch.isneginf(top), 0.0, top)[..., None]).exp_()
-        n = q1 - q0
-        m[..., q0:q1] = top.flatten(3)[..., :n]
-        mass[..., q0:q1] = p.sum(-1).flatten(3)[..., :n]
-        acc[..., q0:q1, :] = (p @ v_g).flatten(3, 4)[..., :n, :]
+            first.masked_fill_(rows[:, :, None] < pos[:, None, :], -math.inf)
+            seen = ~torch.isneginf(first).all(-1)
+        if rep > 1:
+            bias[:, :, 1:] = bias[:, :, :1]
+        bias = bias.view(g, 1, rep * bq, nb * bk)
+    rows_in = rows.clamp_max(nq - 1)
+    qg = q5[:, :, :, rows_in.flatten()].view(b, hkv, rep, g, bq, d).permute(3, 0, 1, 2, 4, 5)
+    qg = qg.reshape(g, b * hkv, rep * bq, d)
+    index = pos.clamp_max(nk - 1).flatten()
+    kg, vg = (torch.index_select(rows, 0, index, out=buffers.get(name, (len(index), *rows.shape[1:])))
+              .view(g, nb * bk, b * hkv, d).transpose(1, 2) for name, rows in (("k", k_tok), ("v", v_tok)))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qg, kg, vg, 0.0, False, attn_mask=bias,
+                                                                          scale=1.0)
+    out = out.reshape(g, b, hkv, rep, bq, d).permute(1, 2, 3, 0, 4, 5).reshape(b, hkv, rep, g * bq, d)
+    lse = lse.reshape(g, b, hkv, rep, bq).permute(1, 2, 3, 0, 4).reshape(b, hkv, rep, g * bq)
+    keep, seen = rows.flatten() < nq, seen.flatten()  # rows past Nq are padding
+    flat, seen = rows.flatten()[keep], seen[keep]
+    # A row that sees no key: output 0 and LSE -inf (the kernel would return 0 for its LSE).
+    acc[..., flat, :] = torch.where(seen[:, None], out[..., keep, :], 0.0)
+    m[..., flat] = torch.where(seen, lse[..., keep], -math.inf)
+    mass[..., flat] = seen.float().expand(*lse.shape[:3], -1)
 
 
 def _lse(mass, m):
