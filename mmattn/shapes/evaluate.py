@@ -107,9 +107,9 @@ def _line_plot(path: Path, series: dict, xlabel: str, ylabel: str, title: str, p
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     getattr(ax, f"{percent_axis}axis").set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small")  # beside the axes: never over a line
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
