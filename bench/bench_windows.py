@@ -5,7 +5,9 @@ Side by side in one run:
     dense SDPA, mmattn.window_attention (tiles, block mask, the CPU path or Triton), and FlexAttention
     (torch.compile'd) on the same mask in the same tiled order;
     "efficiency" = dense time x element density / windowed time (1.0 = dense throughput per needed FLOP);
-  - one denoiser call of a mid-size SD3 at 2x its default resolution, windowed (all layers) vs dense.
+  - one denoiser call of a mid-size SD3 at 2x its default resolution, windowed (all layers) vs dense: a model of
+    sample size 64 at latent 128 (4096 image tokens) and one of sample size 128 (SD3-medium's) at latent 256
+    (16384 image tokens), each with a window of about 4 % of the grid.
 
     python bench/bench_windows.py --out bench/results/windows_cpu.json
 """
@@ -49,7 +51,7 @@ def attention_rows(sides, heads, head_dim, repeats, device, flex_max: int) -> li
     rows = []
     for side in sides:
         n = side * side
-        kernel = 2 * round(math.sqrt(0.05 * n) / 2) + 1  # odd, about 5 % of the grid
+        kernel = _odd(math.sqrt(0.05 * n))  # about 5 % of the grid
         spec, grid = Window2D(kernel), (side, side)
         q, k, v = (torch.randn(1, heads, n, head_dim, device=device) for _ in range(3))
         window_plan = plan(spec, grid, device=device)
@@ -82,9 +84,17 @@ def denoiser_row(layers, heads, head_dim, latent, kernel, repeats, device) -> di
     with mmattn.apply(pipe, mmattn.WindowAttention(Window2D(kernel))):
         windowed_s = timed(lambda: transformer(**inputs), repeats)
     tokens = (latent // 2) ** 2
-    return {"model": f"SD3 transformer, {layers} layers, {heads} heads x {head_dim}", "latent": latent,
-            "image_tokens": tokens, "text_tokens": 154, "kernel": kernel, "batch": 2, "dense_s": dense,
-            "windowed_s": windowed_s, "speedup": round(dense / windowed_s, 2)}
+    row = {"model": f"SD3 transformer, {layers} layers, {heads} heads x {head_dim}, sample size {latent // 2}",
+           "latent": latent, "image_tokens": tokens, "text_tokens": 154, "kernel": kernel,
+           "element_density": round(kernel * kernel / tokens, 4), "batch": 2, "dense_s": dense,
+           "windowed_s": windowed_s, "speedup": round(dense / windowed_s, 2)}
+    print(json.dumps(row))
+    return row
+
+
+def _odd(x: float) -> int:
+    """An odd kernel size near ``x``: ``x`` rounded to an even number, plus one."""
+    return 2 * round(x / 2) + 1
 
 
 class _PipeShell:
@@ -108,8 +118,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--flex-max-tokens", type=int, default=16384,
                         help="FlexAttention only up to this many tokens (its CPU block-mask build and compile are slow)")
-    parser.add_argument("--sd3-latent", type=int, default=128, help="latent side of the SD3 call (2x its sample size)")
-    parser.add_argument("--sd3-kernel", type=int, default=13)
+    parser.add_argument("--sd3-latents", type=int, nargs="+", default=[128, 256],
+                        help="latent sides of the SD3 calls (each 2x its model's sample size)")
+    parser.add_argument("--sd3-density", type=float, default=0.04, help="the SD3 windows' share of the token grid")
     parser.add_argument("--out", default="bench/results/windows_cpu.json")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -121,8 +132,8 @@ def main() -> None:
                                                                    capture_output=True, text=True).stdout.strip(),
               "attention": attention_rows(args.sides, args.heads, args.head_dim, args.repeats, device,
                                           args.flex_max_tokens),
-              "sd3_step": denoiser_row(6, 8, 64, args.sd3_latent, args.sd3_kernel, args.repeats, device)}
-    print(json.dumps(result["sd3_step"]))
+              "sd3_steps": [denoiser_row(6, 8, 64, latent, _odd(math.sqrt(args.sd3_density) * latent / 2), args.repeats,
+                                         device) for latent in args.sd3_latents]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
 

@@ -174,8 +174,8 @@ def _sparse_fused(q5, kt, v, causal, bm: BlockMask, parts, acc, mass, m):
 
     Query blocks are grouped by how many key blocks they visit and whether every visited block is full (no mask
     needed). A group's key rows are gathered once for all heads, its queries are stacked along the batch
-    dimension, and one fused call computes the output and the LSE: the visited blocks' FLOPs at dense speed, with
-    no Python round per query block or per head. ``acc`` receives the normalised output, ``mass`` 1 where a row
+    dimension, and one fused call computes the output and the LSE: the visited blocks' FLOPs at the fused kernel's
+    speed, with no Python round per query block or per head. ``acc`` receives the normalised output, ``mass`` 1 where a row
     sees a key (else 0) and ``m`` the LSE, so the caller's ``acc / mass`` and ``m + log(mass)`` hold.
     """
     full_counts, full_indices, partial_counts = parts[:3]
