@@ -32,7 +32,7 @@ CLIP_LENGTH = 16  # CLIP tokens (captions are at most 9 words)
 T5_LENGTH = 16  # zero tokens in T5's place
 WEIGHTS = Path(__file__).parent / "weights" / "shapes-t2i.safetensors"
 CARD = Path(__file__).parent / "weights" / "shapes-t2i.json"
-CALL_DEFAULTS = {"height": IMAGE_SIZE, "width": IMAGE_SIZE, "num_inference_steps": 20, "guidance_scale": 2.0,
+CALL_DEFAULTS = {"height": IMAGE_SIZE, "width": IMAGE_SIZE, "num_inference_steps": 20, "guidance_scale": 3.0,
                  "max_sequence_length": T5_LENGTH}
 VAE = dict(block_out_channels=(16, 32, 64, 64), layers_per_block=1, latent_channels=8, norm_num_groups=8)
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, projection_dim=64)
