@@ -4,8 +4,8 @@ Queries are processed a chunk at a time against key chunks with an online softma
 mass ``l``, unnormalised output ``acc``). With a :class:`BlockMask`, each query block gathers only the key
 blocks it visits; full blocks go unmasked, partial blocks use their dense tile. Plain (ungrouped) block-sparse
 attention stacks query blocks that visit equally many key blocks and runs them through torch's fused CPU flash
-kernel, one call per group (:func:`_sparse_fused`). GQA is handled by viewing
-queries as (B, Hkv, Hq // Hkv, N, D) so a kv head is shared by broadcasting, never copied per query head.
+kernel, one call per group (:func:`_sparse_fused`). GQA is handled by viewing queries as
+(B, Hkv, Hq // Hkv, N, D) so a kv head is shared by broadcasting, never copied per query head.
 Plain attention is the one-group case of grouped attention; computed in fp32. Plain dense or causal
 attention without a block mask goes to torch's fused flash kernel for CPU, which is also chunked.
 """
@@ -126,7 +126,7 @@ def _sparse(q5, kt, v, causal, bm: BlockMask, key_groups, groups, acc, mass, m):
             rh = slice(j % rep, j % rep + 1) if mh > 1 else slice(None)
             parts = (bm.full_counts[i, j], bm.full_indices[i, j], bm.partial_counts[i, j],
                      bm.partial_indices[i, j], bm.partial_mask[i, j])
-            if key_groups is None:  # plain attention (windows): many query blocks per matmul
+            if key_groups is None:  # plain attention (windows): many query blocks per fused call
                 _sparse_fused(q5[bs, kh, rh], kt[bs, kh], v[bs, kh], causal, bm, parts,
                               acc[0, bs, kh, rh], mass[0, bs, kh, rh], m[bs, kh, rh])
                 continue
@@ -175,8 +175,8 @@ def _sparse_fused(q5, kt, v, causal, bm: BlockMask, parts, acc, mass, m):
     Query blocks are grouped by how many key blocks they visit and whether every visited block is full (no mask
     needed). A group's key rows are gathered once for all heads, its queries are stacked along the batch
     dimension, and one fused call computes the output and the LSE: the visited blocks' FLOPs at the fused kernel's
-    speed, with no Python round per query block or per head. ``acc`` receives the normalised output, ``mass`` 1 where a row
-    sees a key (else 0) and ``m`` the LSE, so the caller's ``acc / mass`` and ``m + log(mass)`` hold.
+    speed, with no Python round per query block or per head. ``acc`` receives the normalised output, ``mass`` 1
+    where a row sees a key (else 0) and ``m`` the LSE, so the caller's ``acc / mass`` and ``m + log(mass)`` hold.
     """
     full_counts, full_indices, partial_counts = parts[:3]
     b, hkv, _, _, d = q5.shape
@@ -259,8 +259,8 @@ def _fused_group(q5, k_tok, v_tok, causal, bm, parts, ids, nb, is_plain, acc, ma
     qg = q5[:, :, :, rows_in.flatten()].view(b, hkv, rep, g, bq, d).permute(3, 0, 1, 2, 4, 5)
     qg = qg.reshape(g, b * hkv, rep * bq, d)
     index = pos.clamp_max(nk - 1).flatten()
-    kg, vg = (torch.index_select(rows, 0, index, out=buffers.get(name, (len(index), *rows.shape[1:])))
-              .view(g, nb * bk, b * hkv, d).transpose(1, 2) for name, rows in (("k", k_tok), ("v", v_tok)))
+    kg, vg = (torch.index_select(tok, 0, index, out=buffers.get(name, (len(index), *tok.shape[1:])))
+              .view(g, nb * bk, b * hkv, d).transpose(1, 2) for name, tok in (("k", k_tok), ("v", v_tok)))
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qg, kg, vg, 0.0, False, attn_mask=bias,
                                                                           scale=1.0)
     out = out.reshape(g, b, hkv, rep, bq, d).permute(1, 2, 3, 0, 4, 5).reshape(b, hkv, rep, g * bq, d)

@@ -101,3 +101,13 @@ def test_frechet_distance_is_zero_for_the_same_features_and_grows_with_a_shift()
     x = torch.randn(200, 8, dtype=torch.float64)
     assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
     assert frechet_distance(x, x + 1.0) == pytest.approx(8.0, rel=1e-6)  # |mu shift|^2, covariances equal
+
+
+def test_make_run_perturbs_the_searched_heads():
+    """The Makefile restates SEARCHED_HEADS (make cannot import it): the two must not drift apart."""
+    from pathlib import Path
+
+    from mmattn.shapes.evaluate import SEARCHED_HEADS
+
+    makefile = (Path(__file__).parents[2] / "Makefile").read_text()
+    assert f"SEARCHED_HEADS := {SEARCHED_HEADS}\n" in makefile
