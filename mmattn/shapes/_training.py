@@ -70,6 +70,18 @@ def save(model: torch.nn.Module, out: Path, weights: str, card_name: str, card: 
     (out / card_name).with_suffix(".md").write_text(card_markdown(card))
 
 
+def earlier_runs(card_file: Path) -> list[dict]:
+    """The cards of the runs a continuation of ``card_file``'s run builds on, oldest first and flat (each without
+    its loss history or ``continued_from``); [] when there is no such card."""
+    card_file = Path(card_file)
+    return _flatten_runs(json.loads(card_file.read_text())) if card_file.exists() else []
+
+
+def _flatten_runs(card: dict) -> list[dict]:
+    card = {k: v for k, v in card.items() if k != "history"}
+    return [run for before in card.pop("continued_from", []) for run in _flatten_runs(before)] + [card]
+
+
 def card_markdown(card: dict) -> str:
     """The model card: what the model is, its data and recipe, how long it trained, its test scores."""
     lines = [f"# {card['model']}", "", f"{card['architecture']}, {card['parameters']:,} parameters.", "",
@@ -86,8 +98,14 @@ def card_markdown(card: dict) -> str:
                 if card.get("vae_training") else "")
              + "".join(f"; continued from a run of {p['steps']} steps ({p['train_minutes']} min"
                        + (f": `{p['command']}`" if p.get("command") else "") + ")"
-                       for p in card.get("continued_from", [])),
+                       for p in reversed(card.get("continued_from", []))),
              f"- reproduce: `{card.get('command') or 'python -m mmattn.shapes.train --help'}`"]
+    if card.get("continued_from"):
+        runs = [*card["continued_from"], card]
+        vae = (card.get("vae_training") or {}).get("minutes")
+        parts = ([f"{vae} min VAE"] if vae else []) + [f"{r['train_minutes']} min ({r['steps']} steps)" for r in runs]
+        total = (vae or 0) + sum(r["train_minutes"] for r in runs)
+        lines += [f"- time in all, oldest run first: {' + '.join(parts)} = {total:.1f} min"]
     lines += [f"- {note}" for note in card.get("notes", [])] + ["", "## Test scores", ""]
     for key, value in card["test"].items():
         if isinstance(value, dict):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import scenes
-from ._training import fit, save
+from ._training import earlier_runs, fit, save
 
 IMAGE_SIZE = 64
 MAX_THINGS = 2
@@ -226,7 +226,7 @@ def train(steps: int = 20000, batch_size: int = 32, lr: float = 1e-3, seed: int 
     torch.manual_seed(seed)
     rng = random.Random(seed)
     pipe = build(seed)
-    card_extra, previous = {}, []
+    previous = []
     if init is not None or vae_init is not None:
         from safetensors.torch import load_file
 
@@ -234,8 +234,7 @@ def train(steps: int = 20000, batch_size: int = 32, lr: float = 1e-3, seed: int 
         _load_into(pipe, load_file(source), only=None if init is not None else ("vae",))
         vae_run = json.loads(source.with_suffix(".json").read_text())["vae_training"]
         if init is not None:
-            previous = [json.loads(source.with_suffix(".json").read_text())]
-            previous[0].pop("history", None)
+            previous = earlier_runs(source.with_suffix(".json"))
     else:
         vae_run = train_vae(pipe, vae_steps, 16, 2e-3, rng, vae_minutes, perceptual=vae_perceptual)
         vae_run["perceptual"] = vae_perceptual
@@ -264,7 +263,7 @@ def train(steps: int = 20000, batch_size: int = 32, lr: float = 1e-3, seed: int 
             "threads": torch.get_num_threads(), "vae_scale": scale, "vae_shift": shift,
             "vae_training": {k: v for k, v in vae_run.items() if k != "history"},
             "parameters": sum(p.numel() for m in _modules(pipe).values() for p in m.parameters()),
-            "history": run["history"], "continued_from": previous, "call_defaults": CALL_DEFAULTS, **card_extra,
+            "history": run["history"], "continued_from": previous, "call_defaults": CALL_DEFAULTS,
             "test": evaluate(pipe, "test", eval_images)}
     if out is not None:
         save(torch.nn.ModuleDict(_modules(pipe)), out, WEIGHTS.name, CARD.name, card)

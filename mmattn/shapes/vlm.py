@@ -9,7 +9,6 @@ shipped weights (``mmattn/shapes/weights/shapes-vlm.safetensors``).
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from ..testing import TinyVLM
 from ..testing.llava import LLAVA_CHAT_TEMPLATE
 from . import scenes
-from ._training import fit, save
+from ._training import earlier_runs, fit, save
 
 IMAGE_SIZE, PATCH = 48, 4
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2  # 144
@@ -169,10 +168,7 @@ def train(steps: int = 3000, batch_size: int = 16, lr: float = 2e-3, seed: int =
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(init))
-        card_file = Path(init).with_suffix(".json")
-        if card_file.exists():
-            previous = [json.loads(card_file.read_text())]
-            previous[0].pop("history", None)
+        previous = earlier_runs(Path(init).with_suffix(".json"))
     seeds = scenes.split_seeds("train", 10_000_000)
     run = fit(model, lambda: model(**conversation_batch(processor, rng, seeds, batch_size)).loss, steps, lr,
               minutes, log_every, clip=1.0, desc="shapes-vlm", betas=(0.9, 0.98))

@@ -40,6 +40,15 @@ def test_training_script_runs_a_few_steps(tmp_path, monkeypatch):
     assert card["image_tokens"] == 64 and card["steps"] == 2 and "adherence" in card["test"]
     pipe = t2i.load(tmp_path / "shapes-t2i.safetensors")
     assert pipe.vae.config.scaling_factor == pytest.approx(card["vae_scale"])
+    # two continuations: the last card lists both earlier runs, oldest first, flat, and sums the time
+    small = ["--steps", "1", "--dataset", "8", "--batch-size", "2", "--eval", "2"]
+    assert main(["t2i", "--init", str(tmp_path / "shapes-t2i.safetensors"), *small, "--out", str(tmp_path / "b")]) == 0
+    assert main(["t2i", "--init", str(tmp_path / "b" / "shapes-t2i.safetensors"), *small, "--seed", "1",
+                 "--out", str(tmp_path / "c")]) == 0
+    last = json.loads((tmp_path / "c" / "shapes-t2i.json").read_text())
+    assert [run["steps"] for run in last["continued_from"]] == [2, 1] and last["seed"] == 1
+    assert not any("continued_from" in run or "history" in run for run in last["continued_from"])
+    assert "- time in all, oldest run first: " in (tmp_path / "c" / "shapes-t2i.md").read_text()
 
 
 @pytest.fixture(scope="module")
