@@ -134,9 +134,19 @@ def images_tensor(images) -> torch.Tensor:
     return torch.from_numpy(arrays).permute(0, 3, 1, 2)
 
 
-def _scenes(rng: random.Random, n: int, split: str = "train") -> list[scenes.Scene]:
+def _scenes(rng: random.Random, n: int, split: str = "train", two_objects: float | None = None) -> list[scenes.Scene]:
+    """``n`` random scenes of ``split``; with ``two_objects``, that share of them (in expectation) has two objects
+    (seeds drawn until a scene has the count wanted), else the generator's own mix (half and half)."""
     seeds = scenes.split_seeds(split, 10_000_000)
-    return [scenes.scene(rng.choice(seeds), max_things=MAX_THINGS) for _ in range(n)]
+    if two_objects is None:
+        return [scenes.scene(rng.choice(seeds), max_things=MAX_THINGS) for _ in range(n)]
+    out = []
+    for _ in range(n):
+        count = 2 if rng.random() < two_objects else 1
+        while len((s := scenes.scene(rng.choice(seeds), max_things=MAX_THINGS)).things) != count:
+            pass
+        out.append(s)
+    return out
 
 
 def train_vae(pipe, steps: int, batch_size: int, lr: float, rng: random.Random, minutes: float | None,
@@ -218,11 +228,14 @@ def train(steps: int = 20000, batch_size: int = 32, lr: float = 1e-3, seed: int 
           log_every: int = 100, out: Path | None = None, eval_images: int = 200, command: str | None = None,
           vae_steps: int = 3000, vae_minutes: float | None = 6.0, dataset: int = 20000,
           init: Path | None = None, vae_init: Path | None = None, ema: float | None = 0.999,
-          vae_perceptual: float = 1.0) -> dict:
+          vae_perceptual: float = 1.0, two_objects: float | None = None) -> dict:
     """Train shapes-t2i from ``seed``: the VAE (``vae_steps``/``vae_minutes``; skipped when ``init`` or
     ``vae_init`` is given, whose VAE is kept), then the transformer and text encoders on ``dataset`` cached
-    train-split latents (``steps``/``minutes``; the weights kept are their ``ema`` average). Writes the weights and
+    train-split latents (``steps``/``minutes``; the weights kept are their ``ema`` average), ``two_objects`` of
+    them two-object scenes when given (else half). Writes the weights and
     a model card to ``out`` when given. Returns the card."""
+    if two_objects is not None and not 0 <= two_objects <= 1:
+        raise ValueError(f"two_objects={two_objects}: expected a share in [0, 1]")
     torch.manual_seed(seed)
     rng = random.Random(seed)
     pipe = build(seed)
@@ -239,7 +252,7 @@ def train(steps: int = 20000, batch_size: int = 32, lr: float = 1e-3, seed: int 
         vae_run = train_vae(pipe, vae_steps, 16, 2e-3, rng, vae_minutes, perceptual=vae_perceptual)
         vae_run["perceptual"] = vae_perceptual
     pipe.vae.requires_grad_(False).eval()
-    items = _scenes(rng, dataset)
+    items = _scenes(rng, dataset, two_objects=two_objects)
     raw = encode_dataset(pipe, items)
     shift, scale = raw.mean().item(), 1 / raw.std().item()
     pipe.vae.register_to_config(scaling_factor=scale, shift_factor=shift)
@@ -257,7 +270,9 @@ def train(steps: int = 20000, batch_size: int = 32, lr: float = 1e-3, seed: int 
     card = {"model": "mmattn/shapes-t2i", "command": command,
             "architecture": ARCHITECTURE,
             "data": f"shapes-world train split with 1-{MAX_THINGS} objects, {IMAGE_SIZE} x {IMAGE_SIZE} renders, "
-                    f"{dataset} cached latents, {EMPTY_CAPTIONS:.0%} empty captions",
+                    f"{dataset} cached latents"
+                    + (f" ({two_objects:.0%} two-object)" if two_objects is not None else "")
+                    + f", {EMPTY_CAPTIONS:.0%} empty captions",
             "image_tokens": (IMAGE_SIZE // 2 ** (len(VAE["block_out_channels"]) - 1) // TRANSFORMER["patch_size"]) ** 2,
             "seed": seed, "steps": run["steps"], "batch_size": batch_size, "lr": lr, "ema": ema, "train_minutes": run["minutes"],
             "threads": torch.get_num_threads(), "vae_scale": scale, "vae_shift": shift,

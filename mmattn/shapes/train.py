@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="t2i: weight of the VAE's perceptual loss on shapes-classifier features (0: none)")
     parser.add_argument("--ema", type=float, default=0.999, help="t2i: EMA decay of the denoiser weights kept (0: none)")
     parser.add_argument("--dataset", type=int, default=20000, help="t2i: train-split scenes whose latents are cached")
+    parser.add_argument("--two-objects", type=float, default=None,
+                        help="t2i: share of two-object scenes among them (default: the generator's, half)")
     parser.add_argument("--train-vision", action="store_true", help="vlm: train the vision tower too (default: frozen)")
     parser.add_argument("--out", type=Path, default=WEIGHTS)
     args = parser.parse_args(argv)
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         card = classifier.train(**common, eval_images=args.eval)
     elif args.model == "t2i":
         card = t2i.train(**common, eval_images=args.eval, vae_steps=args.vae_steps, vae_minutes=args.vae_minutes,
-                         dataset=args.dataset, init=args.init, vae_init=args.vae_init,
+                         dataset=args.dataset, two_objects=args.two_objects, init=args.init, vae_init=args.vae_init,
                          ema=args.ema or None, vae_perceptual=args.vae_perceptual)
     else:
         init = args.vision_init or (args.out / classifier.WEIGHTS.name)

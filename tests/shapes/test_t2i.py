@@ -44,11 +44,23 @@ def test_training_script_runs_a_few_steps(tmp_path, monkeypatch):
     small = ["--steps", "1", "--dataset", "8", "--batch-size", "2", "--eval", "2"]
     assert main(["t2i", "--init", str(tmp_path / "shapes-t2i.safetensors"), *small, "--out", str(tmp_path / "b")]) == 0
     assert main(["t2i", "--init", str(tmp_path / "b" / "shapes-t2i.safetensors"), *small, "--seed", "1",
-                 "--out", str(tmp_path / "c")]) == 0
+                 "--two-objects", "1", "--out", str(tmp_path / "c")]) == 0
     last = json.loads((tmp_path / "c" / "shapes-t2i.json").read_text())
+    assert "8 cached latents (100% two-object)" in last["data"]
     assert [run["steps"] for run in last["continued_from"]] == [2, 1] and last["seed"] == 1
     assert not any("continued_from" in run or "history" in run for run in last["continued_from"])
     assert "- time in all, oldest run first: " in (tmp_path / "c" / "shapes-t2i.md").read_text()
+
+
+def test_training_scenes_take_the_two_object_share_asked():
+    import random
+
+    counts = lambda share: [len(s.things) for s in t2i._scenes(random.Random(0), 400, two_objects=share)]
+    assert set(counts(1.0)) == {2} and set(counts(0.0)) == {1}
+    assert 0.6 < counts(0.7).count(2) / 400 < 0.8
+    assert 0.4 < [len(s.things) for s in t2i._scenes(random.Random(0), 400)].count(2) / 400 < 0.6
+    with pytest.raises(ValueError, match=r"two_objects=1.5: expected a share in \[0, 1\]"):
+        t2i.train(two_objects=1.5)
 
 
 @pytest.fixture(scope="module")
