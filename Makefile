@@ -11,7 +11,7 @@ ENVS ?= .envs
 OUT ?= outputs/default
 # The heads `mmattn heads search --objective adherence` found on shapes-t2i (bench/results/shapes/heads/heads.json;
 # mmattn.shapes.evaluate.SEARCHED_HEADS).
-SEARCHED_HEADS := transformer_blocks.0:1,2,3; transformer_blocks.1:2
+SEARCHED_HEADS := transformer_blocks.0:0,2; transformer_blocks.3:2; transformer_blocks.1:3
 
 # The oldest versions of the two libraries whose internals we touch (the lower bounds in pyproject.toml).
 LOWEST := transformers==5.23.0 diffusers==0.42.0

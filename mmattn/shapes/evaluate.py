@@ -118,7 +118,7 @@ CFG_SCALES = (1.5, 3.0, 5.0)
 
 # What `mmattn heads search --objective adherence` found on shapes-t2i (bench/results/shapes/heads/heads.json:
 # 6 validation captions x seeds 0, 1; 2 rounds, top 2; SoftPAG strength 1, scale 1.5).
-SEARCHED_HEADS = "transformer_blocks.0:1,2,3; transformer_blocks.1:2"
+SEARCHED_HEADS = "transformer_blocks.0:0,2; transformer_blocks.3:2; transformer_blocks.1:3"
 
 
 def guidance_methods() -> dict:
