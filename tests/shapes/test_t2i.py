@@ -84,7 +84,7 @@ def test_shipped_pipeline_loads_by_name(shipped):
 def test_shipped_pipeline_follows_held_out_prompts(shipped):
     card = json.loads(t2i.CARD.read_text())
     scores = t2i.evaluate(shipped, "test", n=40)
-    # the card, on 200 prompts: 77 % exact, 79 % with the captioned shapes and colours (the issue asks 80 %)
+    # the card, on 200 prompts: 84 % exact, 84.5 % with the captioned shapes and colours (the issue asks 80 %)
     assert scores["adherence"] >= 0.35 and scores["adherence"] >= card["test"]["adherence"] - 0.12, scores
     assert scores["shape_colour_adherence"] >= card["test"]["shape_colour_adherence"] - 0.12, (scores, card["test"])
     assert scores["colour_adherence"] >= card["test"]["colour_adherence"] - 0.15, (scores, card["test"])
