@@ -3,7 +3,9 @@
 transformers and diffusers move their internals between minor releases (transformers 5.24 renamed the
 decoder layers' ``past_key_values`` keyword to ``cache``). Processors, pipelines and the CLI import what
 they need of transformers' and diffusers' private modules from here and nowhere else; a test greps for it.
-When a new release moves something, the fix is one line here and a note of the version.
+When a new release moves something, the fix is one line here and a note of the version. (One fix cannot live
+here: transformers 5.25 imports Hugging Face's ``kernels`` package, a name the repository's kernels/ folder
+takes when Python runs from the repository root; kernels/__init__.py hands that name over.)
 
 ``tested_range()`` is the range CI tests (the bounds in pyproject.toml); ``check_versions()`` warns once,
 from ``mmattn.apply``, when an installed version lies outside it.
@@ -15,12 +17,12 @@ import importlib.metadata
 import inspect
 import warnings
 
-# transformers: attention and mask implementations (checked on 5.23.0 and 5.24.0).
+# transformers: attention and mask implementations (checked on 5.23.0, 5.24.0 and 5.25.0).
 from transformers import AttentionInterface  # noqa: F401  (public; re-exported beside its mask twin)
-from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: F401  (5.23.0, 5.24.0)
-from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask  # noqa: F401  (5.23.0, 5.24.0)
-from transformers.models.llama.modeling_llama import eager_attention_forward  # noqa: F401  (5.23.0, 5.24.0)
-from transformers.vision_utils import get_vision_window_index  # noqa: F401  (5.23.0, 5.24.0)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: F401  (5.23.0 to 5.25.0)
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask  # noqa: F401  (5.23.0 to 5.25.0)
+from transformers.models.llama.modeling_llama import eager_attention_forward  # noqa: F401  (5.23.0 to 5.25.0)
+from transformers.vision_utils import get_vision_window_index  # noqa: F401  (5.23.0 to 5.25.0)
 
 # diffusers: the attention call and rotary embedding the mirrored processors use (checked on 0.42.0 and 0.42.1).
 from diffusers.models.attention_dispatch import dispatch_attention_fn  # noqa: F401  (0.42.0, 0.42.1)
@@ -30,11 +32,11 @@ from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb
 
 UPSTREAM = ("transformers", "diffusers")  # the libraries whose internals we touch
 
-# Decoder-layer keywords the pruning hooks read and rewrite (checked on 5.23.0 and 5.24.0).
+# Decoder-layer keywords the pruning hooks read and rewrite (checked on 5.23.0, 5.24.0 and 5.25.0).
 CACHE_KEYWORDS = ("cache", "past_key_values")  # 5.24 renamed past_key_values -> cache (alias until 5.40)
-POSITION_EMBEDDINGS = "position_embeddings"  # (cos, sin), 5.23.0, 5.24.0
-POSITION_IDS = "position_ids"  # 5.23.0, 5.24.0
-ATTENTION_MASK = "attention_mask"  # 5.23.0, 5.24.0
+POSITION_EMBEDDINGS = "position_embeddings"  # (cos, sin), 5.23.0 to 5.25.0
+POSITION_IDS = "position_ids"  # 5.23.0 to 5.25.0
+ATTENTION_MASK = "attention_mask"  # 5.23.0 to 5.25.0
 
 # diffusers processors that mmattn's processors mirror, by family: class name in diffusers (0.42.0, 0.42.1).
 MIRRORED_PROCESSORS = {
@@ -83,19 +85,20 @@ def output_cache(output):
 
 
 def cache_length(cache) -> int:
-    """Tokens a cache has seen (``Cache.get_seq_length()``, 5.23.0, 5.24.0)."""
+    """Tokens a cache has seen (``Cache.get_seq_length()``, 5.23.0 to 5.25.0)."""
     return cache.get_seq_length()
 
 
 def stored_keys(cache, layer_idx: int) -> int:
-    """Keys the cache holds for decoder layer ``layer_idx`` (``cache.layers[i].keys``, (B, H, N, D); 5.23.0, 5.24.0)."""
+    """Keys the cache holds for decoder layer ``layer_idx`` (``cache.layers[i].keys``, (B, H, N, D); 5.23.0 to
+    5.25.0)."""
     keys = getattr(cache.layers[layer_idx], "keys", None)
     return 0 if keys is None else keys.shape[-2]
 
 
 def anyres_tile_counts(config, image_sizes, batch_num_images) -> list[int]:
     """Tiles LLaVA-OneVision's tower sees per image (base tile included), as its ``get_image_features`` counts them:
-    one for an image of a multi-image sample (5.23.0, 5.24.0)."""
+    one for an image of a multi-image sample (5.23.0 to 5.25.0)."""
     from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
     tiled = [True] * len(image_sizes) if batch_num_images is None else \
@@ -106,14 +109,14 @@ def anyres_tile_counts(config, image_sizes, batch_num_images) -> list[int]:
 
 
 def cached_keys(cache, layer_idx: int):
-    """The keys (B, H, N, D) the cache holds for decoder layer ``layer_idx`` (``cache.layers[i].keys``; 5.23.0,
-    5.24.0)."""
+    """The keys (B, H, N, D) the cache holds for decoder layer ``layer_idx`` (``cache.layers[i].keys``; 5.23.0 to
+    5.25.0)."""
     return cache.layers[layer_idx].keys
 
 
 def count_extra_tokens(cache, layer_idx: int, extra: int) -> None:
     """Make layer ``layer_idx`` of ``cache`` report ``extra`` more tokens than it stores: transformers reads the
-    tokens seen so far (decode positions, generate()'s new ids) from layer 0's ``get_seq_length`` (5.23.0, 5.24.0)."""
+    tokens seen so far (decode positions, generate()'s new ids) from layer 0's ``get_seq_length`` (5.23.0 to 5.25.0)."""
     layer = cache.layers[layer_idx]
     stored = type(layer).get_seq_length
     layer.get_seq_length = lambda *args: stored(layer, *args) + extra
@@ -123,7 +126,7 @@ def query_key(attention, hidden_states, position_embeddings):
     """(query (B, H, N, D), key (B, Hkv, N, D)) that a transformers decoder attention module computes from its
     normed input ``hidden_states``: ``q_proj`` / ``k_proj``, its per-head ``q_norm`` / ``k_norm`` where it has them
     (Gemma 3), then its own module's ``apply_rotary_pos_emb`` with ``position_embeddings`` (cos, sin); checked on
-    Llama, Qwen2, Qwen2-VL, Qwen2.5-VL, Gemma 3 (5.23.0, 5.24.0)."""
+    Llama, Qwen2, Qwen2-VL, Qwen2.5-VL, Gemma 3 (5.23.0 to 5.25.0)."""
     import sys
 
     shape = (*hidden_states.shape[:-1], -1, attention.head_dim)

@@ -1,9 +1,11 @@
 """The package installs as mmattn.* only: no top-level kernels/processors/pipelines from this project."""
 
 import importlib.util
+import os
 import subprocess
 import sys
 import zipfile
+from importlib.machinery import PathFinder
 from pathlib import Path
 
 import pytest
@@ -32,7 +34,29 @@ def test_no_top_level_modules_from_this_project(tmp_path):
     import json
 
     for name, origin in json.loads(out).items():
-        assert origin is None or str(REPO) not in origin, f"top-level {name!r} resolves into this project: {origin}"
+        # (an environment may live inside the repository, as .envs/ does: only the project's own folders count)
+        inside = origin is not None and str(REPO / name) in origin
+        assert not inside, f"top-level {name!r} resolves into this project: {origin}"
+
+
+def test_kernels_run_from_the_repository_root_hands_the_name_over(tmp_path):
+    """Python run from the repository root finds kernels/ as a top-level `kernels`, a name Hugging Face's package
+    owns (transformers >= 5.25 imports it): the folder hands the import over to the installed package of that
+    name, or, where there is none, to an empty module without __file__ (transformers' test for "absent")."""
+    theirs = tmp_path / "kernels"
+    theirs.mkdir()
+    (theirs / "__init__.py").write_text("MARK = 'theirs'\n")
+    code = "import kernels; print(getattr(kernels, 'MARK', None), getattr(kernels, '__file__', None))"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**env, "PYTHONPATH": str(tmp_path)},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["theirs", str(theirs / "__init__.py")]
+
+    installed = PathFinder.find_spec("kernels", [p for p in sys.path if Path(p or ".").resolve() != REPO])
+    installed = installed and installed.origin
+    code = "import transformers.modeling_utils, mmattn.kernels, kernels; print(getattr(kernels, '__file__', None))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(installed), out.stderr
 
 
 @pytest.mark.slow
