@@ -3,8 +3,9 @@
 Queries are processed a chunk at a time against key chunks with an online softmax (running max ``m``,
 mass ``l``, unnormalised output ``acc``). With a :class:`BlockMask`, each query block gathers only the key
 blocks it visits; full blocks go unmasked, partial blocks use their dense tile. Plain (ungrouped) block-sparse
-attention stacks query blocks that visit equally many key blocks and runs them through torch's fused CPU flash
-kernel, one call per group (:func:`_sparse_fused`). GQA is handled by viewing queries as
+attention runs on torch's fused CPU flash kernel (:func:`_sparse_fused`): query blocks that visit equally many key
+blocks stacked into one call on their gathered keys, or, where key blocks come in long runs of consecutive blocks
+(windows), one call per run on a strided view of the keys, the runs merged by their LSE. GQA is handled by viewing queries as
 (B, Hkv, Hq // Hkv, N, D) so a kv head is shared by broadcasting, never copied per query head.
 Plain attention is the one-group case of grouped attention; computed in fp32. Plain dense or causal
 attention without a block mask goes to torch's fused flash kernel for CPU, which is also chunked.
@@ -13,6 +14,7 @@ attention without a block mask goes to torch's fused flash kernel for CPU, which
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -172,36 +174,166 @@ SPARSE_ELEMENTS = 1 << 23  # gathered key elements (rows x heads x D) per fused 
 def _sparse_fused(q5, kt, v, causal, bm: BlockMask, parts, acc, mass, m):
     """Block-sparse plain attention on torch's fused CPU flash kernel.
 
-    Query blocks are grouped by how many key blocks they visit and whether every visited block is full (no mask
-    needed). A group's key rows are gathered once for all heads, its queries are stacked along the batch
-    dimension, and one fused call computes the output and the LSE: the visited blocks' FLOPs at the fused kernel's
-    speed, with no Python round per query block or per head. ``acc`` receives the normalised output, ``mass`` 1
-    where a row sees a key (else 0) and ``m`` the LSE, so the caller's ``acc / mass`` and ``m + log(mass)`` hold.
+    Query blocks are grouped by how many full and how many partial key blocks they visit, and whether every visited
+    block is full (no mask needed). A group's key rows are gathered once for all heads, its queries are stacked
+    along the batch dimension, and one fused call computes the output and the LSE: the visited blocks' FLOPs at
+    the fused kernel's speed, with no Python round per query block or per head. Queries, keys, values and results
+    are token-major, so that every gather and scatter is one copy of whole rows. ``acc`` receives the normalised
+    output, ``mass`` 1 where a row sees a key (else 0) and ``m`` the LSE, so the caller's ``acc / mass`` and
+    ``m + log(mass)`` hold.
     """
     full_counts, full_indices, partial_counts = parts[:3]
-    b, hkv, _, _, d = q5.shape
+    b, hkv, rep, nq, d = q5.shape
     nk, bk, device = v.shape[2], bm.block_kv, q5.device
-    counts = (full_counts + partial_counts).long()
-    # Key and value rows token-major: a gather of positions yields (g, L, B, Hkv, D), which views as
-    # (g, B * Hkv, L, D) without a copy.
-    k_tok = kt.permute(3, 0, 1, 2).contiguous()
-    v_tok = v.permute(2, 0, 1, 3).contiguous()
+    # Token-major rows, zero-padded to whole blocks: a gather of positions yields (L, B, Hkv, [R,] D), which views
+    # as (B * Hkv, L, D) per group; a run of consecutive blocks is such a view without a gather.
+    padded = bm.num_q_blocks * bm.block_q  # the last query block's rows past Nq are computed, then dropped
+    q_tok = _token_major(q5.permute(3, 0, 1, 2, 4), padded)
+    k_tok = _token_major(kt.permute(3, 0, 1, 2), bm.num_kv_blocks * bk)
+    v_tok = _token_major(v.permute(2, 0, 1, 3), bm.num_kv_blocks * bk)
+    out = _Results(torch.zeros(padded, b, hkv, rep, d, device=device),
+                   torch.full((padded, b, hkv, rep), -math.inf, device=device),
+                   torch.zeros(padded, dtype=torch.bool, device=device))  # rows that visit nothing: 0, -inf
+    buffers = _Buffers(device)
+    groups = _run_groups(bm, parts)
+    runs = sum(len(runs) * count for _, _, runs, count in groups)
+    if runs and bm.num_q_blocks and (full_counts + partial_counts).sum().item() >= RUN_BLOCKS * runs:
+        for group in groups:
+            _runs_group(q_tok, k_tok, v_tok, nq, nk, causal, bm, parts, group, out, buffers)
+        _store(out, nq, acc, mass, m)
+        return
     inside = (torch.arange(bm.num_kv_blocks, device=device) + 1) * bk <= nk  # key blocks with no row past Nk
     listed = torch.arange(full_indices.shape[1], device=device) < full_counts[:, None]
     whole = inside[full_indices.long().clamp(0, bm.num_kv_blocks - 1)] | ~listed
     plain = (partial_counts == 0) & whole.all(1) & (not causal)  # no mask needed
-    mass.zero_()
-    m.fill_(-math.inf)
-    acc.zero_()
-    buffers = _Buffers(q5.device)
-    for nb, is_plain in sorted(set(zip(counts.tolist(), plain.tolist()))):
-        if nb == 0:  # query blocks that visit nothing keep acc 0, mass 0, m -inf
+    for nf, npart, is_plain in sorted(set(zip(full_counts.tolist(), partial_counts.tolist(), plain.tolist()))):
+        if nf + npart == 0:
             continue
-        ids = ((counts == nb) & (plain == is_plain)).nonzero().flatten()
-        step = max(1, SPARSE_ELEMENTS // (nb * bk * b * hkv * d))
+        ids = ((full_counts == nf) & (partial_counts == npart) & (plain == is_plain)).nonzero().flatten()
+        step = max(1, SPARSE_ELEMENTS // ((nf + npart) * bk * b * hkv * d))
         for s0 in range(0, len(ids), step):
-            _fused_group(q5, k_tok, v_tok, causal, bm, parts, ids[s0: s0 + step], nb, is_plain, acc, mass, m,
-                         buffers)
+            _fused_group(q_tok, k_tok, v_tok, nk, causal, bm, parts, ids[s0: s0 + step], nf, npart, is_plain,
+                         out, buffers)
+    _store(out, nq, acc, mass, m)
+
+
+def _token_major(x, rows):
+    """x (N, ...) copied into a zero tensor of ``rows`` >= N rows."""
+    out = x.new_zeros(rows, *x.shape[1:])
+    out[: x.shape[0]] = x
+    return out
+
+
+def _store(out, nq, acc, mass, m):
+    acc.copy_(out.acc[:nq].permute(1, 2, 3, 0, 4))
+    m.copy_(out.lse[:nq].permute(1, 2, 3, 0))
+    mass.copy_(out.seen[:nq].float().expand(mass.shape))
+
+
+# The runs path when query blocks visit runs of at least this many consecutive key blocks on average. Measured on
+# 2-D windows at 5 % (bench/bench_windows.py, 2 threads): runs of 4.75 blocks (N = 16k) ran 10 % slower than
+# gathering them, runs of 8.75 blocks (N = 64k) 10-20 % faster.
+RUN_BLOCKS = 6
+
+
+def _run_groups(bm, parts):
+    """Query blocks as groups (first block, step, runs, count): ``count`` consecutive query blocks from ``first``,
+    query block ``first + i`` visiting the key blocks ``start + i * step ... start + i * step + length - 1`` for each
+    (start, length) in ``runs``, step 0 or 1. Windows in tile order give few groups (a row of interior tiles is one)."""
+    full_counts, full_indices, partial_counts, partial_indices = (t.tolist() for t in parts[:4])
+    groups = []
+    for qb in range(bm.num_q_blocks):
+        runs = []
+        for block in sorted(full_indices[qb][: full_counts[qb]] + partial_indices[qb][: partial_counts[qb]]):
+            if runs and runs[-1][0] + runs[-1][1] == block:
+                runs[-1][1] += 1
+            else:
+                runs.append([block, 1])
+        if groups and groups[-1][2]:
+            first, step, base, count = groups[-1]
+            for st in (0, 1) if step is None else (step,):
+                if runs == [[start + count * st, length] for start, length in base]:
+                    groups[-1] = (first, st, base, count + 1)
+                    break
+            else:
+                groups.append((qb, None, runs, 1))
+        else:
+            groups.append((qb, None, runs, 1))
+    return [(first, step or 0, base, count) for first, step, base, count in groups if base]
+
+
+def _runs_group(q_tok, k_tok, v_tok, nq, nk, causal, bm, parts, group, out: _Results, buffers):
+    """One group of :func:`_run_groups`: per run, one fused call on a strided view of the keys (no gather), the runs
+    merged by their LSE."""
+    partial_counts, partial_indices, partial_mask = parts[2:]
+    first, step, base, count = group
+    _, b, hkv, rep, d = q_tok.shape
+    bq, bk, device, bh = bm.block_q, bm.block_kv, q_tok.device, b * hkv
+    chunk = max(1, SPARSE_ELEMENTS // (sum(length for _, length in base) * bk * bh * d))
+    for c0 in range(0, count, chunk):
+        g, q0 = min(chunk, count - c0), first + c0
+        ids = torch.arange(q0, q0 + g, device=device)
+        rows = slice(q0 * bq, (q0 + g) * bq)
+        qg = q_tok[rows].view(g, bq, bh, rep, d).permute(0, 2, 3, 1, 4).reshape(g, bh, rep * bq, d)
+        outs, lses = [], []
+        for start, length in base:
+            start, width = start + c0 * step, length * bk
+            kg, vg = (tok.as_strided((g, bh, width, d), (step * bk * bh * d, d, bh * d, 1), start * bk * bh * d)
+                      for tok in (k_tok, v_tok))
+            blocks = start + torch.arange(length, device=device) + step * torch.arange(g, device=device)[:, None]
+            slots = _partial_slots(partial_counts, partial_indices, ids, blocks)  # (g, length), -1: a full block
+            pos = (blocks[..., None] * bk + torch.arange(bk, device=device)).view(g, width)
+            bias = seen = None
+            past = pos >= nk  # rows of the last key block past Nk
+            if causal or (slots >= 0).any() or past.any():
+                visible = (slots < 0)[..., None, None].expand(g, length, bq, bk)
+                if partial_mask.shape[1]:
+                    visible = visible | partial_mask[ids[:, None], slots.clamp_min(0)]
+                bias = buffers.get("bias", (g, bq, length, bk))
+                torch.where(visible.transpose(1, 2), _ZERO, _NEG_INF, out=bias)
+                bias = bias.view(g, bq, width)
+                if past.any():
+                    bias.masked_fill_(past[:, None, :], -math.inf)
+                if causal:
+                    query = ids[:, None] * bq + torch.arange(bq, device=device)  # (g, bq) query positions
+                    bias.masked_fill_(query[..., None] < pos[:, None, :], -math.inf)
+                seen = ~torch.isneginf(bias).all(-1)  # (g, bq): rows that see a key of this run
+                bias = bias[:, None] if rep == 1 else \
+                    bias[:, None].expand(g, rep, bq, width).reshape(g, 1, rep * bq, width)
+            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qg, kg, vg, 0.0, False,
+                                                                                attn_mask=bias, scale=1.0)[:2]
+            if seen is not None:  # the kernel returns 0 as the LSE of a row that sees nothing
+                lse = lse.masked_fill(~seen[:, None, None, :].expand(g, bh, rep, bq).reshape(lse.shape), -math.inf)
+            outs.append(o)
+            lses.append(lse)
+        lses = torch.stack(lses)
+        total = torch.logsumexp(lses, 0)
+        weights = torch.exp(lses - torch.where(torch.isneginf(total), 0.0, total))[..., None]
+        merged = outs[0] * weights[0]
+        for o, w in zip(outs[1:], weights[1:]):
+            merged.addcmul_(o, w)
+        out.acc[rows] = merged.view(g, b, hkv, rep, bq, d).permute(0, 4, 1, 2, 3, 5).reshape(g * bq, b, hkv, rep, d)
+        out.lse[rows] = total.view(g, b, hkv, rep, bq).permute(0, 4, 1, 2, 3).reshape(g * bq, b, hkv, rep)
+        out.seen[rows] = ~torch.isneginf(total[:, 0, :bq]).flatten()
+
+
+def _partial_slots(partial_counts, partial_indices, ids, blocks):
+    """(g, L) index into each query block's partial blocks of ``blocks`` (g, L), -1 where the block is full."""
+    listed = partial_indices[ids].long()  # (g, P)
+    if not listed.shape[1]:
+        return torch.full_like(blocks, -1)
+    valid = torch.arange(listed.shape[1], device=listed.device) < partial_counts[ids, None]
+    hit = (blocks[..., None] == listed[:, None, :]) & valid[:, None, :]  # (g, L, P)
+    return torch.where(hit.any(-1), hit.float().argmax(-1), -1)
+
+
+@dataclass
+class _Results:
+    """Token-major results of :func:`_sparse_fused`: output (N, B, Hkv, R, D), LSE (N, B, Hkv, R), seen (N,)."""
+
+    acc: torch.Tensor
+    lse: torch.Tensor
+    seen: torch.Tensor
 
 
 class _Buffers:
@@ -219,58 +351,49 @@ class _Buffers:
         return buf[:numel].view(shape)
 
 
-def _fused_group(q5, k_tok, v_tok, causal, bm, parts, ids, nb, is_plain, acc, mass, m, buffers):
-    """Query blocks ``ids``, each visiting ``nb`` key blocks, in one fused call (see _sparse_fused)."""
-    full_counts, full_indices, _, partial_indices, partial_mask = parts
-    b, hkv, rep, nq, d = q5.shape
-    nk, bq, bk, device = k_tok.shape[0], bm.block_q, bm.block_kv, q5.device
-    g = len(ids)
-    j = torch.arange(nb, device=device)  # the nb visited blocks: full ones first, then partial ones
-    fc = full_counts[ids].long()[:, None]
-    is_full = j < fc
-    full = full_indices[ids].long().gather(1, j.clamp_max(max(full_indices.shape[1] - 1, 0)).expand(g, -1)) \
-        if full_indices.shape[1] else torch.zeros(g, nb, dtype=torch.long, device=device)
-    part_j = (j - fc).clamp(0, max(partial_indices.shape[1] - 1, 0))
-    part = partial_indices[ids].long().gather(1, part_j) if partial_indices.shape[1] else torch.zeros_like(full)
-    blocks = torch.where(is_full, full, part)  # (g, nb)
+def _fused_group(q_tok, k_tok, v_tok, nk, causal, bm, parts, ids, nf, npart, is_plain, out: _Results, buffers):
+    """Query blocks ``ids``, each visiting ``nf`` full then ``npart`` partial key blocks, in one fused call on their
+    gathered keys."""
+    _, full_indices, _, partial_indices, partial_mask = parts
+    _, b, hkv, rep, d = q_tok.shape
+    bq, bk, device = bm.block_q, bm.block_kv, q_tok.device
+    g, nb = len(ids), nf + npart
+    blocks = torch.cat([full_indices[ids, :nf], partial_indices[ids, :npart]], 1).long()  # (g, nb)
     pos = (blocks[..., None] * bk + torch.arange(bk, device=device)).view(g, nb * bk)  # (g, L) key positions
-    rows = ids[:, None] * bq + torch.arange(bq, device=device)  # (g, bq) query positions
-    bias, seen = None, torch.ones(g, bq, dtype=torch.bool, device=device)
-    if not is_plain:  # the additive mask, written once for the first of the ``rep`` heads and copied to the rest
-        bias = buffers.get("bias", (g, 1, rep, bq, nb, bk)).zero_()
-        first = bias[:, 0, 0]  # (g, bq, nb, bk)
-        if partial_indices.shape[1]:
-            hidden = ~partial_mask[ids[:, None], part_j]  # (g, nb, bq, bk)
-            hidden &= ~is_full[..., None, None]  # only partial blocks hide keys
-            first.masked_fill_(hidden.transpose(1, 2), -math.inf)
-            if not causal and (fc == 0).any():  # rows of a block with no full block may see nothing
-                seen = (fc > 0) | ~hidden.all(3).all(1)
-        first = first.view(g, bq, nb * bk)
-        past = pos >= nk  # the last key block's rows past Nk
+    rows = (ids[:, None] * bq + torch.arange(bq, device=device)).flatten()  # (g * bq,) query positions
+    bias, seen = None, None
+    if not is_plain:  # the additive mask: 0 on full blocks, the partial tiles' visibility, rows past Nk, causal
+        bias = buffers.get("bias", (g, bq, nb, bk))
+        bias[:, :, :nf].zero_()
+        if npart:
+            torch.where(partial_mask[ids, :npart].transpose(1, 2), _ZERO, _NEG_INF, out=bias[:, :, nf:])
+        bias = bias.view(g, bq, nb * bk)
+        past = pos >= nk  # a full block's rows past Nk (partial tiles hide them already)
         if past.any():
-            first.masked_fill_(past[:, None, :], -math.inf)
+            bias.masked_fill_(past[:, None, :], -math.inf)
         if causal:
-            first.masked_fill_(rows[:, :, None] < pos[:, None, :], -math.inf)
-            seen = ~torch.isneginf(first).all(-1)
-        if rep > 1:
-            bias[:, :, 1:] = bias[:, :, :1]
-        bias = bias.view(g, 1, rep * bq, nb * bk)
-    rows_in = rows.clamp_max(nq - 1)
-    qg = q5[:, :, :, rows_in.flatten()].view(b, hkv, rep, g, bq, d).permute(3, 0, 1, 2, 4, 5)
-    qg = qg.reshape(g, b * hkv, rep * bq, d)
-    index = pos.clamp_max(nk - 1).flatten()
+            bias.masked_fill_(rows.view(g, bq, 1) < pos[:, None, :], -math.inf)
+        if causal or nf == 0:  # rows that may see nothing
+            seen = ~torch.isneginf(bias).all(-1).flatten()
+        bias = bias[:, None] if rep == 1 else bias[:, None].expand(g, rep, bq, nb * bk).reshape(g, 1, rep * bq, -1)
+    qg = torch.index_select(q_tok, 0, rows, out=buffers.get("q", (g * bq, b, hkv, rep, d)))
+    qg = qg.view(g, bq, b * hkv, rep, d).permute(0, 2, 3, 1, 4).reshape(g, b * hkv, rep * bq, d)
+    index = pos.flatten()
     kg, vg = (torch.index_select(tok, 0, index, out=buffers.get(name, (len(index), *tok.shape[1:])))
               .view(g, nb * bk, b * hkv, d).transpose(1, 2) for name, tok in (("k", k_tok), ("v", v_tok)))
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qg, kg, vg, 0.0, False, attn_mask=bias,
-                                                                          scale=1.0)
-    out = out.reshape(g, b, hkv, rep, bq, d).permute(1, 2, 3, 0, 4, 5).reshape(b, hkv, rep, g * bq, d)
-    lse = lse.reshape(g, b, hkv, rep, bq).permute(1, 2, 3, 0, 4).reshape(b, hkv, rep, g * bq)
-    keep, seen = rows.flatten() < nq, seen.flatten()  # rows past Nq are padding
-    flat, seen = rows.flatten()[keep], seen[keep]
-    # A row that sees no key: output 0 and LSE -inf (the kernel would return 0 for its LSE).
-    acc[..., flat, :] = torch.where(seen[:, None], out[..., keep, :], 0.0)
-    m[..., flat] = torch.where(seen, lse[..., keep], -math.inf)
-    mass[..., flat] = seen.float().expand(*lse.shape[:3], -1)
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qg, kg, vg, 0.0, False, attn_mask=bias,
+                                                                        scale=1.0)
+    out.acc.index_copy_(0, rows, o.view(g, b, hkv, rep, bq, d).permute(0, 4, 1, 2, 3, 5).reshape(-1, b, hkv, rep, d))
+    out.lse.index_copy_(0, rows, lse.view(g, b, hkv, rep, bq).permute(0, 4, 1, 2, 3).reshape(-1, b, hkv, rep))
+    if seen is None:
+        out.seen[rows] = True
+        return
+    out.seen[rows] = seen
+    blind = rows[~seen]  # a row that sees no key: output 0 and LSE -inf (the kernel would return 0 for its LSE)
+    out.acc[blind], out.lse[blind] = 0.0, -math.inf
+
+
+_ZERO, _NEG_INF = torch.tensor(0.0), torch.tensor(-math.inf)
 
 
 def _lse(mass, m):

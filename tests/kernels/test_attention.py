@@ -7,6 +7,7 @@ import torch
 
 import mmattn.kernels as K
 from mmattn.kernels import BlockMask
+from mmattn.kernels import cpu as cpu_path
 
 F32, F16 = torch.float32, torch.float16
 # (B, Hq, Hkv, Nq, Nk, D, dtype, causal, sparse); sparse = (block_q, block_kv, per-head mask)
@@ -70,11 +71,25 @@ def test_triton_really_interprets(interpreted):
     assert isinstance(interpreted._attn_fwd, InterpretedFunction)
 
 
+SPARSE_PATHS = {"runs": 0, "gathered": math.inf}  # RUN_BLOCKS forcing each block-sparse CPU path
+
+
+@pytest.mark.parametrize("path", SPARSE_PATHS)
+@pytest.mark.parametrize("case", [case for case in CASES + CPU_ONLY if case[-1] is not None], ids=str)
+def test_cpu_sparse_paths_match_reference(helpers, monkeypatch, case, path):
+    """Both block-sparse CPU paths, forced: fused calls on strided runs of consecutive key blocks, merged by LSE,
+    and fused calls on gathered key blocks."""
+    monkeypatch.setattr(cpu_path, "RUN_BLOCKS", SPARSE_PATHS[path])
+    _check(helpers, "cpu", case)
+
+
+@pytest.mark.parametrize("path", SPARSE_PATHS)
 @pytest.mark.parametrize("causal", [False, True])
-def test_cpu_block_structured_mask_matches_reference(helpers, causal):
+def test_cpu_block_structured_mask_matches_reference(helpers, monkeypatch, causal, path):
     """Windows give masks of whole tiles: query blocks that visit only full blocks (no mask at all in the fused
     call), others with partial tiles, a last block past N, query blocks visiting nothing, GQA and varying
-    counts per query block."""
+    counts per query block; on both block-sparse paths."""
+    monkeypatch.setattr(cpu_path, "RUN_BLOCKS", SPARSE_PATHS[path])
     b, hq, hkv, n, d, bq, bk = 2, 4, 2, 200, 24, 32, 16
     q, k, v = helpers.make_qkv(b, hq, hkv, n, n, d, F32)
     gen = torch.Generator().manual_seed(3)
