@@ -5,8 +5,8 @@ mass ``l``, unnormalised output ``acc``). With a :class:`BlockMask`, each query 
 blocks it visits; full blocks go unmasked, partial blocks use their dense tile. Plain (ungrouped) block-sparse
 attention runs on torch's fused CPU flash kernel (:func:`_sparse_fused`): query blocks that visit equally many key
 blocks stacked into one call on their gathered keys, or, where key blocks come in long runs of consecutive blocks
-(windows), one call per run on a strided view of the keys, the runs merged by their LSE. GQA is handled by viewing queries as
-(B, Hkv, Hq // Hkv, N, D) so a kv head is shared by broadcasting, never copied per query head.
+(windows), one call per run on a strided view of the keys, the runs merged by their LSE. GQA is handled by viewing
+queries as (B, Hkv, Hq // Hkv, N, D) so a kv head is shared by broadcasting, never copied per query head.
 Plain attention is the one-group case of grouped attention; computed in fp32. Plain dense or causal
 attention without a block mask goes to torch's fused flash kernel for CPU, which is also chunked.
 """
