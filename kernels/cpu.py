@@ -199,7 +199,7 @@ def _sparse_fused(q5, kt, v, causal, bm: BlockMask, parts, acc, mass, m):
     runs = sum(len(runs) * count for _, _, runs, count in groups)
     if runs and bm.num_q_blocks and (full_counts + partial_counts).sum().item() >= RUN_BLOCKS * runs:
         for group in groups:
-            _runs_group(q_tok, k_tok, v_tok, nq, nk, causal, bm, parts, group, out, buffers)
+            _runs_group(q_tok, k_tok, v_tok, nk, causal, bm, parts, group, out, buffers)
         _store(out, nq, acc, mass, m)
         return
     inside = (torch.arange(bm.num_kv_blocks, device=device) + 1) * bk <= nk  # key blocks with no row past Nk
@@ -262,7 +262,7 @@ def _run_groups(bm, parts):
     return [(first, step or 0, base, count) for first, step, base, count in groups if base]
 
 
-def _runs_group(q_tok, k_tok, v_tok, nq, nk, causal, bm, parts, group, out: _Results, buffers):
+def _runs_group(q_tok, k_tok, v_tok, nk, causal, bm, parts, group, out: _Results, buffers):
     """One group of :func:`_run_groups`: per run, one fused call on a strided view of the keys (no gather), the runs
     merged by their LSE."""
     partial_counts, partial_indices, partial_mask = parts[2:]
