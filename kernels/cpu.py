@@ -284,22 +284,14 @@ def _runs_group(q_tok, k_tok, v_tok, nk, causal, bm, parts, group, out: _Results
             slots = _partial_slots(partial_counts, partial_indices, ids, blocks)  # (g, length), -1: a full block
             pos = (blocks[..., None] * bk + torch.arange(bk, device=device)).view(g, width)
             bias = seen = None
-            past = pos >= nk  # rows of the last key block past Nk
-            if causal or (slots >= 0).any() or past.any():
+            if causal or (slots >= 0).any() or pos[:, -1].max() >= nk:  # a mask: partial tiles, rows past Nk, causal
                 visible = (slots < 0)[..., None, None].expand(g, length, bq, bk)
                 if partial_mask.shape[1]:
                     visible = visible | partial_mask[ids[:, None], slots.clamp_min(0)]
                 bias = buffers.get("bias", (g, bq, length, bk))
                 torch.where(visible.transpose(1, 2), _ZERO, _NEG_INF, out=bias)
-                bias = bias.view(g, bq, width)
-                if past.any():
-                    bias.masked_fill_(past[:, None, :], -math.inf)
-                if causal:
-                    query = ids[:, None] * bq + torch.arange(bq, device=device)  # (g, bq) query positions
-                    bias.masked_fill_(query[..., None] < pos[:, None, :], -math.inf)
-                seen = ~torch.isneginf(bias).all(-1)  # (g, bq): rows that see a key of this run
-                bias = bias[:, None] if rep == 1 else \
-                    bias[:, None].expand(g, rep, bq, width).reshape(g, 1, rep * bq, width)
+                query = ids[:, None] * bq + torch.arange(bq, device=device)
+                bias, seen = _finish_bias(bias.view(g, bq, width), pos, query, nk, causal, rep, True)
             o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qg, kg, vg, 0.0, False,
                                                                                 attn_mask=bias, scale=1.0)[:2]
             if seen is not None:  # the kernel returns 0 as the LSE of a row that sees nothing
@@ -367,15 +359,9 @@ def _fused_group(q_tok, k_tok, v_tok, nk, causal, bm, parts, ids, nf, npart, is_
         bias[:, :, :nf].zero_()
         if npart:
             torch.where(partial_mask[ids, :npart].transpose(1, 2), _ZERO, _NEG_INF, out=bias[:, :, nf:])
-        bias = bias.view(g, bq, nb * bk)
-        past = pos >= nk  # a full block's rows past Nk (partial tiles hide them already)
-        if past.any():
-            bias.masked_fill_(past[:, None, :], -math.inf)
-        if causal:
-            bias.masked_fill_(rows.view(g, bq, 1) < pos[:, None, :], -math.inf)
-        if causal or nf == 0:  # rows that may see nothing
-            seen = ~torch.isneginf(bias).all(-1).flatten()
-        bias = bias[:, None] if rep == 1 else bias[:, None].expand(g, rep, bq, nb * bk).reshape(g, 1, rep * bq, -1)
+        # rows may see nothing only with causal or without a full block
+        bias, seen = _finish_bias(bias.view(g, bq, nb * bk), pos, rows.view(g, bq), nk, causal, rep, causal or nf == 0)
+        seen = None if seen is None else seen.flatten()
     qg = torch.index_select(q_tok, 0, rows, out=buffers.get("q", (g * bq, b, hkv, rep, d)))
     qg = qg.view(g, bq, b * hkv, rep, d).permute(0, 2, 3, 1, 4).reshape(g, b * hkv, rep * bq, d)
     index = pos.flatten()
@@ -394,6 +380,21 @@ def _fused_group(q_tok, k_tok, v_tok, nk, causal, bm, parts, ids, nf, npart, is_
 
 
 _ZERO, _NEG_INF = torch.tensor(0.0), torch.tensor(-math.inf)
+
+
+def _finish_bias(bias, pos, query, nk, causal, rep, want_seen):
+    """The additive mask (g, bq, L) of one fused call, its tiles' visibility written: also hides keys past Nk
+    (``pos`` (g, L) key positions) and, with ``causal``, keys after the query (``query`` (g, bq) positions).
+    Returns the mask as the call takes it, (g, 1, rep * bq, L), and where ``want_seen`` the rows that see a key
+    (g, bq), else None."""
+    past = pos >= nk
+    if past.any():
+        bias.masked_fill_(past[:, None, :], -math.inf)
+    if causal:
+        bias.masked_fill_(query[..., None] < pos[:, None, :], -math.inf)
+    seen = ~torch.isneginf(bias).all(-1) if want_seen else None
+    g, bq, width = bias.shape
+    return (bias[:, None] if rep == 1 else bias[:, None].expand(g, rep, bq, width).reshape(g, 1, rep * bq, width)), seen
 
 
 def _lse(mass, m):
