@@ -3,7 +3,8 @@
 Queries are processed a chunk at a time against key chunks with an online softmax (running max ``m``,
 mass ``l``, unnormalised output ``acc``). With a :class:`BlockMask`, each query block gathers only the key
 blocks it visits; full blocks go unmasked, partial blocks use their dense tile. Plain (ungrouped) block-sparse
-attention runs on torch's fused CPU flash kernel (:func:`_sparse_fused`): query blocks that visit equally many key
+attention runs on the native kernel (:mod:`.native`: key blocks read in place, tiles applied as predicates) where
+it builds, else on torch's fused CPU flash kernel (:func:`_sparse_fused`): query blocks that visit equally many key
 blocks stacked into one call on their gathered keys, or, where key blocks come in long runs of consecutive blocks
 (windows), one call per run on a strided view of the keys, the runs merged by their LSE. GQA is handled by viewing
 queries as (B, Hkv, Hq // Hkv, N, D) so a kv head is shared by broadcasting, never copied per query head.
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import native
 from .mask import BlockMask
 
 Q_CHUNK = 256
@@ -407,6 +409,10 @@ def attention(q, k, v, *, scale, causal=False, block_mask=None, return_lse=False
         rep = q.shape[1] // k.shape[1]
         k, v = (t.repeat_interleave(rep, dim=1) if rep > 1 else t for t in (k, v))
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+        return (out, lse) if return_lse else out
+    if block_mask is not None and native.supports(q, block_mask):
+        out, lse = native.block_sparse_attention(q, k, v, scale, causal, block_mask)
+        out = out.to(q.dtype)
         return (out, lse) if return_lse else out
     acc, mass, m = _forward(q, k, v, scale, causal, block_mask, None, 1)
     l = mass[0]

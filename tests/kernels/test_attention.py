@@ -8,6 +8,7 @@ import torch
 import mmattn.kernels as K
 from mmattn.kernels import BlockMask
 from mmattn.kernels import cpu as cpu_path
+from mmattn.kernels import native
 
 F32, F16 = torch.float32, torch.float16
 # (B, Hq, Hkv, Nq, Nk, D, dtype, causal, sparse); sparse = (block_q, block_kv, per-head mask)
@@ -71,15 +72,26 @@ def test_triton_really_interprets(interpreted):
     assert isinstance(interpreted._attn_fwd, InterpretedFunction)
 
 
-SPARSE_PATHS = {"runs": 0, "gathered": math.inf}  # RUN_BLOCKS forcing each block-sparse CPU path
+# Each block-sparse CPU path, forced: the native kernel, or the torch path (the native kernel refused) with
+# RUN_BLOCKS choosing runs or gathered key blocks.
+SPARSE_PATHS = {"native": None, "runs": 0, "gathered": math.inf}
+
+
+def _force(monkeypatch, path):
+    if path == "native":
+        assert native.load() is not None, "the native CPU kernel did not build (g++ missing?)"
+        monkeypatch.setattr(cpu_path, "_forward", None)  # the torch path would fail: the kernel must run
+        return
+    monkeypatch.setattr(native, "supports", lambda q, bm: False)
+    monkeypatch.setattr(cpu_path, "RUN_BLOCKS", SPARSE_PATHS[path])
 
 
 @pytest.mark.parametrize("path", SPARSE_PATHS)
 @pytest.mark.parametrize("case", [case for case in CASES + CPU_ONLY if case[-1] is not None], ids=str)
 def test_cpu_sparse_paths_match_reference(helpers, monkeypatch, case, path):
-    """Both block-sparse CPU paths, forced: fused calls on strided runs of consecutive key blocks, merged by LSE,
-    and fused calls on gathered key blocks."""
-    monkeypatch.setattr(cpu_path, "RUN_BLOCKS", SPARSE_PATHS[path])
+    """Every block-sparse CPU path, forced: the native kernel; fused calls on strided runs of consecutive key
+    blocks, merged by LSE; fused calls on gathered key blocks."""
+    _force(monkeypatch, path)
     _check(helpers, "cpu", case)
 
 
@@ -88,8 +100,8 @@ def test_cpu_sparse_paths_match_reference(helpers, monkeypatch, case, path):
 def test_cpu_block_structured_mask_matches_reference(helpers, monkeypatch, causal, path):
     """Windows give masks of whole tiles: query blocks that visit only full blocks (no mask at all in the fused
     call), others with partial tiles, a last block past N, query blocks visiting nothing, GQA and varying
-    counts per query block; on both block-sparse paths."""
-    monkeypatch.setattr(cpu_path, "RUN_BLOCKS", SPARSE_PATHS[path])
+    counts per query block; on every block-sparse path."""
+    _force(monkeypatch, path)
     b, hq, hkv, n, d, bq, bk = 2, 4, 2, 200, 24, 32, 16
     q, k, v = helpers.make_qkv(b, hq, hkv, n, n, d, F32)
     gen = torch.Generator().manual_seed(3)
@@ -104,6 +116,33 @@ def test_cpu_block_structured_mask_matches_reference(helpers, monkeypatch, causa
     torch.testing.assert_close(out, ref, **helpers.TOL[F32])
     torch.testing.assert_close(lse, ref_lse, **helpers.LSE_TOL[F32])
     assert torch.isneginf(lse[:, :, 2 * bq: 3 * bq]).all() and (out[:, :, 2 * bq: 3 * bq] == 0).all()
+
+
+@pytest.mark.parametrize("d, bq, bk, causal", [(8, 64, 64, False), (72, 16, 128, True), (128, 128, 16, False),
+                                               (33, 32, 32, True)])
+def test_native_kernel_matches_reference(helpers, monkeypatch, d, bq, bk, causal):
+    """The native kernel at head dims it pads (8, 33, 72) or fills (128), every key block size, per-sample and
+    per-head masks, GQA, odd lengths with Nk > Nq."""
+    _force(monkeypatch, "native")
+    b, hq, hkv, nq, nk = 2, 4, 2, 150, 211
+    q, k, v = helpers.make_qkv(b, hq, hkv, nq, nk, d, F32)
+    gen = torch.Generator().manual_seed(d)
+    dense = torch.rand(b, hq, nq, nk, generator=gen) < 0.3
+    dense[:, :, : bq] = True  # whole tiles as well as partial ones
+    bm = BlockMask.from_dense(dense, bq, bk)
+    out, lse = K.attention(q, k, v, causal=causal, block_mask=bm, return_lse=True, backend="cpu")
+    ref, ref_lse = K.attention(q, k, v, causal=causal, block_mask=bm, return_lse=True, backend="reference")
+    torch.testing.assert_close(out, ref, **helpers.TOL[F32])
+    torch.testing.assert_close(lse, ref_lse, **helpers.LSE_TOL[F32])
+
+
+def test_native_kernel_refuses_what_it_cannot_run(helpers):
+    """Head dims past 128 and key blocks outside 16-128 stay on the torch path (and still match)."""
+    q, k, v = helpers.make_qkv(1, 2, 2, 40, 40, 160, F32)
+    bm = BlockMask.from_dense(torch.rand(1, 1, 40, 40, generator=torch.Generator().manual_seed(0)) < 0.5, 16, 16)
+    assert not native.supports(q, bm) and native.supports(q[..., :128], bm)
+    out = K.attention(q, k, v, block_mask=bm, backend="cpu")
+    torch.testing.assert_close(out, K.attention(q, k, v, block_mask=bm, backend="reference"), **helpers.TOL[F32])
 
 
 def _rows_reference(q, k, v, rows, visible):
