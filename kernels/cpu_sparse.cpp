@@ -14,6 +14,7 @@ namespace {
 constexpr int W = 16;  // floats per vector; a key block is LV vectors (BK = 16 LV keys)
 typedef float vf __attribute__((vector_size(64)));
 typedef int vi __attribute__((vector_size(64)));
+typedef uint8_t vb __attribute__((vector_size(16)));
 
 inline vf ld(const float *p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 inline void st(float *p, vf v) { std::memcpy(p, &v, sizeof v); }
@@ -41,8 +42,24 @@ inline vf vexp(vf x) {
     return x < -87.0f ? splat(0.0f) : out;
 }
 
-inline float hmax(vf v) { float m = v[0]; for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m; return m; }
+// Horizontal max of 16 lanes in 4 shuffle steps (a sequential chain of 15 would set the pace of the whole loop).
+inline float hmax(vf v) {
+    v = v > __builtin_shuffle(v, vi{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}) ? v
+        : __builtin_shuffle(v, vi{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    vf x = __builtin_shuffle(v, vi{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+    v = v > x ? v : x;
+    x = __builtin_shuffle(v, vi{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+    v = v > x ? v : x;
+    x = __builtin_shuffle(v, vi{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+    v = v > x ? v : x;
+    return v[0];
+}
+
 inline float hsum(vf v) { float s = 0; for (int i = 0; i < W; ++i) s += v[i]; return s; }
+
+// A row's running max moves only when a block's max passes it by more than this (natural log units): the
+// probabilities then stay below e^RESCALE = 256, and most blocks skip rescaling the row.
+constexpr float RESCALE = 5.545177444479562f;
 
 struct Job {
     const float *q, *kt, *v;
@@ -55,35 +72,79 @@ struct Job {
     std::atomic<int64_t> next{0};
 };
 
-// S (Mp x BK) = Qs (Mp x Dp) @ one key block, transposed (Dp x BK); Mp a multiple of 4.
+// Per group g of 4 query rows: the key columns [lo[g], hi[g]) that hold every key its rows may see (lo = hi:
+// none), from the partial tile's rows (bool bytes, 8 at a time) or, for a full block, [0, width).
 template <int LV>
-void scores(const float *qs, const float *kt, float *s, int64_t mp, int64_t dp) {
-    for (int64_t r0 = 0; r0 < mp; r0 += 4) {
-        constexpr int BK = LV * W;
-        vf c[4][LV] = {};
-        for (int64_t d = 0; d < dp; ++d) {
-            vf k[LV];
-            for (int j = 0; j < LV; ++j) k[j] = ld(kt + d * BK + j * W);
-            for (int i = 0; i < 4; ++i) {
-                vf qv = splat(qs[(r0 + i) * dp + d]);
-                for (int j = 0; j < LV; ++j) c[i][j] += qv * k[j];
+void column_ranges(const uint8_t *tile, int64_t rows, int64_t mp, int64_t width, int32_t *lo, int32_t *hi) {
+    constexpr int BK = LV * W;
+    for (int64_t g = 0; g < mp / 4; ++g) {
+        int32_t a = BK, z = 0;
+        for (int64_t r = g * 4; r < std::min(rows, g * 4 + 4); ++r) {
+            if (!tile) { a = 0; z = static_cast<int32_t>(width); break; }
+            const uint8_t *row = tile + r * BK;
+            for (int w = 0; w < BK / 8; ++w) {
+                uint64_t x; std::memcpy(&x, row + 8 * w, 8);
+                if (x) { a = std::min(a, 8 * w + __builtin_ctzll(x) / 8); break; }
+            }
+            for (int w = BK / 8 - 1; w >= 0; --w) {
+                uint64_t x; std::memcpy(&x, row + 8 * w, 8);
+                if (x) { z = std::max(z, 8 * w + (63 - __builtin_clzll(x)) / 8 + 1); break; }
             }
         }
-        for (int i = 0; i < 4; ++i)
-            for (int j = 0; j < LV; ++j) st(s + (r0 + i) * BK + j * W, c[i][j]);
+        z = std::min(z, static_cast<int32_t>(width));
+        lo[g] = a < z ? a : 0;
+        hi[g] = a < z ? z : 0;
     }
 }
 
-// acc (Mp x DV*W) += P (Mp x BK) @ V (BK x DV*W): R rows at a time, the accumulators in registers.
+// S (Mp x BK) = Qs (Mp x Dp) @ one key block, transposed (Dp x BK), for each 4-row group on the key vectors that
+// cover its column range only; Mp a multiple of 4.
+template <int LV>
+void scores(const float *qs, const float *kt, float *s, int64_t mp, int64_t dp, const int32_t *lo,
+            const int32_t *hi) {
+    constexpr int BK = LV * W;
+    for (int64_t r0 = 0; r0 < mp; r0 += 4) {
+        const int j0 = lo[r0 / 4] / W, j1 = (hi[r0 / 4] + W - 1) / W;
+        if (j0 >= j1) continue;
+        vf c[4][LV] = {};
+        if (j0 == 0 && j1 == LV) {
+            for (int64_t d = 0; d < dp; ++d) {
+                vf k[LV];
+                for (int j = 0; j < LV; ++j) k[j] = ld(kt + d * BK + j * W);
+                for (int i = 0; i < 4; ++i) {
+                    vf qv = splat(qs[(r0 + i) * dp + d]);
+                    for (int j = 0; j < LV; ++j) c[i][j] += qv * k[j];
+                }
+            }
+        } else {
+            for (int64_t d = 0; d < dp; ++d) {
+                vf k[LV];
+                for (int j = 0; j < LV; ++j) if (j >= j0 && j < j1) k[j] = ld(kt + d * BK + j * W);
+                for (int i = 0; i < 4; ++i) {
+                    vf qv = splat(qs[(r0 + i) * dp + d]);
+                    for (int j = 0; j < LV; ++j) if (j >= j0 && j < j1) c[i][j] += qv * k[j];
+                }
+            }
+        }
+        for (int i = 0; i < 4; ++i)
+            for (int j = j0; j < j1; ++j) st(s + (r0 + i) * BK + j * W, c[i][j]);
+    }
+}
+
+// acc (Mp x DV*W) += P (Mp x BK) @ V (BK x DV*W) over each 4-row group's columns [lo, hi) (P is 0 elsewhere):
+// R rows at a time, the accumulators in registers.
 template <int DV>
-void update(const float *p, const float *v, float *acc, int64_t mp, int64_t bk) {
+void update(const float *p, const float *v, float *acc, int64_t mp, int64_t bk, const int32_t *lo,
+            const int32_t *hi) {
     constexpr int R = DV <= 4 ? 4 : 2;
     constexpr int DP = DV * W;
     for (int64_t r0 = 0; r0 < mp; r0 += R) {
+        const int64_t l0 = lo[r0 / 4], l1 = hi[r0 / 4];
+        if (l0 >= l1) continue;
         vf c[R][DV];
         for (int i = 0; i < R; ++i)
             for (int j = 0; j < DV; ++j) c[i][j] = ld(acc + (r0 + i) * DP + j * W);
-        for (int64_t l = 0; l < bk; ++l) {
+        for (int64_t l = l0; l < l1; ++l) {
             vf vv[DV];
             for (int j = 0; j < DV; ++j) vv[j] = ld(v + l * DP + j * W);
             for (int i = 0; i < R; ++i) {
@@ -96,21 +157,23 @@ void update(const float *p, const float *v, float *acc, int64_t mp, int64_t bk) 
     }
 }
 
-void update_any(const float *p, const float *v, float *acc, int64_t mp, int64_t bk, int64_t dv) {
+void update_any(const float *p, const float *v, float *acc, int64_t mp, int64_t bk, int64_t dv, const int32_t *lo,
+                const int32_t *hi) {
     switch (dv) {
-        case 1: update<1>(p, v, acc, mp, bk); break;
-        case 2: update<2>(p, v, acc, mp, bk); break;
-        case 3: update<3>(p, v, acc, mp, bk); break;
-        case 4: update<4>(p, v, acc, mp, bk); break;
-        case 5: update<5>(p, v, acc, mp, bk); break;
-        case 6: update<6>(p, v, acc, mp, bk); break;
-        case 7: update<7>(p, v, acc, mp, bk); break;
-        default: update<8>(p, v, acc, mp, bk); break;
+        case 1: update<1>(p, v, acc, mp, bk, lo, hi); break;
+        case 2: update<2>(p, v, acc, mp, bk, lo, hi); break;
+        case 3: update<3>(p, v, acc, mp, bk, lo, hi); break;
+        case 4: update<4>(p, v, acc, mp, bk, lo, hi); break;
+        case 5: update<5>(p, v, acc, mp, bk, lo, hi); break;
+        case 6: update<6>(p, v, acc, mp, bk, lo, hi); break;
+        case 7: update<7>(p, v, acc, mp, bk, lo, hi); break;
+        default: update<8>(p, v, acc, mp, bk, lo, hi); break;
     }
 }
 
 template <int LV>
-void run_task(Job &job, int64_t task, float *qs, float *s, float *acc, float *m, float *l) {
+void run_task(Job &job, int64_t task, float *qs, float *s, float *acc, float *m, float *l, int32_t *lo,
+              int32_t *hi) {
     constexpr int BK = LV * W;
     const int64_t qb = task % job.QB, h = task / job.QB % job.Hq, b = task / (job.QB * job.Hq);
     const int64_t hk = h / (job.Hq / job.Hkv), dp = job.Dp;
@@ -120,7 +183,8 @@ void run_task(Job &job, int64_t task, float *qs, float *s, float *acc, float *m,
     for (int64_t r = 0; r < rows; ++r)
         for (int64_t d = 0; d < job.D; ++d) qs[r * dp + d] = qsrc[r * job.D + d] * job.scale;
     std::memset(acc, 0, sizeof(float) * mp * dp);
-    for (int64_t r = 0; r < mp; ++r) { m[r] = -INFINITY; l[r] = 0.0f; }
+    for (int64_t r = 0; r < mp; ++r) m[r] = -INFINITY;
+    std::memset(l, 0, sizeof(float) * mp * W);  // a row's mass as 16 partial sums
 
     const int64_t mo = ((job.Bm > 1 ? b : 0) * job.Hm + (job.Hm > 1 ? h : 0)) * job.QB + qb;
     const int64_t nf = job.fc[mo], np = job.pc[mo];
@@ -131,39 +195,53 @@ void run_task(Job &job, int64_t task, float *qs, float *s, float *acc, float *m,
         const int64_t kb = partial ? job.pi[mo * job.maxP + j - nf] : job.fi[mo * job.maxF + j];
         const uint8_t *tile = partial ? job.pm + (mo * job.maxP + j - nf) * job.BQ * BK : nullptr;
         const int64_t k0 = kb * BK, width = std::min<int64_t>(BK, job.Nk - k0);
-        scores<LV>(qs, kt_head + kb * dp * BK, s, mp, dp);
+        column_ranges<LV>(tile, rows, mp, width, lo, hi);
+        scores<LV>(qs, kt_head + kb * dp * BK, s, mp, dp, lo, hi);
         const bool diagonal = job.causal && k0 + BK - 1 > q0;
         for (int64_t r = 0; r < rows; ++r) {
+            const int j0 = lo[r / 4] / W, j1 = (hi[r / 4] + W - 1) / W;
+            if (j0 >= j1) continue;
             float *sr = s + r * BK;
-            if (tile || width < BK || diagonal) {
-                for (int64_t c = 0; c < BK; ++c) {
-                    const bool seen = c < width && (!tile || tile[r * BK + c]) && (!diagonal || k0 + c <= q0 + r);
-                    sr[c] = seen ? sr[c] : -INFINITY;
+            if (width < BK || diagonal) {
+                for (int64_t c = j0 * W; c < j1 * W; ++c)
+                    if (c >= width || (diagonal && k0 + c > q0 + r)) sr[c] = -INFINITY;
+            }
+            vf mx = splat(-INFINITY);
+            for (int j = j0; j < j1; ++j) {
+                vf x = ld(sr + j * W);
+                if (tile) {
+                    vb t; std::memcpy(&t, tile + r * BK + j * W, sizeof t);
+                    x = __builtin_convertvector(t, vi) != 0 ? x : splat(-INFINITY);
+                    st(sr + j * W, x);
                 }
+                mx = x > mx ? x : mx;
             }
-            vf mx = ld(sr);
-            for (int i = 1; i < LV; ++i) { vf x = ld(sr + i * W); mx = x > mx ? x : mx; }
-            const float m_new = std::max(m[r], hmax(mx));
-            if (m_new == -INFINITY) { std::memset(sr, 0, sizeof(float) * BK); continue; }
-            vf sum = {};
-            for (int i = 0; i < LV; ++i) { vf e = vexp(ld(sr + i * W) - m_new); st(sr + i * W, e); sum += e; }
-            if (m_new != m[r]) {
-                const float alpha = m[r] == -INFINITY ? 0.0f : std::exp(m[r] - m_new);
-                l[r] *= alpha;
+            const float block_max = hmax(mx);
+            if (block_max == -INFINITY) {
+                if (m[r] == -INFINITY) std::memset(sr, 0, sizeof(float) * BK);
+                else for (int j = j0; j < j1; ++j) st(sr + j * W, vf{});
+                continue;
+            }
+            if (block_max > m[r] + RESCALE) {  // also the first block a row sees (m = -inf)
+                const float alpha = m[r] == -INFINITY ? 0.0f : std::exp(m[r] - block_max);
+                st(l + r * W, ld(l + r * W) * alpha);
                 for (int64_t d = 0; d < dp; ++d) acc[r * dp + d] *= alpha;
-                m[r] = m_new;
+                m[r] = block_max;
             }
-            l[r] += hsum(sum);
+            const float shift = m[r];
+            vf sum = ld(l + r * W);
+            for (int j = j0; j < j1; ++j) { vf e = vexp(ld(sr + j * W) - shift); st(sr + j * W, e); sum += e; }
+            st(l + r * W, sum);
         }
         for (int64_t r = rows; r < mp; ++r) std::memset(s + r * BK, 0, sizeof(float) * BK);
-        update_any(s, v_head + k0 * dp, acc, mp, BK, dp / W);
+        update_any(s, v_head + k0 * dp, acc, mp, BK, dp / W, lo, hi);
     }
     float *dst = job.out + ((b * job.Hq + h) * job.Nq + q0) * job.D;
     float *lse = job.lse + (b * job.Hq + h) * job.Nq + q0;
     for (int64_t r = 0; r < rows; ++r) {
-        const float inv = l[r] > 0 ? 1.0f / l[r] : 0.0f;
+        const float mass = hsum(ld(l + r * W)), inv = mass > 0 ? 1.0f / mass : 0.0f;
         for (int64_t d = 0; d < job.D; ++d) dst[r * job.D + d] = acc[r * dp + d] * inv;
-        lse[r] = l[r] > 0 ? m[r] + std::log(l[r]) : -INFINITY;
+        lse[r] = mass > 0 ? m[r] + std::log(mass) : -INFINITY;
     }
 }
 
@@ -172,9 +250,10 @@ void worker(Job &job) {
     const int64_t mp = (job.BQ + 3) / 4 * 4;
     auto buffer = [](int64_t n) { return static_cast<float *>(std::aligned_alloc(64, (n * 4 + 63) / 64 * 64)); };
     float *qs = buffer(mp * job.Dp), *s = buffer(mp * LV * W), *acc = buffer(mp * job.Dp), *m = buffer(mp),
-          *l = buffer(mp);
+          *l = buffer(mp * W);
+    std::vector<int32_t> lo(mp / 4), hi(mp / 4);
     const int64_t tasks = job.B * job.Hq * job.QB;
-    for (int64_t t; (t = job.next.fetch_add(1)) < tasks;) run_task<LV>(job, t, qs, s, acc, m, l);
+    for (int64_t t; (t = job.next.fetch_add(1)) < tasks;) run_task<LV>(job, t, qs, s, acc, m, l, lo.data(), hi.data());
     for (float *p : {qs, s, acc, m, l}) std::free(p);
 }
 
