@@ -1,6 +1,8 @@
 """attention(): the CPU path and the Triton kernel (interpreted on CPU) against the reference."""
 
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -79,7 +81,9 @@ SPARSE_PATHS = {"native": None, "runs": 0, "gathered": math.inf}
 
 def _force(monkeypatch, path):
     if path == "native":
-        assert native.load() is not None, "the native CPU kernel did not build (g++ missing?)"
+        if shutil.which(os.environ.get("CXX", "g++")) is None:
+            pytest.skip("no C++ compiler: the native CPU kernel cannot build here")
+        assert native.load() is not None, "the native CPU kernel did not build"
         monkeypatch.setattr(cpu_path, "_forward", None)  # the torch path would fail: the kernel must run
         return
     monkeypatch.setattr(native, "supports", lambda q, bm: False)
