@@ -71,8 +71,9 @@ def load():
 
 
 def supports(q: torch.Tensor, bm: BlockMask) -> bool:
-    """Whether the kernel runs this call: a built library, key blocks of 16 to 128, head dims up to 128."""
-    return bm.block_kv in (16, 32, 64, 128) and q.shape[-1] <= MAX_HEAD_DIM and load() is not None
+    """Whether the kernel runs this call: CPU tensors, a built library, key blocks of 16 to 128, head dims up to 128."""
+    return (q.device.type == "cpu" and bm.block_kv in (16, 32, 64, 128) and q.shape[-1] <= MAX_HEAD_DIM
+            and load() is not None)
 
 
 def block_sparse_attention(q, k, v, scale: float, causal: bool, bm: BlockMask):
