@@ -217,9 +217,8 @@ void run_task(Job &job, int64_t task, float *qs, float *s, float *acc, float *m,
                 mx = x > mx ? x : mx;
             }
             const float block_max = hmax(mx);
-            if (block_max == -INFINITY) {
-                if (m[r] == -INFINITY) std::memset(sr, 0, sizeof(float) * BK);
-                else for (int j = j0; j < j1; ++j) st(sr + j * W, vf{});
+            if (block_max == -INFINITY) {  // the row sees none of this block: P = 0 where PV reads it
+                for (int j = j0; j < j1; ++j) st(sr + j * W, vf{});
                 continue;
             }
             if (block_max > m[r] + RESCALE) {  // also the first block a row sees (m = -inf)

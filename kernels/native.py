@@ -81,22 +81,23 @@ def block_sparse_attention(q, k, v, scale: float, causal: bool, bm: BlockMask):
     (output 0) for rows that see no key. ``causal`` additionally hides keys after the query's position."""
     b, hq, nq, d = q.shape
     hkv, nk, bk = k.shape[1], k.shape[2], bm.block_kv
+    bm_, hm_, qb = bm.full_counts.shape
+    if qb != -(-nq // bm.block_q) or bm_ not in (1, b) or hm_ not in (1, hq):
+        raise ValueError(f"block mask of {bm_} x {hm_} x {qb} query blocks does not fit q of shape {tuple(q.shape)}")
     dp = -(-d // 16) * 16
     nkb = max(1, bm.num_kv_blocks)
     q = q.float().contiguous()
-    # keys as (B, Hkv, key block, Dp, 64) and values as (B, Hkv, key blocks * 64, Dp), zero-padded
+    # keys as (B, Hkv, key block, Dp, block_kv) and values as (B, Hkv, key blocks * block_kv, Dp), zero-padded
     kp = F.pad(k.float(), (0, dp - d, 0, nkb * bk - nk))
     kt = kp.view(b, hkv, nkb, bk, dp).transpose(-1, -2).contiguous()
     vp = F.pad(v.float(), (0, dp - d, 0, nkb * bk - nk)).contiguous()
     out = torch.empty(b, hq, nq, d)
     lse = torch.empty(b, hq, nq)
-    parts = [t.contiguous() for t in (bm.full_counts, bm.full_indices, bm.partial_counts, bm.partial_indices)]
+    parts = [t.to(torch.int32).contiguous()
+             for t in (bm.full_counts, bm.full_indices, bm.partial_counts, bm.partial_indices)]
     partial_mask = bm.partial_mask.contiguous().view(torch.uint8)
-    bm_, hm_, qb = bm.full_counts.shape
     sizes = torch.tensor([b, hq, hkv, nq, nk, d, dp, nkb, bm_, hm_, qb, bm.block_q, parts[1].shape[-1],
                           parts[3].shape[-1]], dtype=torch.int64)
-    if qb != -(-nq // bm.block_q) or bm_ not in (1, b) or hm_ not in (1, hq):
-        raise ValueError(f"block mask of {bm_} x {hm_} x {qb} query blocks does not fit q of shape {tuple(q.shape)}")
 
     def ptr(t):
         return ctypes.c_void_p(t.data_ptr())
