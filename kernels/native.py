@@ -2,7 +2,8 @@
 
 Each (batch, head, query block) reads the key blocks its :class:`BlockMask` lists where they lie, with an online
 softmax over them; a partial block applies its boolean tile as a predicate, so no key row is gathered and no
-additive mask is built. fp32, head dims up to 128, key blocks of 16, 32, 64 or 128, any query block size; threads as torch's.
+additive mask is built. fp32, head dims up to 128, key blocks of 16, 32, 64 or 128, any query block size;
+threads as torch's.
 
 Built with ``g++ -O3 -march=native`` into ``$MMATTN_CACHE`` (default ``~/.cache/mmattn``), one library per source
 and CPU. Where no compiler is found or the build fails, :func:`load` returns None and the CPU path keeps its torch
