@@ -7,6 +7,7 @@
 #include <cstring>
 #include <atomic>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -18,7 +19,7 @@ typedef uint8_t vb __attribute__((vector_size(16)));
 
 inline vf ld(const float *p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 inline void st(float *p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline vf splat(float x) { return vf{} + x; }
+inline vf splat(float x) { return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }  // one broadcast (0 + x is not)
 
 // exp(x) for x <= 0 (and -inf -> 0): 2^n * 2^f with f in [-0.5, 0.5], 2^f by its Taylor series to degree 7.
 inline vf vexp(vf x) {
@@ -97,37 +98,89 @@ void column_ranges(const uint8_t *tile, int64_t rows, int64_t mp, int64_t width,
     }
 }
 
-// S (Mp x BK) = Qs (Mp x Dp) @ one key block, transposed (Dp x BK), for each 4-row group on the key vectors that
-// cover its column range only; Mp a multiple of 4.
-template <int LV>
-void scores(const float *qs, const float *kt, float *s, int64_t mp, int64_t dp, const int32_t *lo,
-            const int32_t *hi) {
+// One key block's probabilities for the 4-row group from row r0, in registers from the scores to P: S = Qs (rows
+// r0..r0+3 x Dp) @ the block, transposed (Dp x BK), on its key vectors [j0, j0 + NJ) only; keys a row may not see
+// (outside the tile, past the last key, above the causal diagonal, padding rows) masked to -inf; then the online
+// softmax step: a row's max m moves (its mass l and accumulator rescaled) when the block's max passes it by more
+// than RESCALE, and P = exp(S - m) is stored to p (0 for a row that sees none of the block).
+template <int LV, int NJ>
+void group_probabilities(const float *qs, const float *kt, const uint8_t *tile, float *p, float *acc, float *m,
+                         float *l, int64_t r0, int j0, int64_t rows, int64_t dp, int64_t width,
+                         int64_t diagonal_shift, bool diagonal, bool predicated) {
     constexpr int BK = LV * W;
-    for (int64_t r0 = 0; r0 < mp; r0 += 4) {
-        const int j0 = lo[r0 / 4] / W, j1 = (hi[r0 / 4] + W - 1) / W;
-        if (j0 >= j1) continue;
-        vf c[4][LV] = {};
-        if (j0 == 0 && j1 == LV) {
-            for (int64_t d = 0; d < dp; ++d) {
-                vf k[LV];
-                for (int j = 0; j < LV; ++j) k[j] = ld(kt + d * BK + j * W);
-                for (int i = 0; i < 4; ++i) {
-                    vf qv = splat(qs[(r0 + i) * dp + d]);
-                    for (int j = 0; j < LV; ++j) c[i][j] += qv * k[j];
-                }
-            }
-        } else {
-            for (int64_t d = 0; d < dp; ++d) {
-                vf k[LV];
-                for (int j = 0; j < LV; ++j) if (j >= j0 && j < j1) k[j] = ld(kt + d * BK + j * W);
-                for (int i = 0; i < 4; ++i) {
-                    vf qv = splat(qs[(r0 + i) * dp + d]);
-                    for (int j = 0; j < LV; ++j) if (j >= j0 && j < j1) c[i][j] += qv * k[j];
-                }
-            }
+    vf c[4][NJ] = {};
+    for (int64_t d = 0; d < dp; ++d) {
+        vf k[NJ];
+        for (int j = 0; j < NJ; ++j) k[j] = ld(kt + d * BK + (j0 + j) * W);
+        for (int i = 0; i < 4; ++i) {
+            const vf qv = splat(qs[(r0 + i) * dp + d]);
+            for (int j = 0; j < NJ; ++j) c[i][j] += qv * k[j];
         }
-        for (int i = 0; i < 4; ++i)
-            for (int j = j0; j < j1; ++j) st(s + (r0 + i) * BK + j * W, c[i][j]);
+    }
+    float block_max[4];
+    for (int i = 0; i < 4; ++i) {
+        const int64_t r = r0 + i;
+        vf mx = splat(-INFINITY);
+        for (int j = 0; j < NJ; ++j) {
+            if (predicated) {
+                const vi col = vi{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} + (j0 + j) * W;
+                vi ok = col < static_cast<int>(width);
+                if (diagonal) ok &= col <= static_cast<int>(r - diagonal_shift);  // key k0 + col <= query q0 + r
+                if (r >= rows) ok = vi{};
+                else if (tile) {
+                    vb t; std::memcpy(&t, tile + r * BK + (j0 + j) * W, sizeof t);
+                    ok &= __builtin_convertvector(t, vi) != 0;
+                }
+                c[i][j] = ok ? c[i][j] : splat(-INFINITY);
+            }
+            mx = c[i][j] > mx ? c[i][j] : mx;
+        }
+        block_max[i] = hmax(mx);
+    }
+    for (int i = 0; i < 4; ++i) {
+        const int64_t r = r0 + i;
+        float *pr = p + r * BK + j0 * W;
+        if (block_max[i] == -INFINITY) {
+            for (int j = 0; j < NJ; ++j) st(pr + j * W, vf{});
+            continue;
+        }
+        if (block_max[i] > m[r] + RESCALE) {  // also the first block a row sees (m = -inf)
+            const float alpha = m[r] == -INFINITY ? 0.0f : std::exp(m[r] - block_max[i]);
+            st(l + r * W, ld(l + r * W) * alpha);
+            for (int64_t d = 0; d < dp; ++d) acc[r * dp + d] *= alpha;
+            m[r] = block_max[i];
+        }
+        const vf shift = splat(m[r]);
+        vf sum = ld(l + r * W);
+        for (int j = 0; j < NJ; ++j) { const vf e = vexp(c[i][j] - shift); st(pr + j * W, e); sum += e; }
+        st(l + r * W, sum);
+    }
+}
+
+// The probabilities of one key block (Dp x BK, transposed) for every 4-row group, each over the key vectors that
+// cover its column range [lo, hi).
+template <int LV>
+void probabilities(const float *qs, const float *kt, const uint8_t *tile, float *p, float *acc, float *m, float *l,
+                   int64_t rows, int64_t mp, int64_t dp, int64_t width, int64_t diagonal_shift, bool diagonal,
+                   const int32_t *lo, const int32_t *hi) {
+    const bool predicated = tile || width < LV * W || diagonal || mp > rows;
+    for (int64_t r0 = 0; r0 < mp; r0 += 4) {
+        const int j0 = lo[r0 / 4] / W, nj = (hi[r0 / 4] + W - 1) / W - j0;
+        auto run = [&](auto count) {
+            group_probabilities<LV, decltype(count)::value>(qs, kt, tile, p, acc, m, l, r0, j0, rows, dp, width,
+                                                            diagonal_shift, diagonal, predicated);
+        };
+        switch (nj) {
+            case 1: run(std::integral_constant<int, 1>{}); break;
+            case 2: if constexpr (LV >= 2) run(std::integral_constant<int, 2>{}); break;
+            case 3: if constexpr (LV >= 3) run(std::integral_constant<int, 3>{}); break;
+            case 4: if constexpr (LV >= 4) run(std::integral_constant<int, 4>{}); break;
+            case 5: if constexpr (LV >= 5) run(std::integral_constant<int, 5>{}); break;
+            case 6: if constexpr (LV >= 6) run(std::integral_constant<int, 6>{}); break;
+            case 7: if constexpr (LV >= 7) run(std::integral_constant<int, 7>{}); break;
+            case 8: if constexpr (LV >= 8) run(std::integral_constant<int, 8>{}); break;
+            default: break;  // nj = 0: the group sees none of the block
+        }
     }
 }
 
@@ -196,43 +249,8 @@ void run_task(Job &job, int64_t task, float *qs, float *s, float *acc, float *m,
         const uint8_t *tile = partial ? job.pm + (mo * job.maxP + j - nf) * job.BQ * BK : nullptr;
         const int64_t k0 = kb * BK, width = std::min<int64_t>(BK, job.Nk - k0);
         column_ranges<LV>(tile, rows, mp, width, lo, hi);
-        scores<LV>(qs, kt_head + kb * dp * BK, s, mp, dp, lo, hi);
-        const bool diagonal = job.causal && k0 + BK - 1 > q0;
-        for (int64_t r = 0; r < rows; ++r) {
-            const int j0 = lo[r / 4] / W, j1 = (hi[r / 4] + W - 1) / W;
-            if (j0 >= j1) continue;
-            float *sr = s + r * BK;
-            if (width < BK || diagonal) {
-                for (int64_t c = j0 * W; c < j1 * W; ++c)
-                    if (c >= width || (diagonal && k0 + c > q0 + r)) sr[c] = -INFINITY;
-            }
-            vf mx = splat(-INFINITY);
-            for (int j = j0; j < j1; ++j) {
-                vf x = ld(sr + j * W);
-                if (tile) {
-                    vb t; std::memcpy(&t, tile + r * BK + j * W, sizeof t);
-                    x = __builtin_convertvector(t, vi) != 0 ? x : splat(-INFINITY);
-                    st(sr + j * W, x);
-                }
-                mx = x > mx ? x : mx;
-            }
-            const float block_max = hmax(mx);
-            if (block_max == -INFINITY) {  // the row sees none of this block: P = 0 where PV reads it
-                for (int j = j0; j < j1; ++j) st(sr + j * W, vf{});
-                continue;
-            }
-            if (block_max > m[r] + RESCALE) {  // also the first block a row sees (m = -inf)
-                const float alpha = m[r] == -INFINITY ? 0.0f : std::exp(m[r] - block_max);
-                st(l + r * W, ld(l + r * W) * alpha);
-                for (int64_t d = 0; d < dp; ++d) acc[r * dp + d] *= alpha;
-                m[r] = block_max;
-            }
-            const float shift = m[r];
-            vf sum = ld(l + r * W);
-            for (int j = j0; j < j1; ++j) { vf e = vexp(ld(sr + j * W) - shift); st(sr + j * W, e); sum += e; }
-            st(l + r * W, sum);
-        }
-        for (int64_t r = rows; r < mp; ++r) std::memset(s + r * BK, 0, sizeof(float) * BK);
+        probabilities<LV>(qs, kt_head + kb * dp * BK, tile, s, acc, m, l, rows, mp, dp, width, k0 - q0,
+                          job.causal && k0 + BK - 1 > q0, lo, hi);
         update_any(s, v_head + k0 * dp, acc, mp, BK, dp / W, lo, hi);
     }
     float *dst = job.out + ((b * job.Hq + h) * job.Nq + q0) * job.D;
