@@ -6,7 +6,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <atomic>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -290,12 +289,12 @@ extern "C" int mmattn_block_sparse_f32(
     for (int i = 0; i < 14; ++i) *fields[i] = sizes[i];
     if (job.Dp % W || job.Dp > 8 * W || job.Dp < job.D) return 1;
     job.causal = causal; job.scale = scale;
-    std::vector<std::thread> pool;
     void (*work)(Job &) = block_kv == 16 ? worker<1> : block_kv == 32 ? worker<2> : block_kv == 64 ? worker<4>
                           : block_kv == 128 ? worker<8> : nullptr;
     if (!work) return 1;
-    for (int i = 1; i < threads; ++i) pool.emplace_back(work, std::ref(job));
+    // OpenMP threads, the same pool as torch's (one libgomp per process): threads of our own would compete with
+    // torch's, which spin a while after each of its parallel regions.
+#pragma omp parallel num_threads(threads)
     work(job);
-    for (auto &t : pool) t.join();
     return 0;
 }

@@ -29,7 +29,7 @@ from .mask import BlockMask
 
 SOURCE = Path(__file__).with_name("cpu_sparse.cpp")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC",
-         "-pthread"]
+         "-fopenmp"]
 MAX_HEAD_DIM = 128
 
 
