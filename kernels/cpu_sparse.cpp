@@ -73,27 +73,31 @@ struct Job {
 };
 
 // Per group g of 4 query rows: the key columns [lo[g], hi[g]) that hold every key its rows may see (lo = hi:
-// none), from the partial tile's rows (bool bytes, 8 at a time) or, for a full block, [0, width).
+// none), from the union of the partial tile's rows (bool bytes, OR-ed 8 at a time) or, for a full block, [0, width).
 template <int LV>
 void column_ranges(const uint8_t *tile, int64_t rows, int64_t mp, int64_t width, int32_t *lo, int32_t *hi) {
     constexpr int BK = LV * W;
     for (int64_t g = 0; g < mp / 4; ++g) {
-        int32_t a = BK, z = 0;
-        for (int64_t r = g * 4; r < std::min(rows, g * 4 + 4); ++r) {
-            if (!tile) { a = 0; z = static_cast<int32_t>(width); break; }
-            const uint8_t *row = tile + r * BK;
-            for (int w = 0; w < BK / 8; ++w) {
-                uint64_t x; std::memcpy(&x, row + 8 * w, 8);
-                if (x) { a = std::min(a, 8 * w + __builtin_ctzll(x) / 8); break; }
-            }
-            for (int w = BK / 8 - 1; w >= 0; --w) {
-                uint64_t x; std::memcpy(&x, row + 8 * w, 8);
-                if (x) { z = std::max(z, 8 * w + (63 - __builtin_clzll(x)) / 8 + 1); break; }
+        int32_t a = 0, z = static_cast<int32_t>(width);
+        if (tile) {
+            uint64_t seen[BK / 8] = {};
+            for (int64_t r = g * 4; r < std::min(rows, g * 4 + 4); ++r)
+                for (int w = 0; w < BK / 8; ++w) {
+                    uint64_t x; std::memcpy(&x, tile + r * BK + 8 * w, 8);
+                    seen[w] |= x;
+                }
+            int first = 0, last = BK / 8 - 1;
+            while (first < BK / 8 && !seen[first]) ++first;
+            while (last > first && !seen[last]) --last;
+            if (first == BK / 8) a = z = 0;
+            else {
+                a = 8 * first + __builtin_ctzll(seen[first]) / 8;
+                z = std::min(z, 8 * last + (63 - __builtin_clzll(seen[last])) / 8 + 1);
             }
         }
-        z = std::min(z, static_cast<int32_t>(width));
-        lo[g] = a < z ? a : 0;
-        hi[g] = a < z ? z : 0;
+        if (g * 4 >= rows || a >= z) a = z = 0;
+        lo[g] = a;
+        hi[g] = z;
     }
 }
 
